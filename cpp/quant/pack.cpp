@@ -1,0 +1,74 @@
+// pack / unpack ops: int8 codes <-> int32 words in compressed-tensors' layout (bitpack.h).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+
+#include "lowbit/bitpack.h"
+#include "lowbit/common.h"
+
+namespace lowbit {
+namespace {
+
+at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
+  check_bits(bits);
+  TORCH_CHECK(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
+              codes_in.scalar_type());
+  TORCH_CHECK(codes_in.dim() == 2, "lowbit: codes must be 2-D, got ", codes_in.dim(), " dims");
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t rows = codes.size(0), cols = codes.size(1), words = packed_words(cols, bits);
+  at::Tensor out = at::zeros({rows, words}, codes.options().dtype(at::kInt));
+  const int8_t* qp = codes.data_ptr<int8_t>();
+  auto* op = reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>());
+  const IntRange r(bits);
+  std::atomic<bool> out_of_range{false};
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int8_t* q = qp + row * cols;
+      int8_t lo = 127, hi = -128;
+      for (int64_t i = 0; i < cols; ++i) {
+        lo = q[i] < lo ? q[i] : lo;
+        hi = q[i] > hi ? q[i] : hi;
+      }
+      if (cols > 0 && (lo < r.qmin || hi > r.qmax)) {
+        out_of_range = true;
+        return;
+      }
+      pack_row(q, cols, bits, op + row * words);
+    }
+  });
+  TORCH_CHECK(!out_of_range, "lowbit: codes must lie in [", r.qmin, ", ", r.qmax, "] for ", bits,
+              "-bit packing");
+  return out;
+}
+
+at::Tensor unpack(const at::Tensor& packed_in, int64_t bits, int64_t cols) {
+  check_bits(bits);
+  TORCH_CHECK(packed_in.scalar_type() == at::kInt, "lowbit: packed must be int32, got ",
+              packed_in.scalar_type());
+  TORCH_CHECK(packed_in.dim() == 2, "lowbit: packed must be 2-D, got ", packed_in.dim(), " dims");
+  TORCH_CHECK(cols >= 0 && packed_in.size(1) == packed_words(cols, bits), "lowbit: ", cols,
+              " columns of ", bits, "-bit codes take ", packed_words(cols, bits),
+              " words per row, but packed has ", packed_in.size(1));
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t rows = packed.size(0), words = packed.size(1);
+  at::Tensor out = at::empty({rows, cols}, packed.options().dtype(at::kChar));
+  const auto* ip = reinterpret_cast<const uint32_t*>(packed.data_ptr<int32_t>());
+  int8_t* op = out.data_ptr<int8_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) unpack_row(ip + row * words, cols, bits, op + row * cols);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("pack", &pack);
+  m.impl("unpack", &unpack);
+}
+
+}  // namespace lowbit

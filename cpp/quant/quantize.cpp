@@ -1,0 +1,265 @@
+// Integer quantization of a [rows, cols] weight in groups of columns (compressed-tensors'
+// signed grid): quantization parameters (min-max or MSE shrink search), quantize,
+// dequantize and fake-quantize. All arithmetic is fp32; scales are rounded through the
+// weight's dtype before use, so the codes match the scales that get saved.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+#include "lowbit/common.h"
+
+namespace lowbit {
+namespace {
+
+struct GroupParams {
+  float scale;
+  float zero;  // integer valued
+};
+
+float dtype_eps(at::ScalarType st) {
+  switch (st) {
+    case at::kHalf: return 0.0009765625f;    // torch.finfo(float16).eps
+    case at::kBFloat16: return 0.0078125f;   // torch.finfo(bfloat16).eps
+    default: return std::numeric_limits<float>::epsilon();
+  }
+}
+
+// Scale and zero point that cover [lo, hi] (widened to include 0), as compressed-tensors
+// computes them; the scale is rounded to its storage dtype and never zero.
+GroupParams params_for_range(float lo, float hi, const IntRange& r, bool symmetric,
+                             at::ScalarType scale_dtype) {
+  lo = std::min(lo, 0.0f);
+  hi = std::max(hi, 0.0f);
+  float scale = symmetric ? std::max(-lo, hi) / ((r.qmax - r.qmin) / 2.0f)
+                          : (hi - lo) / static_cast<float>(r.qmax - r.qmin);
+  scale = round_through(scale, scale_dtype);
+  if (scale == 0.0f) scale = dtype_eps(scale_dtype);
+  float zero = symmetric ? 0.0f : round_even(clampf(r.qmin - lo / scale, r.qmin, r.qmax));
+  return {scale, zero};
+}
+
+inline float quantize_one(float x, float scale, float zero, float qmin, float qmax) {
+  return round_even(clampf(x / scale + zero, qmin, qmax));
+}
+
+// The per-group loops below are the hot paths; each is a plain loop the compiler vectorises.
+template <typename T>
+LOWBIT_MULTIVERSION void to_float_minmax(const T* x, int64_t n, float* out, float* lo, float* hi) {
+  float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = static_cast<float>(x[i]);
+    out[i] = v;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
+template <typename T>
+LOWBIT_MULTIVERSION void quantize_span(const T* x, int8_t* out, int64_t n, float scale, float zero,
+                                       float qmin, float qmax) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<int8_t>(quantize_one(static_cast<float>(x[i]), scale, zero, qmin, qmax));
+}
+
+template <typename T>
+LOWBIT_MULTIVERSION void dequantize_span(const int8_t* codes, T* out, int64_t n, float scale,
+                                         float zero) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>((codes[i] - zero) * scale);
+}
+
+template <typename T>
+LOWBIT_MULTIVERSION void fake_quantize_span(const T* x, T* out, int64_t n, float scale, float zero,
+                                            float qmin, float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    float q = quantize_one(static_cast<float>(x[i]), scale, zero, qmin, qmax);
+    out[i] = static_cast<T>((q - zero) * scale);
+  }
+}
+
+// Sum of |fake_quant(x) - x|^norm over one group; norm 2 avoids powf.
+LOWBIT_MULTIVERSION float group_error(const float* x, int64_t n, float scale, float zero,
+                                      float qmin, float qmax, float norm) {
+  float err = 0.0f;
+  if (norm == 2.0f) {
+    for (int64_t i = 0; i < n; ++i) {
+      float d = (quantize_one(x[i], scale, zero, qmin, qmax) - zero) * scale - x[i];
+      err += d * d;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      float d = (quantize_one(x[i], scale, zero, qmin, qmax) - zero) * scale - x[i];
+      err += std::pow(std::fabs(d), norm);
+    }
+  }
+  return err;
+}
+
+// MSE observer: shrink the range by p = 1 - i/grid, i < maxshrink*grid, and keep the
+// candidate with the smallest error (strictly smaller wins, so ties keep the wider range).
+GroupParams mse_search(const float* x, int64_t n, float lo, float hi, const IntRange& r,
+                       bool symmetric, at::ScalarType sd, double maxshrink, int64_t grid,
+                       double norm) {
+  GroupParams best = params_for_range(lo, hi, r, symmetric, sd);
+  float best_err = group_error(x, n, best.scale, best.zero, r.qmin, r.qmax, norm);
+  const int64_t steps = static_cast<int64_t>(maxshrink * grid);
+  for (int64_t i = 1; i < steps; ++i) {
+    float p = 1.0f - static_cast<float>(i) / grid;
+    GroupParams cand = params_for_range(p * lo, p * hi, r, symmetric, sd);
+    float err = group_error(x, n, cand.scale, cand.zero, r.qmin, r.qmax, norm);
+    if (err < best_err) {
+      best_err = err;
+      best = cand;
+    }
+  }
+  return best;
+}
+
+std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t bits,
+                                                bool symmetric, int64_t group_size,
+                                                c10::string_view observer, double maxshrink,
+                                                int64_t grid, double norm) {
+  check_bits(bits);
+  check_float(w_in, "weight");
+  const int64_t ngroups = check_groups(w_in, group_size);
+  const bool mse = observer == "mse";
+  TORCH_CHECK(mse || observer == "minmax", "lowbit: observer must be 'minmax' or 'mse', got '",
+              std::string(observer), "'");
+  TORCH_CHECK(!mse || (grid > 0 && maxshrink > 0 && maxshrink <= 1 && norm > 0),
+              "lowbit: mse observer needs grid > 0, 0 < maxshrink <= 1 and norm > 0");
+  const at::Tensor w = w_in.contiguous();
+  const int64_t rows = w.size(0);
+  const at::ScalarType sd = w.scalar_type();
+  at::Tensor scale = at::empty({rows, ngroups}, w.options().dtype(at::kFloat));
+  at::Tensor zero = at::empty({rows, ngroups}, w.options().dtype(at::kChar));
+  float* scale_p = scale.data_ptr<float>();
+  int8_t* zero_p = zero.data_ptr<int8_t>();
+  const IntRange r(bits);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sd, "lowbit_quant_params", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 16384 / group_size);
+    at::parallel_for(0, rows * ngroups, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(group_size);
+      for (int64_t t = begin; t < end; ++t) {
+        float lo, hi;
+        to_float_minmax(wp + t * group_size, group_size, buf.data(), &lo, &hi);
+        GroupParams p = mse ? mse_search(buf.data(), group_size, lo, hi, r, symmetric, sd,
+                                         maxshrink, grid, norm)
+                            : params_for_range(lo, hi, r, symmetric, sd);
+        scale_p[t] = p.scale;
+        zero_p[t] = static_cast<int8_t>(p.zero);
+      }
+    });
+  });
+  return {scale.to(sd), zero};
+}
+
+// Parallel walk over the groups of a row-major weight: group t starts at element t * group_size
+// and uses scale[t] and zero[t].
+template <typename F>
+void for_each_group(int64_t rows, int64_t ngroups, int64_t group_size, F&& body) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / group_size);
+  at::parallel_for(0, rows * ngroups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(t, t * group_size);
+  });
+}
+
+void check_params(const at::Tensor& scale, const c10::optional<at::Tensor>& zero, int64_t rows,
+                  int64_t ngroups) {
+  check_float(scale, "scale");
+  TORCH_CHECK(scale.numel() == rows * ngroups, "lowbit: scale has ", scale.numel(),
+              " elements, expected rows * groups = ", rows * ngroups);
+  if (zero) {
+    TORCH_CHECK(zero->numel() == rows * ngroups, "lowbit: zero_point has ", zero->numel(),
+                " elements, expected rows * groups = ", rows * ngroups);
+  }
+}
+
+at::Tensor float_params(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+at::Tensor quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
+                    const c10::optional<at::Tensor>& zero_in, int64_t bits, int64_t group_size) {
+  check_bits(bits);
+  check_float(w_in, "weight");
+  const int64_t ngroups = check_groups(w_in, group_size);
+  const at::Tensor w = w_in.contiguous();
+  check_params(scale_in, zero_in, w.size(0), ngroups);
+  const at::Tensor scale = float_params(scale_in);
+  const at::Tensor zero = zero_in ? float_params(*zero_in) : at::zeros_like(scale);
+  at::Tensor codes = at::empty(w.sizes(), w.options().dtype(at::kChar));
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  int8_t* out = codes.data_ptr<int8_t>();
+  const IntRange r(bits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowbit_quantize", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    for_each_group(w.size(0), ngroups, group_size, [&](int64_t t, int64_t off) {
+      quantize_span(wp + off, out + off, group_size, sp[t], zp[t], r.qmin, r.qmax);
+    });
+  });
+  return codes;
+}
+
+at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in,
+                      const c10::optional<at::Tensor>& zero_in, int64_t group_size,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
+              codes_in.scalar_type());
+  const int64_t ngroups = check_groups(codes_in, group_size);
+  const at::Tensor codes = codes_in.contiguous();
+  check_params(scale_in, zero_in, codes.size(0), ngroups);
+  const at::Tensor scale = float_params(scale_in);
+  const at::Tensor zero = zero_in ? float_params(*zero_in) : at::zeros_like(scale);
+  at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowbit_dequantize", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_each_group(codes.size(0), ngroups, group_size, [&](int64_t t, int64_t off) {
+      dequantize_span(cp + off, op + off, group_size, sp[t], zp[t]);
+    });
+  });
+  return out;
+}
+
+at::Tensor fake_quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
+                         const c10::optional<at::Tensor>& zero_in, int64_t bits,
+                         int64_t group_size) {
+  check_bits(bits);
+  check_float(w_in, "weight");
+  const int64_t ngroups = check_groups(w_in, group_size);
+  const at::Tensor w = w_in.contiguous();
+  check_params(scale_in, zero_in, w.size(0), ngroups);
+  const at::Tensor scale = float_params(scale_in);
+  const at::Tensor zero = zero_in ? float_params(*zero_in) : at::zeros_like(scale);
+  at::Tensor out = at::empty_like(w);
+  const float* sp = scale.data_ptr<float>();
+  const float* zp = zero.data_ptr<float>();
+  const IntRange r(bits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowbit_fake_quantize", [&] {
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for_each_group(w.size(0), ngroups, group_size, [&](int64_t t, int64_t off) {
+      fake_quantize_span(wp + off, op + off, group_size, sp[t], zp[t], r.qmin, r.qmax);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("quant_params", &quant_params);
+  m.impl("quantize", &quantize);
+  m.impl("dequantize", &dequantize);
+  m.impl("fake_quantize", &fake_quantize);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,45 @@
+// The op registry (one schema per op, CPU kernels live beside their code) and the pybind11
+// module lowbit._C for the few helpers that are not tensor ops. This is the only file that
+// includes <torch/extension.h>, to keep compile times short.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <ATen/Parallel.h>
+
+TORCH_LIBRARY(lowbit, m) {
+  // Per-group scale (weight dtype) and int8 zero point of a [rows, cols] weight; observer
+  // "minmax" or "mse" (shrink search over p = 1 - i/grid, i < maxshrink*grid, |err|^norm).
+  m.def("quant_params(Tensor w, int bits, bool symmetric, int group_size, str observer='minmax', "
+        "float maxshrink=0.8, int grid=100, float norm=2.4) -> (Tensor scale, Tensor zero_point)");
+  // Signed int8 codes: round(clamp(w / scale + zero_point, qmin, qmax)).
+  m.def("quantize(Tensor w, Tensor scale, Tensor? zero_point, int bits, int group_size) -> Tensor");
+  // (codes - zero_point) * scale in the given dtype.
+  m.def("dequantize(Tensor codes, Tensor scale, Tensor? zero_point, int group_size, ScalarType dtype) -> Tensor");
+  // quantize then dequantize in one pass, in the weight's dtype.
+  m.def("fake_quantize(Tensor w, Tensor scale, Tensor? zero_point, int bits, int group_size) -> Tensor");
+  // int8 codes [rows, cols] -> int32 [rows, ceil(cols*bits/32)], compressed-tensors layout.
+  m.def("pack(Tensor codes, int bits) -> Tensor");
+  // The inverse of pack, for `cols` codes per row.
+  m.def("unpack(Tensor packed, int bits, int cols) -> Tensor");
+  // x [M, in] @ dequant(packed)^T (+ bias) with the unpacking fused into the matmul.
+  m.def("packed_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, int bits, "
+        "int group_size, Tensor? bias) -> Tensor");
+}
+
+namespace {
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lowbit's C++ core; the tensor ops are registered as torch.ops.lowbit.*";
+  m.def("parallel_info", &at::get_parallel_info, "ATen's thread pool and OpenMP settings");
+  m.def("cpu_has_avx512", &cpu_has_avx512, "Whether the fused AVX-512 matmul kernels run here");
+}

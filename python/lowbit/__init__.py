@@ -1,0 +1,18 @@
+"""lowbit: post-training quantization for Hugging Face language models, with a C++ core."""
+
+import torch  # loads libtorch before the extension that links against it
+
+from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
+from . import functional, nn, ops
+from .schemes import PRESET_SCHEMES, QuantizationScheme, resolve_scheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESET_SCHEMES",
+    "QuantizationScheme",
+    "functional",
+    "nn",
+    "ops",
+    "resolve_scheme",
+]

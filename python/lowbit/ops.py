@@ -1,0 +1,89 @@
+"""Typed wrappers over the C++ ops (torch.ops.lowbit.*), with fake (meta) kernels for
+torch.compile. These check nothing beyond what the kernels check: user-facing validation
+lives in lowbit.functional."""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.lowbit
+
+
+def quant_params(
+    w: Tensor, bits: int, symmetric: bool, group_size: int,
+    observer: str = "minmax", maxshrink: float = 0.8, grid: int = 100, norm: float = 2.4,
+) -> Tuple[Tensor, Tensor]:
+    """w [rows, cols] float -> (scale [rows, cols/group_size] in w.dtype, zero_point int8 same shape)."""
+    return _ops.quant_params(w, bits, symmetric, group_size, observer, maxshrink, grid, norm)
+
+
+def quantize(w: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int, group_size: int) -> Tensor:
+    """w [rows, cols] float -> int8 codes [rows, cols] in [-2^(bits-1), 2^(bits-1)-1]."""
+    return _ops.quantize(w, scale, zero_point, bits, group_size)
+
+
+def dequantize(codes: Tensor, scale: Tensor, zero_point: Optional[Tensor], group_size: int,
+               dtype: torch.dtype) -> Tensor:
+    """int8 codes [rows, cols] -> (codes - zero_point) * scale as `dtype`."""
+    return _ops.dequantize(codes, scale, zero_point, group_size, dtype)
+
+
+def fake_quantize(w: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int, group_size: int) -> Tensor:
+    """w [rows, cols] float -> dequantize(quantize(w)) in one pass, w.dtype."""
+    return _ops.fake_quantize(w, scale, zero_point, bits, group_size)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """int8 codes [rows, cols] -> int32 [rows, ceil(cols * bits / 32)]."""
+    return _ops.pack(codes, bits)
+
+
+def unpack(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """int32 [rows, ceil(cols * bits / 32)] -> int8 codes [rows, cols]."""
+    return _ops.unpack(packed, bits, cols)
+
+
+def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int,
+                  group_size: int, bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] float, packed int32 [out, ceil(in*bits/32)], scale [out, in/group_size],
+    zero_point int8 [out, in/group_size] or None -> [..., out] in x.dtype."""
+    return _ops.packed_linear(x, packed, scale, zero_point, bits, group_size, bias)
+
+
+@torch.library.register_fake("lowbit::quant_params")
+def _(w, bits, symmetric, group_size, observer, maxshrink, grid, norm):
+    shape = (w.shape[0], w.shape[1] // group_size)
+    return w.new_empty(shape), w.new_empty(shape, dtype=torch.int8)
+
+
+@torch.library.register_fake("lowbit::quantize")
+def _(w, scale, zero_point, bits, group_size):
+    return torch.empty_like(w, dtype=torch.int8)
+
+
+@torch.library.register_fake("lowbit::dequantize")
+def _(codes, scale, zero_point, group_size, dtype):
+    return torch.empty_like(codes, dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::fake_quantize")
+def _(w, scale, zero_point, bits, group_size):
+    return torch.empty_like(w)
+
+
+@torch.library.register_fake("lowbit::pack")
+def _(codes, bits):
+    return codes.new_empty((codes.shape[0], (codes.shape[1] * bits + 31) // 32), dtype=torch.int32)
+
+
+@torch.library.register_fake("lowbit::unpack")
+def _(packed, bits, cols):
+    return packed.new_empty((packed.shape[0], cols), dtype=torch.int8)
+
+
+@torch.library.register_fake("lowbit::packed_linear")
+def _(x, packed, scale, zero_point, bits, group_size, bias):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
