@@ -30,7 +30,6 @@ constexpr int kTokenBlock = 8;
 
 struct LinearArgs {
   int64_t M, N, K, ngroups, group_size, words, bits;
-  const float* x;        // [M, K] fp32
   const uint8_t* w;      // packed rows, words * 4 bytes each
   const float* scale;    // [N, ngroups]
   const float* zero;     // [N, ngroups], unsigned-domain zero point
@@ -38,101 +37,110 @@ struct LinearArgs {
 };
 
 // ---------------------------------------------------------------- portable tile path
+// Dequantizes rows [r0, r1) into dst [r1 - r0, K] (fp32, natural column order).
 void dequantize_rows(const LinearArgs& a, int64_t r0, int64_t r1, float* dst) {
-  at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
-    std::vector<int8_t> codes(a.K);
-    const float offset = static_cast<float>(1 << (a.bits - 1));
-    for (int64_t r = b; r < e; ++r) {
-      unpack_row(reinterpret_cast<const uint32_t*>(a.w) + r * a.words, a.K, a.bits, codes.data());
-      float* row = dst + (r - r0) * a.K;
-      for (int64_t g = 0; g < a.ngroups; ++g) {
-        const float s = a.scale[r * a.ngroups + g], z = a.zero[r * a.ngroups + g] - offset;
-        for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) row[k] = (codes[k] - z) * s;
-      }
+  std::vector<int8_t> codes(a.K);
+  const float offset = static_cast<float>(1 << (a.bits - 1));
+  for (int64_t r = r0; r < r1; ++r) {
+    unpack_row(reinterpret_cast<const uint32_t*>(a.w) + r * a.words, a.K, a.bits, codes.data());
+    float* row = dst + (r - r0) * a.K;
+    for (int64_t g = 0; g < a.ngroups; ++g) {
+      const float s = a.scale[r * a.ngroups + g], z = a.zero[r * a.ngroups + g] - offset;
+      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) row[k] = (codes[k] - z) * s;
     }
-  });
+  }
 }
 
-void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out) {
-  // About 4 MB of fp32 weights per tile: in cache for the GEMM, small beside the model.
+using DequantizeRows = void (*)(const LinearArgs&, int64_t, int64_t, float*);
+
+// out = x @ W^T, W dequantized a tile of rows at a time (about 4 MB of fp32, cache-sized)
+// by `dequant`, in the column order that x is given in.
+void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out, DequantizeRows dequant) {
   const int64_t tile = std::max<int64_t>(16, (1 << 20) / std::max<int64_t>(a.K, 1));
   at::Tensor buf = at::empty({std::min(tile, a.N), a.K}, x.options());
+  float* bp = buf.data_ptr<float>();
   for (int64_t r0 = 0; r0 < a.N; r0 += tile) {
     const int64_t r1 = std::min(a.N, r0 + tile);
-    dequantize_rows(a, r0, r1, buf.data_ptr<float>());
+    at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) { dequant(a, b, e, bp + (b - r0) * a.K); });
     out.narrow(1, r0, r1 - r0).copy_(at::mm(x, buf.narrow(0, 0, r1 - r0).t()));
   }
 }
 
-// ---------------------------------------------------------------- AVX-512 decode path
+// ---------------------------------------------------------------- AVX-512 path
 #ifdef LOWBIT_HAVE_AVX512_KERNEL
 #define LOWBIT_AVX512 __attribute__((target("avx512f")))
 
 // For 4 bits, byte j of a 32-column chunk holds column 2j (low nibble) and 2j+1 (high):
 // x is reordered per chunk into [16 even columns, 16 odd columns] so both halves of a
-// decoded byte vector meet contiguous x. For 8 bits the byte order is the column order.
-// Also returns, per group, 16 lane-wise partial sums of x for the zero-point term.
-void prepare_x(const LinearArgs& a, std::vector<float>& xp, std::vector<float>& xsum) {
-  xp.resize(a.M * a.K);
+// decoded byte vector meet contiguous x (a dot product does not care about the order, as
+// long as x and the weights agree). For 8 bits the byte order is the column order.
+// xsum gets, per token and group, 16 lane-wise partial sums of x for the zero-point term.
+at::Tensor prepare_x(const LinearArgs& a, const at::Tensor& x, std::vector<float>& xsum) {
+  at::Tensor xp = a.bits == 4 ? x.reshape({a.M, a.K / 32, 16, 2}).transpose(2, 3).contiguous().reshape({a.M, a.K})
+                              : x;
+  const float* px = xp.data_ptr<float>();
   xsum.assign(a.M * a.ngroups * 16, 0.0f);
-  for (int64_t m = 0; m < a.M; ++m) {
-    const float* x = a.x + m * a.K;
-    float* dst = xp.data() + m * a.K;
-    if (a.bits == 4) {
-      for (int64_t c = 0; c < a.K; c += 32)
-        for (int l = 0; l < 16; ++l) {
-          dst[c + l] = x[c + 2 * l];
-          dst[c + 16 + l] = x[c + 2 * l + 1];
-        }
-    } else {
-      std::copy(x, x + a.K, dst);
-    }
+  for (int64_t m = 0; m < a.M; ++m)
     for (int64_t g = 0; g < a.ngroups; ++g) {
       float* s = xsum.data() + (m * a.ngroups + g) * 16;
-      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) s[k % 16] += dst[k];
+      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; ++k) s[k % 16] += px[m * a.K + k];
+    }
+  return xp;
+}
+
+inline LOWBIT_AVX512 __m512i load16_u8(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// The 32 codes of columns [k, k + 32) of a row, as floats in prepare_x's order.
+inline LOWBIT_AVX512 void decode32(const uint8_t* wrow, int64_t k, int64_t bits, __m512& c0, __m512& c1) {
+  if (bits == 4) {
+    const __m512i v = load16_u8(wrow + k / 2);
+    c0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
+    c1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  } else {
+    c0 = _mm512_cvtepi32_ps(load16_u8(wrow + k));
+    c1 = _mm512_cvtepi32_ps(load16_u8(wrow + k + 16));
+  }
+}
+
+LOWBIT_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0, int64_t r1, float* dst) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wrow = a.w + r * a.words * 4;
+    float* row = dst + (r - r0) * a.K;
+    for (int64_t g = 0; g < a.ngroups; ++g) {
+      const __m512 s = _mm512_set1_ps(a.scale[r * a.ngroups + g]);
+      const __m512 zs = _mm512_set1_ps(a.zero[r * a.ngroups + g] * a.scale[r * a.ngroups + g]);
+      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 32) {
+        __m512 c0, c1;
+        decode32(wrow, k, a.bits, c0, c1);
+        _mm512_storeu_ps(row + k, _mm512_fmsub_ps(c0, s, zs));
+        _mm512_storeu_ps(row + k + 16, _mm512_fmsub_ps(c1, s, zs));
+      }
     }
   }
 }
 
-inline LOWBIT_AVX512 __m512 decode_lo4(__m512i v) {
-  return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(0xF)));
-}
-inline LOWBIT_AVX512 __m512 decode_hi4(__m512i v) {
-  return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-
-// Rows [r0, r1) x tokens [m0, m0 + MB).
+// Rows [r0, r1) x tokens [m0, m0 + MB) x groups [g0, g1), adding into acc (16 floats per
+// row and token), so a caller can walk K in blocks whose x stays in L1.
 template <int MB>
-LOWBIT_AVX512 void decode_block(const LinearArgs& a, const float* xp, const float* xsum,
-                                int64_t m0, int64_t r0, int64_t r1) {
-  const int64_t row_bytes = a.words * 4;
+LOWBIT_AVX512 void decode_tile(const LinearArgs& a, const float* xp, const float* xsum, int64_t m0,
+                               int64_t r0, int64_t r1, int64_t g0, int64_t g1, float* acc_buf) {
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* wrow = a.w + r * row_bytes;
+    const uint8_t* wrow = a.w + r * a.words * 4;
+    float* ab = acc_buf + (r - r0) * kTokenBlock * 16;
     __m512 acc[MB];
-    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < a.ngroups; ++g) {
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_loadu_ps(ab + m * 16);
+    for (int64_t g = g0; g < g1; ++g) {
       __m512 ga[MB], gb[MB];
       for (int m = 0; m < MB; ++m) ga[m] = gb[m] = _mm512_setzero_ps();
-      const int64_t k0 = g * a.group_size, k1 = k0 + a.group_size;
-      if (a.bits == 4) {
-        for (int64_t k = k0; k < k1; k += 32) {
-          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k / 2)));
-          const __m512 lo = decode_lo4(v), hi = decode_hi4(v);
-          for (int m = 0; m < MB; ++m) {
-            const float* x = xp + (m0 + m) * a.K + k;
-            ga[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x), ga[m]);
-            gb[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 16), gb[m]);
-          }
-        }
-      } else {
-        for (int64_t k = k0; k < k1; k += 32) {
-          const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k))));
-          const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k + 16))));
-          for (int m = 0; m < MB; ++m) {
-            const float* x = xp + (m0 + m) * a.K + k;
-            ga[m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), ga[m]);
-            gb[m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), gb[m]);
-          }
+      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 32) {
+        __m512 c0, c1;
+        decode32(wrow, k, a.bits, c0, c1);
+        for (int m = 0; m < MB; ++m) {
+          const float* x = xp + (m0 + m) * a.K + k;
+          ga[m] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x), ga[m]);
+          gb[m] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x + 16), gb[m]);
         }
       }
       const __m512 s = _mm512_set1_ps(a.scale[r * a.ngroups + g]);
@@ -142,34 +150,54 @@ LOWBIT_AVX512 void decode_block(const LinearArgs& a, const float* xp, const floa
         acc[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, xs, _mm512_add_ps(ga[m], gb[m])), acc[m]);
       }
     }
-    for (int m = 0; m < MB; ++m) a.out[(m0 + m) * a.N + r] = _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < MB; ++m) _mm512_storeu_ps(ab + m * 16, acc[m]);
   }
 }
 
-void decode_linear(const LinearArgs& a) {
-  std::vector<float> xp, xsum;
-  prepare_x(a, xp, xsum);
-  // Blocks of rows small enough that their codes stay in L2 across token blocks.
-  const int64_t rows_per_task = std::max<int64_t>(4, (64 << 10) / std::max<int64_t>(a.words * 4, 1));
-  at::parallel_for(0, a.N, rows_per_task, [&](int64_t b, int64_t e) {
-    for (int64_t r0 = b; r0 < e; r0 += rows_per_task) {
-      const int64_t r1 = std::min(e, r0 + rows_per_task);
+template <int MB>
+void decode_rows(const LinearArgs& a, const float* xp, const float* xsum, int64_t m0, int64_t r0,
+                 int64_t r1, float* acc_buf) {
+  std::fill(acc_buf, acc_buf + (r1 - r0) * kTokenBlock * 16, 0.0f);
+  // K blocks of about 512 columns: 8 tokens of x take 16 KB, well inside L1.
+  const int64_t groups_per_block = std::max<int64_t>(1, 512 / a.group_size);
+  for (int64_t g0 = 0; g0 < a.ngroups; g0 += groups_per_block)
+    decode_tile<MB>(a, xp, xsum, m0, r0, r1, g0, std::min(a.ngroups, g0 + groups_per_block), acc_buf);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int m = 0; m < MB; ++m) {
+      const float* v = acc_buf + ((r - r0) * kTokenBlock + m) * 16;
+      float sum = 0.0f;
+      for (int l = 0; l < 16; ++l) sum += v[l];
+      a.out[(m0 + m) * a.N + r] = sum;
+    }
+}
+
+void decode_linear(const LinearArgs& a, const float* xp, const float* xsum) {
+  constexpr int64_t kRowBlock = 16;
+  at::parallel_for(0, a.N, kRowBlock, [&](int64_t b, int64_t e) {
+    std::vector<float> acc_buf(kRowBlock * kTokenBlock * 16);
+    for (int64_t r0 = b; r0 < e; r0 += kRowBlock) {
+      const int64_t r1 = std::min(e, r0 + kRowBlock);
       int64_t m0 = 0;
-      for (; m0 + 8 <= a.M; m0 += 8) decode_block<8>(a, xp.data(), xsum.data(), m0, r0, r1);
-      if (m0 + 4 <= a.M) { decode_block<4>(a, xp.data(), xsum.data(), m0, r0, r1); m0 += 4; }
-      if (m0 + 2 <= a.M) { decode_block<2>(a, xp.data(), xsum.data(), m0, r0, r1); m0 += 2; }
-      if (m0 < a.M) decode_block<1>(a, xp.data(), xsum.data(), m0, r0, r1);
+      for (; m0 + 8 <= a.M; m0 += 8) decode_rows<8>(a, xp, xsum, m0, r0, r1, acc_buf.data());
+      if (m0 + 4 <= a.M) { decode_rows<4>(a, xp, xsum, m0, r0, r1, acc_buf.data()); m0 += 4; }
+      if (m0 + 2 <= a.M) { decode_rows<2>(a, xp, xsum, m0, r0, r1, acc_buf.data()); m0 += 2; }
+      if (m0 < a.M) decode_rows<1>(a, xp, xsum, m0, r0, r1, acc_buf.data());
     }
   });
 }
 
-bool decode_kernel_applies(const LinearArgs& a) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && a.M <= kMaxDecodeTokens && (a.bits == 4 || a.bits == 8) && a.group_size % 32 == 0;
+// true when it handled the call: 4 or 8 bits, groups of whole 32-column chunks, AVX-512.
+bool avx512_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out) {
+  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
+  if (!have_avx512 || (a.bits != 4 && a.bits != 8) || a.group_size % 32) return false;
+  std::vector<float> xsum;
+  const at::Tensor xp = prepare_x(a, x, xsum);
+  if (a.M <= kMaxDecodeTokens) decode_linear(a, xp.data_ptr<float>(), xsum.data());
+  else tiled_linear(a, xp, out, &dequantize_rows_avx512);
+  return true;
 }
 #else
-bool decode_kernel_applies(const LinearArgs&) { return false; }
-void decode_linear(const LinearArgs&) {}
+bool avx512_linear(const LinearArgs&, const at::Tensor&, const at::Tensor&) { return false; }
 #endif
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -199,13 +227,10 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
                                     : at::full_like(sf, offset)).contiguous();
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
-  LinearArgs a{M, N, K, ngroups, group_size, packed.size(1), bits, xf.data_ptr<float>(),
+  LinearArgs a{M, N, K, ngroups, group_size, packed.size(1), bits,
                reinterpret_cast<const uint8_t*>(wp.data_ptr<int32_t>()), sf.data_ptr<float>(),
                zf.data_ptr<float>(), out.data_ptr<float>()};
-  if (M > 0 && N > 0) {
-    if (decode_kernel_applies(a)) decode_linear(a);
-    else tiled_linear(a, xf, out);
-  }
+  if (M > 0 && N > 0 && !avx512_linear(a, xf, out)) tiled_linear(a, xf, out, &dequantize_rows);
   if (bias) out.add_(bias->to(at::kFloat).reshape({1, N}));
   auto sizes = x.sizes().vec();
   sizes.back() = N;

@@ -1,0 +1,27 @@
+"""Shared timing helper for the benchmarks: warm up, then the median of repeated runs."""
+
+import statistics
+import time
+
+
+def median_time(fn, *, warmup: int = 2, repeat: int = 10, min_seconds: float = 0.3) -> float:
+    """Median wall time of fn() in seconds; repeats at least `repeat` times and `min_seconds`."""
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def print_table(headers, rows):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = " | ".join(str(h).ljust(w) for h, w in zip(headers, widths))
+    print(line)
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
