@@ -4,12 +4,13 @@ import torch  # loads libtorch before the extension that links against it
 
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import functional, nn, ops
-from .schemes import PRESET_SCHEMES, QuantizationScheme, resolve_scheme
+from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESET_SCHEMES",
+    "QuantizationArgs",
     "QuantizationScheme",
     "functional",
     "nn",

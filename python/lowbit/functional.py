@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .schemes import QuantizationScheme
+from .schemes import QuantizationArgs
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -54,7 +54,7 @@ def _check_bits(bits) -> None:
         raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
 
 
-def _group_size(cols: int, scheme: QuantizationScheme) -> int:
+def _group_size(cols: int, scheme: QuantizationArgs) -> int:
     """Columns per scale for a weight of `cols` input columns."""
     if scheme.strategy != "group":
         return cols
@@ -66,7 +66,7 @@ def _group_size(cols: int, scheme: QuantizationScheme) -> int:
     return scheme.group_size
 
 
-def _params_2d(w: Tensor, scheme: QuantizationScheme) -> Tuple[Tensor, Tensor, int]:
+def _params_2d(w: Tensor, scheme: QuantizationArgs) -> Tuple[Tensor, Tensor, int]:
     """Scale and zero point laid out per row ([rows, groups]), plus the group size."""
     rows, cols = w.shape
     if scheme.strategy == "tensor":
@@ -78,9 +78,9 @@ def _params_2d(w: Tensor, scheme: QuantizationScheme) -> Tuple[Tensor, Tensor, i
     return scale, zero, gs
 
 
-def _scheme(bits, symmetric, strategy, group_size, observer) -> QuantizationScheme:
+def _scheme(bits, symmetric, strategy, group_size, observer) -> QuantizationArgs:
     _check_bits(bits)
-    return QuantizationScheme(
+    return QuantizationArgs(
         num_bits=bits, symmetric=symmetric, strategy=strategy,
         group_size=group_size if strategy == "group" else None, observer=observer,
     )

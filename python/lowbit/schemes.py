@@ -1,20 +1,24 @@
-"""Quantization schemes, named as llmcompressor / compressed-tensors name them."""
+"""Quantization schemes with compressed-tensors' names: QuantizationArgs says how one tensor
+is quantized; QuantizationScheme pairs weight args with optional input-activation args;
+PRESET_SCHEMES holds llmcompressor's preset names."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
-STRATEGIES = ("tensor", "channel", "group")
+WEIGHT_STRATEGIES = ("tensor", "channel", "group")
+ACTIVATION_STRATEGIES = ("tensor", "token")
 
 
 @dataclass(frozen=True)
-class QuantizationScheme:
-    """How the weights of a Linear are quantized (integer codes, compressed-tensors' grid).
+class QuantizationArgs:
+    """Integer quantization of one tensor (compressed-tensors' QuantizationArgs fields).
 
     num_bits: 2..8. symmetric: zero point 0 (scale = absmax / ((qmax - qmin) / 2)).
-    strategy: "group" (group_size input columns share a scale), "channel" (one scale per
-    output row) or "tensor" (one scale). observer: "minmax" or "mse" (shrink search).
+    strategy: for weights "group" (group_size input columns share a scale), "channel" (one
+    scale per output row) or "tensor"; for activations "token" or "tensor". dynamic: scales
+    computed at run time (activations). observer: "minmax" or "mse" (range shrink search).
     """
 
     num_bits: int = 4
@@ -22,17 +26,20 @@ class QuantizationScheme:
     strategy: str = "group"
     group_size: Optional[int] = 128
     observer: str = "minmax"
+    dynamic: bool = False
+    type: str = "int"
 
     def __post_init__(self):
-        if not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
+        if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
             raise ValueError(f"num_bits must be an integer in 2..8, got {self.num_bits!r}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.type != "int":
+            raise ValueError(f"only integer quantization (type 'int') is supported here, got {self.type!r}")
+        valid = ACTIVATION_STRATEGIES if self.dynamic else WEIGHT_STRATEGIES
+        if self.strategy not in valid:
+            raise ValueError(f"strategy must be one of {valid} (dynamic={self.dynamic}), got {self.strategy!r}")
         if self.strategy == "group":
-            if not isinstance(self.group_size, int) or self.group_size <= 0:
-                raise ValueError(
-                    f"strategy 'group' needs a positive integer group_size, got {self.group_size!r}"
-                )
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise ValueError(f"strategy 'group' needs a positive integer group_size, got {self.group_size!r}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only meaningful with strategy 'group', not {self.strategy!r}")
         if self.observer not in ("minmax", "mse"):
@@ -42,24 +49,69 @@ class QuantizationScheme:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class QuantizationScheme:
+    """Weight args plus, for schemes such as W8A8, dynamic input-activation args."""
+
+    weights: QuantizationArgs
+    input_activations: Optional[QuantizationArgs] = None
+
+    def to_dict(self) -> dict:
+        return {"weights": self.weights.to_dict(),
+                "input_activations": self.input_activations.to_dict() if self.input_activations else None}
+
+
+def _weight_only(bits: int, symmetric: bool = True) -> QuantizationScheme:
+    return QuantizationScheme(QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group", group_size=128))
+
+
+_W8A8 = QuantizationScheme(
+    QuantizationArgs(num_bits=8, symmetric=True, strategy="channel", group_size=None),
+    QuantizationArgs(num_bits=8, symmetric=True, strategy="token", group_size=None, dynamic=True),
+)
+
+# The integer presets of llmcompressor / compressed-tensors: WnA16 are symmetric, group 128.
 PRESET_SCHEMES = {
-    "W4A16": QuantizationScheme(num_bits=4, symmetric=True, strategy="group", group_size=128),
-    "W4A16_ASYM": QuantizationScheme(num_bits=4, symmetric=False, strategy="group", group_size=128),
-    "W8A16": QuantizationScheme(num_bits=8, symmetric=True, strategy="channel", group_size=None),
+    **{f"W{b}A16": _weight_only(b) for b in range(2, 9)},
+    "W4A16_ASYM": _weight_only(4, symmetric=False),
+    "W8A8": _W8A8,
+    "INT8": _W8A8,
 }
 
 
-def resolve_scheme(scheme: Union[str, QuantizationScheme, dict]) -> QuantizationScheme:
-    """A preset name, a QuantizationScheme, or a dict of its fields."""
+def resolve_scheme(scheme: Union[str, QuantizationScheme, QuantizationArgs, dict]) -> QuantizationScheme:
+    """A preset name, a QuantizationScheme, weight QuantizationArgs, or a dict with
+    "weights" (and "input_activations") in compressed-tensors' form."""
     if isinstance(scheme, QuantizationScheme):
         return scheme
+    if isinstance(scheme, QuantizationArgs):
+        return QuantizationScheme(scheme)
     if isinstance(scheme, str):
         try:
             return PRESET_SCHEMES[scheme.upper()]
         except KeyError:
-            raise ValueError(
-                f"unknown scheme {scheme!r}; valid presets: {', '.join(PRESET_SCHEMES)}"
-            ) from None
+            raise ValueError(f"unknown scheme {scheme!r}; valid presets: {', '.join(PRESET_SCHEMES)}") from None
     if isinstance(scheme, dict):
-        return QuantizationScheme(**scheme)
-    raise TypeError(f"scheme must be a preset name, a QuantizationScheme or a dict, got {type(scheme).__name__}")
+        if "weights" not in scheme:
+            raise ValueError(f"a scheme dict needs a 'weights' entry (and optionally 'input_activations'), got keys {sorted(scheme)}")
+        acts = scheme.get("input_activations")
+        return QuantizationScheme(args_from_dict(scheme["weights"]), args_from_dict(acts) if acts else None)
+    raise TypeError(f"scheme must be a preset name, a QuantizationScheme, QuantizationArgs or a dict, "
+                    f"got {type(scheme).__name__}")
+
+
+_ARG_FIELDS = set(QuantizationArgs.__dataclass_fields__)
+
+
+def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
+    """QuantizationArgs from a compressed-tensors style dict. Fields lowbit has no use for
+    (block_structure, observer_kwargs ...) are accepted while unset; actorder is read by GPTQ."""
+    if isinstance(d, QuantizationArgs):
+        return d
+    extra = {k: v for k, v in d.items() if k not in _ARG_FIELDS and k != "actorder" and v not in (None, {}, False)}
+    if extra:
+        raise ValueError(f"unsupported quantization args {extra}; lowbit knows {sorted(_ARG_FIELDS)}")
+    known = {k: v for k, v in d.items() if k in _ARG_FIELDS and (v is not None or k == "group_size")}
+    if known.get("strategy", "group") != "group":
+        known.setdefault("group_size", None)
+    return QuantizationArgs(**known)

@@ -6,15 +6,14 @@ from typing import Iterable, Union
 
 from torch import nn
 
-from ..schemes import QuantizationScheme, resolve_scheme
+from ..schemes import QuantizationArgs, QuantizationScheme
 from .packed_linear import PackedLinear
 
 
-def quantize_linears_(model: nn.Module, scheme: Union[str, QuantizationScheme, dict] = "W4A16",
+def quantize_linears_(model: nn.Module, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16",
                       ignore: Iterable[str] = ("lm_head",)) -> int:
     """Replace, in place, every nn.Linear whose name is not in `ignore` with a PackedLinear
     (round-to-nearest). Returns how many were replaced."""
-    scheme = resolve_scheme(scheme)
     ignore = set(ignore)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name not in ignore]

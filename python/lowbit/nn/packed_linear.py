@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..schemes import QuantizationScheme, resolve_scheme
+from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
 
 
 class PackedLinear(nn.Module):
@@ -22,37 +22,41 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 scheme: Union[str, QuantizationScheme, dict] = "W4A16",
+                 scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.scheme = resolve_scheme(scheme)
-        if self.scheme.strategy == "tensor":
+        resolved = resolve_scheme(scheme)
+        if resolved.input_activations is not None:
+            raise ValueError("PackedLinear keeps activations in floating point (WnA16); "
+                             f"{scheme!r} also quantizes activations")
+        self.args = resolved.weights
+        if self.args.strategy == "tensor":
             raise ValueError("PackedLinear stores per-group or per-channel scales; use strategy 'group' or 'channel'")
         self.in_features, self.out_features = in_features, out_features
-        bits = self.scheme.num_bits
-        groups = in_features // self.scheme.group_size if self.scheme.strategy == "group" else 1
-        if self.scheme.strategy == "group" and in_features % self.scheme.group_size:
-            raise ValueError(f"group_size {self.scheme.group_size} does not divide in_features {in_features}")
+        bits = self.args.num_bits
+        groups = in_features // self.args.group_size if self.args.strategy == "group" else 1
+        if self.args.strategy == "group" and in_features % self.args.group_size:
+            raise ValueError(f"group_size {self.args.group_size} does not divide in_features {in_features}")
         self.register_buffer("weight_packed", torch.zeros(out_features, (in_features * bits + 31) // 32, dtype=torch.int32))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
-        if self.scheme.symmetric:
+        if self.args.symmetric:
             self.weight_zero_point = None
         else:
             self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme, dict] = "W4A16") -> "PackedLinear":
+    def from_linear(cls, linear: nn.Linear,
+                    scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16") -> "PackedLinear":
         """Quantize an nn.Linear (round-to-nearest with the scheme's observer) and pack it."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        scheme = resolve_scheme(scheme)
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, dtype=w.dtype)
-        codes, scale, zero = F.quantize(w, scheme.num_bits, scheme.symmetric, scheme.strategy,
-                                        scheme.group_size, scheme.observer)
-        module.weight_packed.copy_(F.pack(codes, scheme.num_bits))
+        a = module.args
+        codes, scale, zero = F.quantize(w, a.num_bits, a.symmetric, a.strategy, a.group_size, a.observer)
+        module.weight_packed.copy_(F.pack(codes, a.num_bits))
         module.weight_scale.copy_(scale)
         if module.weight_zero_point is not None:
             module.weight_zero_point.copy_(zero)
@@ -61,15 +65,15 @@ class PackedLinear(nn.Module):
         return module.to(w.device)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        codes = F.unpack(self.weight_packed, self.scheme.num_bits, (self.out_features, self.in_features))
+        codes = F.unpack(self.weight_packed, self.args.num_bits, (self.out_features, self.in_features))
         return F.dequantize(codes, self.weight_scale, self.weight_zero_point, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                               self.scheme.num_bits, self.in_features, self.bias)
+                               self.args.num_bits, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
-        s = self.scheme
+        s = self.args
         layout = f"group_size={s.group_size}" if s.strategy == "group" else s.strategy
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={s.num_bits}, symmetric={s.symmetric}, {layout}")

@@ -1,0 +1,100 @@
+"""Shared fixtures and helpers for lowbit's test suite.
+
+Everything here is deterministic: each test gets its own seeded generator, so a failure
+reproduces exactly when the test is run alone.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+import lowbit  # noqa: F401  (registers torch.ops.lowbit.*)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return DTYPE_IDS.get(dtype, str(dtype))
+
+
+def qrange(bits: int):
+    """compressed-tensors' signed integer grid [-2^(b-1), 2^(b-1) - 1]."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def make_generator(*key) -> torch.Generator:
+    """A generator seeded from `key` (stable across runs and processes)."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test's node id: every test (and parametrization) draws
+    different but reproducible data."""
+    return make_generator(request.node.nodeid)
+
+
+def rand_weight(rows: int, cols: int, dtype=torch.float32, gen=None, std: float = 0.05) -> torch.Tensor:
+    """A weight-like [rows, cols] tensor: Gaussian with a few larger outliers, so groups have
+    asymmetric ranges (minimum and maximum of different magnitudes)."""
+    w = torch.randn(rows, cols, generator=gen) * std
+    outliers = torch.rand(rows, cols, generator=gen) < 0.02
+    w = torch.where(outliers, w * 6, w)
+    return w.to(dtype)
+
+
+def rand_codes(rows: int, cols: int, bits: int, gen=None) -> torch.Tensor:
+    """Uniform int8 codes on the b-bit grid; the extremes are forced to appear when there is room."""
+    lo, hi = qrange(bits)
+    c = torch.randint(lo, hi + 1, (rows, cols), generator=gen, dtype=torch.int8)
+    flat = c.view(-1)
+    if flat.numel() >= 2:
+        flat[0], flat[-1] = lo, hi
+    return c
+
+
+def noncontig(t: torch.Tensor, how: str = "slice") -> torch.Tensor:
+    """A non-contiguous 2-D tensor equal to `t`.
+
+    "slice": every other column of a tensor twice as wide (row stride 2*cols, column stride 2);
+    "transpose": the transpose of a contiguous transposed copy (column-major storage).
+    """
+    assert t.dim() == 2
+    r, c = t.shape
+    if how == "slice":
+        wide = torch.full((r, 2 * c), 7, dtype=t.dtype)
+        wide[:, ::2] = t
+        out = wide[:, ::2]
+    elif how == "transpose":
+        out = t.t().contiguous().t()
+    else:
+        raise ValueError(how)
+    assert torch.equal(out, t)
+    if (how == "slice" and t.numel() > 1) or min(r, c) > 1:
+        assert not out.is_contiguous(), "helper failed to make a non-contiguous tensor"
+    return out
+
+
+def per_row(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Scale / zero point as [rows, groups] (a single tensor-wide element is broadcast)."""
+    if t.numel() == 1:
+        return t.reshape(1, 1).expand(rows, 1)
+    return t
+
+
+def reference_params(w, bits, symmetric, strategy, group_size, observer="minmax", **kw):
+    """The reference's parameters laid out as lowbit.functional returns them, plus the per-row
+    [rows, groups] layout and the group size to feed reference.quantize / dequantize."""
+    from lowbit import reference as R
+
+    rows, cols = w.shape
+    if strategy == "tensor":
+        s, z = R.quant_params(w.reshape(1, -1), bits, symmetric, w.numel(), observer, **kw)
+        return s.reshape(1), z.reshape(1), s.expand(rows, 1), z.expand(rows, 1), cols
+    gs = group_size if strategy == "group" else cols
+    s, z = R.quant_params(w, bits, symmetric, gs, observer, **kw)
+    return s, z, s, z, gs
