@@ -6,12 +6,33 @@ reproduces exactly when the test is run alone.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import zlib
 
 import pytest
 import torch
 
 import lowbit  # noqa: F401  (registers torch.ops.lowbit.*)
+
+# The reference implementation issues many small ATen ops; with OpenMP on a busy 2-core
+# machine those spin and crawl. The suite therefore runs single-threaded (override with
+# LOWBIT_TEST_THREADS), and the tests that exercise the kernels' parallel loops say so
+# explicitly with `num_threads`.
+DEFAULT_THREADS = torch.get_num_threads()
+torch.set_num_threads(int(os.environ.get("LOWBIT_TEST_THREADS", "1")))
+PARALLEL_THREADS = max(2, DEFAULT_THREADS)
+
+
+@contextlib.contextmanager
+def num_threads(n: int = PARALLEL_THREADS):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -109,7 +109,7 @@ GroupParams mse_search(const float* x, int64_t n, float lo, float hi, const IntR
   float best_err = group_error(x, n, best.scale, best.zero, r.qmin, r.qmax, norm);
   const int64_t steps = static_cast<int64_t>(maxshrink * grid);
   for (int64_t i = 1; i < steps; ++i) {
-    float p = 1.0f - static_cast<float>(i) / grid;
+    const float p = static_cast<float>(1.0 - static_cast<double>(i) / grid);  // as Python's 1 - i/grid
     GroupParams cand = params_for_range(p * lo, p * hi, r, symmetric, sd);
     float err = group_error(x, n, cand.scale, cand.zero, r.qmin, r.qmax, norm);
     if (err < best_err) {

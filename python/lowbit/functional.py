@@ -105,10 +105,12 @@ def quant_params(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str
 def _layout(codes_shape: Sequence[int], scale: Tensor, zero_point: Optional[Tensor]):
     """Per-row [rows, groups] views of scale / zero point and the group size they imply."""
     _check_tensor(scale, "scale")
+    if scale.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"scale must be float32, float16 or bfloat16, got {scale.dtype}")
     rows, cols = codes_shape
     if scale.numel() == 1:
         scale2d = scale.reshape(1, 1).expand(rows, 1)
-    elif scale.dim() == 2 and scale.shape[0] == rows and cols % scale.shape[1] == 0:
+    elif scale.dim() == 2 and scale.shape[0] == rows and scale.shape[1] > 0 and cols % scale.shape[1] == 0:
         scale2d = scale
     else:
         raise ValueError(
@@ -224,10 +226,18 @@ def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional
     """x [..., in] @ dequantize(unpack(packed))^T + bias, without materialising the weight."""
     _check_float(x, "x", dims=None)
     _check_bits(bits)
-    if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dimension, the layer expects {in_features}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
     _check_tensor(packed, "packed")
+    if packed.dtype != torch.int32:
+        raise TypeError(f"packed must be int32 (as returned by pack), got {packed.dtype}")
+    words = (in_features * bits + 31) // 32
+    if packed.dim() != 2 or packed.shape[1] != words:
+        raise ValueError(f"packed has shape {tuple(packed.shape)}, but {in_features} inputs at {bits} bits "
+                         f"take [out_features, {words}] int32 words")
     scale2d, zero2d, gs = _layout((packed.shape[0], in_features), scale, zero_point)
     if bias is not None:
         _check_tensor(bias, "bias")
+        if bias.shape != (packed.shape[0],):
+            raise ValueError(f"bias must have shape ({packed.shape[0]},), got {tuple(bias.shape)}")
     return ops.packed_linear(x, packed, scale2d, zero2d, bits, gs, bias)

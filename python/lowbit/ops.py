@@ -54,7 +54,7 @@ def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional
 
 
 @torch.library.register_fake("lowbit::quant_params")
-def _(w, bits, symmetric, group_size, observer, maxshrink, grid, norm):
+def _(w, bits, symmetric, group_size, observer="minmax", maxshrink=0.8, grid=100, norm=2.4):
     shape = (w.shape[0], w.shape[1] // group_size)
     return w.new_empty(shape), w.new_empty(shape, dtype=torch.int8)
 
