@@ -19,7 +19,7 @@ from lowbit import functional as LF
 from lowbit import reference as R
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import median_time, print_table  # noqa: E402
+from _timing import best_time, print_table  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
 GROUP = 128
@@ -57,8 +57,8 @@ def main():
     for out_f, in_f in shapes:
         w = torch.randn(out_f, in_f)
         gb = w.numel() * 4 / 1e9
-        t_lb = median_time(lambda: quantize_pack_lowbit(w), repeat=5)
-        t_ref = median_time(lambda: quantize_pack_reference(w), repeat=3, warmup=1)
+        t_lb = best_time(lambda: quantize_pack_lowbit(w), repeat=5)
+        t_ref = best_time(lambda: quantize_pack_reference(w), repeat=3, warmup=1)
         rows.append([f"{out_f}x{in_f}", f"{gb / t_lb:.2f}", f"{gb / t_ref:.2f}", f"{t_ref / t_lb:.1f}x"])
     print("quantize + pack, W4 g128 symmetric, fp32 input (GB/s of input)")
     print_table(["shape", "lowbit GB/s", "reference GB/s", "speedup"], rows)
@@ -73,11 +73,11 @@ def main():
         for batch in (1, 16):
             x = torch.randn(batch, in_f)
             with torch.inference_mode():
-                t_lb = median_time(lambda: packed(x))
-                t_dense = median_time(lambda: F.linear(x, weight))
-                t_ref = median_time(lambda: R.packed_linear(x, packed.weight_packed, packed.weight_scale,
+                t_lb = best_time(lambda: packed(x))
+                t_dense = best_time(lambda: F.linear(x, weight))
+                t_ref = best_time(lambda: R.packed_linear(x, packed.weight_packed, packed.weight_scale,
                                                             None, 4, GROUP), repeat=3)
-                t_aten = median_time(torch_int4_peer(weight, batch)) if peer_ok else float("nan")
+                t_aten = best_time(torch_int4_peer(weight, batch)) if peer_ok else float("nan")
             rows.append([f"{out_f}x{in_f}", batch, f"{t_lb * 1e3:.3f}", f"{t_dense * 1e3:.3f}",
                          f"{t_lb / t_dense:.2f}", f"{t_lb / t_ref:.3f}", f"{t_lb / t_aten:.2f}"])
     print("PackedLinear W4A16 g128 (fp32 activations): time and ratio lowbit / peer (below 1 = lowbit faster)")
@@ -95,7 +95,7 @@ def main():
         for n in (1, 2):
             torch.set_num_threads(n)
             with torch.inference_mode():
-                times[n] = median_time(fn)
+                times[n] = best_time(fn)
         rows.append([f"{name} {out_f}x{in_f}", f"{times[1] * 1e3:.2f}", f"{times[2] * 1e3:.2f}", f"{times[1] / times[2]:.2f}x"])
     print("OpenMP scaling (at::parallel_for)")
     print_table(["kernel", "1 thread ms", "2 threads ms", "speedup"], rows)

@@ -51,10 +51,15 @@ def _params(table):
      r"float32, float16 or bfloat16, got torch.float64: convert it with weight.float\(\)"),
     ("1-D", torch.randn(64), {}, ValueError, r"weight must be 2-D \[out_features, in_features\], got shape \(64,\)"),
     ("3-D", torch.randn(2, 4, 64), {}, ValueError, r"2-D .* got shape \(2, 4, 64\)"),
-    ("nan", W.clone().index_fill_(1, torch.tensor([5]), float("nan")), {}, ValueError,
+    ("nan", W.clone().index_fill_(1, torch.tensor([5]), float("nan")), dict(group_size=32), ValueError,
      r"NaN or Inf.*fix the model weights"),
-    ("inf", W.clone().index_fill_(1, torch.tensor([5]), float("inf")), {}, ValueError, r"NaN or Inf"),
-    ("-inf", W.to(torch.float16).index_fill_(0, torch.tensor([3]), float("-inf")), {}, ValueError, r"NaN or Inf"),
+    ("inf", W.clone().index_fill_(1, torch.tensor([5]), float("inf")), dict(group_size=32), ValueError, r"NaN or Inf"),
+    ("-inf", W.to(torch.float16).index_fill_(0, torch.tensor([3]), float("-inf")), dict(group_size=32), ValueError,
+     r"NaN or Inf"),
+    ("nan-channel", W.clone().index_fill_(1, torch.tensor([63]), float("nan")), dict(strategy="channel"), ValueError,
+     r"NaN or Inf"),
+    ("inf-tensor", W.clone().index_fill_(0, torch.tensor([0]), float("inf")), dict(strategy="tensor"), ValueError,
+     r"NaN or Inf"),
     ("empty-rows", torch.empty(0, 64), {}, ValueError, r"empty \(shape \(0, 64\)\)"),
     ("empty-cols", torch.empty(4, 0), dict(strategy="channel"), ValueError, r"empty \(shape \(4, 0\)\)"),
     ("unknown-strategy", W, dict(strategy="block"), ValueError,
@@ -269,3 +274,22 @@ def test_bad_scheme_objects():
     assert resolve_scheme("w4a16") == PRESET_SCHEMES["W4A16"]  # names are case-insensitive
     assert isinstance(resolve_scheme(QuantizationArgs()), QuantizationScheme)
     assert lowbit.resolve_scheme is resolve_scheme
+
+
+def test_raw_ops_raise_value_and_type_errors():
+    """The C++ checks use TORCH_CHECK_VALUE / _TYPE, so even lowbit.ops callers get
+    ValueError / TypeError rather than a bare RuntimeError."""
+    w = torch.randn(4, 64)
+    scale, zero = lowbit.ops.quant_params(w, 4, True, 32)
+    with pytest.raises(ValueError, match="bits must be in 2..8"):
+        lowbit.ops.quantize(w, scale, zero, 9, 32)
+    with pytest.raises(ValueError, match="group_size 48 must divide the 64 columns"):
+        lowbit.ops.quant_params(w, 4, True, 48)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        lowbit.ops.quant_params(w.double(), 4, True, 32)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        lowbit.ops.quant_params(w.index_fill(1, torch.tensor([3]), float("nan")), 4, True, 32)
+    with pytest.raises(ValueError, match=r"codes must lie in \[-8, 7\]"):
+        lowbit.ops.pack(torch.full((2, 8), 9, dtype=torch.int8), 4)
+    with pytest.raises(TypeError, match="packed weight must be a 2-D int32"):
+        lowbit.ops.packed_linear(torch.randn(1, 64), torch.zeros(4, 8, dtype=torch.int64), scale, None, 4, 32, None)

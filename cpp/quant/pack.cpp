@@ -13,9 +13,9 @@ namespace {
 
 at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
   check_bits(bits);
-  TORCH_CHECK(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
+  TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
               codes_in.scalar_type());
-  TORCH_CHECK(codes_in.dim() == 2, "lowbit: codes must be 2-D, got ", codes_in.dim(), " dims");
+  TORCH_CHECK_VALUE(codes_in.dim() == 2, "lowbit: codes must be 2-D, got ", codes_in.dim(), " dims");
   const at::Tensor codes = codes_in.contiguous();
   const int64_t rows = codes.size(0), cols = codes.size(1), words = packed_words(cols, bits);
   at::Tensor out = at::zeros({rows, words}, codes.options().dtype(at::kInt));
@@ -39,17 +39,17 @@ at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
       pack_row(q, cols, bits, op + row * words);
     }
   });
-  TORCH_CHECK(!out_of_range, "lowbit: codes must lie in [", r.qmin, ", ", r.qmax, "] for ", bits,
+  TORCH_CHECK_VALUE(!out_of_range, "lowbit: codes must lie in [", r.qmin, ", ", r.qmax, "] for ", bits,
               "-bit packing");
   return out;
 }
 
 at::Tensor unpack(const at::Tensor& packed_in, int64_t bits, int64_t cols) {
   check_bits(bits);
-  TORCH_CHECK(packed_in.scalar_type() == at::kInt, "lowbit: packed must be int32, got ",
+  TORCH_CHECK_TYPE(packed_in.scalar_type() == at::kInt, "lowbit: packed must be int32, got ",
               packed_in.scalar_type());
-  TORCH_CHECK(packed_in.dim() == 2, "lowbit: packed must be 2-D, got ", packed_in.dim(), " dims");
-  TORCH_CHECK(cols >= 0 && packed_in.size(1) == packed_words(cols, bits), "lowbit: ", cols,
+  TORCH_CHECK_VALUE(packed_in.dim() == 2, "lowbit: packed must be 2-D, got ", packed_in.dim(), " dims");
+  TORCH_CHECK_VALUE(cols >= 0 && packed_in.size(1) == packed_words(cols, bits), "lowbit: ", cols,
               " columns of ", bits, "-bit codes take ", packed_words(cols, bits),
               " words per row, but packed has ", packed_in.size(1));
   const at::Tensor packed = packed_in.contiguous();

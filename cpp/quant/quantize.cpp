@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <limits>
 #include <vector>
 
@@ -47,17 +48,21 @@ inline float quantize_one(float x, float scale, float zero, float qmin, float qm
 }
 
 // The per-group loops below are the hot paths; each is a plain loop the compiler vectorises.
+// Copies a group to fp32 and finds its range; returns false if it holds NaN or Inf
+// (v * 0 is NaN exactly for those, and NaN survives the sum).
 template <typename T>
-LOWBIT_MULTIVERSION void to_float_minmax(const T* x, int64_t n, float* out, float* lo, float* hi) {
-  float mn = std::numeric_limits<float>::infinity(), mx = -mn;
+LOWBIT_MULTIVERSION bool to_float_minmax(const T* x, int64_t n, float* out, float* lo, float* hi) {
+  float mn = std::numeric_limits<float>::infinity(), mx = -mn, poison = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     float v = static_cast<float>(x[i]);
     out[i] = v;
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
+    poison += v * 0.0f;
   }
   *lo = mn;
   *hi = mx;
+  return poison == 0.0f;
 }
 
 template <typename T>
@@ -128,9 +133,9 @@ std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t 
   check_float(w_in, "weight");
   const int64_t ngroups = check_groups(w_in, group_size);
   const bool mse = observer == "mse";
-  TORCH_CHECK(mse || observer == "minmax", "lowbit: observer must be 'minmax' or 'mse', got '",
+  TORCH_CHECK_VALUE(mse || observer == "minmax", "lowbit: observer must be 'minmax' or 'mse', got '",
               std::string(observer), "'");
-  TORCH_CHECK(!mse || (grid > 0 && maxshrink > 0 && maxshrink <= 1 && norm > 0),
+  TORCH_CHECK_VALUE(!mse || (grid > 0 && maxshrink > 0 && maxshrink <= 1 && norm > 0),
               "lowbit: mse observer needs grid > 0, 0 < maxshrink <= 1 and norm > 0");
   const at::Tensor w = w_in.contiguous();
   const int64_t rows = w.size(0);
@@ -140,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t 
   float* scale_p = scale.data_ptr<float>();
   int8_t* zero_p = zero.data_ptr<int8_t>();
   const IntRange r(bits);
+  std::atomic<bool> finite{true};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sd, "lowbit_quant_params", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
@@ -148,7 +154,10 @@ std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t 
       std::vector<float> buf(group_size);
       for (int64_t t = begin; t < end; ++t) {
         float lo, hi;
-        to_float_minmax(wp + t * group_size, group_size, buf.data(), &lo, &hi);
+        if (!to_float_minmax(wp + t * group_size, group_size, buf.data(), &lo, &hi)) {
+          finite = false;
+          return;
+        }
         GroupParams p = mse ? mse_search(buf.data(), group_size, lo, hi, r, symmetric, sd,
                                          maxshrink, grid, norm)
                             : params_for_range(lo, hi, r, symmetric, sd);
@@ -157,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t 
       }
     });
   });
+  TORCH_CHECK_VALUE(finite, "lowbit: the weight contains NaN or Inf values; fix the model weights before quantizing");
   return {scale.to(sd), zero};
 }
 
@@ -173,10 +183,10 @@ void for_each_group(int64_t rows, int64_t ngroups, int64_t group_size, F&& body)
 void check_params(const at::Tensor& scale, const c10::optional<at::Tensor>& zero, int64_t rows,
                   int64_t ngroups) {
   check_float(scale, "scale");
-  TORCH_CHECK(scale.numel() == rows * ngroups, "lowbit: scale has ", scale.numel(),
+  TORCH_CHECK_VALUE(scale.numel() == rows * ngroups, "lowbit: scale has ", scale.numel(),
               " elements, expected rows * groups = ", rows * ngroups);
   if (zero) {
-    TORCH_CHECK(zero->numel() == rows * ngroups, "lowbit: zero_point has ", zero->numel(),
+    TORCH_CHECK_VALUE(zero->numel() == rows * ngroups, "lowbit: zero_point has ", zero->numel(),
                 " elements, expected rows * groups = ", rows * ngroups);
   }
 }
@@ -209,7 +219,7 @@ at::Tensor quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in,
                       const c10::optional<at::Tensor>& zero_in, int64_t group_size,
                       at::ScalarType dtype) {
-  TORCH_CHECK(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
+  TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
               codes_in.scalar_type());
   const int64_t ngroups = check_groups(codes_in, group_size);
   const at::Tensor codes = codes_in.contiguous();

@@ -45,6 +45,7 @@ def _check_float(t, name: str, dims: Optional[int] = 2) -> None:
 
 
 def _check_finite(t: Tensor, name: str) -> None:
+    """For paths that skip quant_params (which checks as it scans the weight)."""
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or Inf values; fix the model weights before quantizing")
 
@@ -95,7 +96,6 @@ def quant_params(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str
     """
     scheme = _scheme(bits, symmetric, strategy, group_size, observer)
     _check_float(w, "weight")
-    _check_finite(w, "weight")
     scale, zero, _ = _params_2d(w, scheme)
     if strategy == "tensor":
         return scale[:1, 0].clone(), zero[:1, 0].clone()
@@ -139,7 +139,6 @@ def quantize(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str = "
     """
     scheme = _scheme(bits, symmetric, strategy, group_size, observer)
     _check_float(w, "weight")
-    _check_finite(w, "weight")
     scale, zero, gs = _params_2d(w, scheme)
     codes = ops.quantize(w, scale, zero, bits, gs)
     if strategy == "tensor":
@@ -172,10 +171,10 @@ def fake_quantize(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: st
     reuse parameters; otherwise they come from `observer`."""
     scheme = _scheme(bits, symmetric, strategy, group_size, observer)
     _check_float(w, "weight")
-    _check_finite(w, "weight")
     if scale is None:
         scale2d, zero2d, gs = _params_2d(w, scheme)
     else:
+        _check_finite(w, "weight")
         scale2d, zero2d, gs = _layout(w.shape, scale, zero_point)
     return ops.fake_quantize(w, scale2d, zero2d, bits, gs)
 

@@ -24,20 +24,21 @@ struct IntRange {
       : qmin(-(1 << (bits - 1))), qmax((1 << (bits - 1)) - 1) {}
 };
 
+// Argument errors surface in Python as ValueError / TypeError (TORCH_CHECK_VALUE / _TYPE).
 inline void check_bits(int64_t bits) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, "lowbit: bits must be in 2..8, got ", bits);
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "lowbit: bits must be in 2..8, got ", bits);
 }
 
 inline void check_float(const at::Tensor& t, const char* name) {
   auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "lowbit: ", name,
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "lowbit: ", name,
               " must be float32, float16 or bfloat16, got ", st);
 }
 
 // A [rows, cols] weight split into groups of `group_size` columns.
 inline int64_t check_groups(const at::Tensor& w, int64_t group_size) {
-  TORCH_CHECK(w.dim() == 2, "lowbit: expected a 2-D [rows, cols] tensor, got ", w.dim(), " dims");
-  TORCH_CHECK(group_size > 0 && w.size(1) % group_size == 0, "lowbit: group_size ", group_size,
+  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: expected a 2-D [rows, cols] tensor, got ", w.dim(), " dims");
+  TORCH_CHECK_VALUE(group_size > 0 && w.size(1) % group_size == 0, "lowbit: group_size ", group_size,
               " must divide the ", w.size(1), " columns");
   return w.size(1) / group_size;
 }
