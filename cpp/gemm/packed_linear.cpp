@@ -99,15 +99,17 @@ struct GroupDecoder {
     zs = _mm512_set1_ps(zero * scale);
     lut = _mm512_fmsub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), s, zs);
   }
-  // The 32 weights of columns [k, k + 32) of a row, in prepare_x's order.
+  // The 32 weights of columns [k, k + 32) of a row, in prepare_x's order (k >= 0: a shift,
+  // not a signed division, keeps scalar work off the vector ports).
   LOWBIT_AVX512 void decode32(const uint8_t* wrow, int64_t k, __m512& c0, __m512& c1) const {
+    const uint8_t* p = wrow + ((k * BITS) >> 3);
     if (BITS == 4) {
-      const __m512i v = load16_u8(wrow + k / 2);
+      const __m512i v = load16_u8(p);
       c0 = _mm512_permutexvar_ps(v, lut);
       c1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
     } else {
-      c0 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(load16_u8(wrow + k)), s, zs);
-      c1 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(load16_u8(wrow + k + 16)), s, zs);
+      c0 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(load16_u8(p)), s, zs);
+      c1 = _mm512_fmsub_ps(_mm512_cvtepi32_ps(load16_u8(p + 16)), s, zs);
     }
   }
 };
