@@ -136,8 +136,8 @@ LOWBIT_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0, int64
 template <int BITS, int MB>
 LOWBIT_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0,
                                int64_t r1, int64_t g0, int64_t g1, float* acc_buf) {
-  // Independent FMA chains hide the FMA latency: two per token, four with a single token.
-  constexpr int U = MB == 1 ? 2 : 1;
+  // Independent FMA chains hide the FMA latency: two per token, eight with a single token.
+  constexpr int U = MB == 1 ? 4 : 1;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* wrow = a.w + r * a.words * 4;
     float* ab = acc_buf + (r - r0) * kTokenBlock * 32;
