@@ -4,16 +4,26 @@ import torch  # loads libtorch before the extension that links against it
 
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import functional, nn, ops
+from .formats import load, save_compressed
+from .modifiers import Modifier, QuantizationModifier
+from .pipeline import oneshot
+from .recipe import parse_recipe
 from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PRESET_SCHEMES",
+    "Modifier",
     "QuantizationArgs",
+    "QuantizationModifier",
     "QuantizationScheme",
     "functional",
+    "load",
     "nn",
+    "oneshot",
     "ops",
+    "parse_recipe",
     "resolve_scheme",
+    "save_compressed",
 ]

@@ -112,6 +112,11 @@ def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
     if extra:
         raise ValueError(f"unsupported quantization args {extra}; lowbit knows {sorted(_ARG_FIELDS)}")
     known = {k: v for k, v in d.items() if k in _ARG_FIELDS and (v is not None or k == "group_size")}
+    observer = known.get("observer")
+    if isinstance(observer, str) and observer not in ("minmax", "mse"):
+        # llmcompressor's observer variants ("memoryless_minmax", "static_minmax", ...) compute
+        # the same one-shot parameters for weights.
+        known["observer"] = "mse" if "mse" in observer else "minmax" if "minmax" in observer else observer
     if known.get("strategy", "group") != "group":
         known.setdefault("group_size", None)
     return QuantizationArgs(**known)

@@ -1,6 +1,7 @@
 """Drop-in replacements for nn.Linear that hold quantized weights."""
 
-from .convert import model_bytes, quantize_linears_
+from .convert import model_bytes, quantize_linears_, quantize_module, replace_module
+from .int8_dynamic import Int8DynamicLinear
 from .packed_linear import PackedLinear
 
-__all__ = ["PackedLinear", "model_bytes", "quantize_linears_"]
+__all__ = ["Int8DynamicLinear", "PackedLinear", "model_bytes", "quantize_linears_", "quantize_module", "replace_module"]

@@ -1,4 +1,4 @@
-"""Swap the nn.Linear modules of a model for quantized lowbit modules."""
+"""Quantize one Linear-like module into the lowbit module that holds it, or a whole model."""
 
 from __future__ import annotations
 
@@ -6,21 +6,59 @@ from typing import Iterable, Union
 
 from torch import nn
 
-from ..schemes import QuantizationArgs, QuantizationScheme
+from .. import functional as F
+from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
+from .int8_dynamic import Int8DynamicLinear
 from .packed_linear import PackedLinear
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict]) -> nn.Module:
+    """The quantized replacement of an nn.Linear / transformers Conv1D.
+
+    nn.Linear with a weight-only scheme -> PackedLinear; with W8A8 -> Int8DynamicLinear.
+    Conv1D keeps its class and holds the dequantized weight plus `weight_scale` /
+    `weight_zero_point` buffers (its [in, out] matrix is quantized as stored, groups along
+    dim 1, which is how compressed-tensors reads a Conv1D target).
+    """
+    scheme = resolve_scheme(scheme)
+    args = scheme.weights
+    if isinstance(module, nn.Linear) and scheme.input_activations is not None:
+        return Int8DynamicLinear.from_linear(module, scheme)
+    if isinstance(module, nn.Linear):
+        return PackedLinear.from_linear(module, scheme)
+    if isinstance(module, Conv1D):
+        if scheme.input_activations is not None:
+            raise ValueError("activation quantization of Conv1D layers is not supported; quantize weights only")
+        w = module.weight.detach()
+        codes, scale, zero = F.quantize(w, args.num_bits, args.symmetric, args.strategy, args.group_size, args.observer)
+        module.weight.data = F.dequantize(codes, scale, zero if not args.symmetric else None, dtype=w.dtype)
+        module.register_buffer("weight_scale", scale)
+        module.register_buffer("weight_zero_point", zero if not args.symmetric else None)
+        module.quantization_args = args
+        return module
+    raise TypeError(f"cannot quantize a {type(module).__name__}: lowbit quantizes nn.Linear and Conv1D layers")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def quantize_linears_(model: nn.Module, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16",
                       ignore: Iterable[str] = ("lm_head",)) -> int:
-    """Replace, in place, every nn.Linear whose name is not in `ignore` with a PackedLinear
-    (round-to-nearest). Returns how many were replaced."""
+    """Replace, in place, every nn.Linear whose name is not in `ignore` with its quantized
+    module (round-to-nearest). Returns how many were replaced."""
     ignore = set(ignore)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name not in ignore]
     for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, PackedLinear.from_linear(linear, scheme))
+        replace_module(model, name, quantize_module(linear, scheme))
     return len(targets)
 
 

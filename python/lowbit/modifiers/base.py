@@ -1,0 +1,74 @@
+"""The modifier base class: what a recipe is made of, and how it picks its modules."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Dict, Iterable, List, Sequence, Union
+
+from torch import nn
+
+# transformers' GPT-2 family stores Linear layers as Conv1D ([in, out] weights).
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+def _as_list(value: Union[None, str, Sequence[str]]) -> List[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return list(value)
+
+
+def matches(pattern: str, name: str, module: nn.Module) -> bool:
+    """llmcompressor's target grammar: 're:<regex>' (re.match on the module name), an exact
+    module name, or a class name ("Linear" also covers transformers' Conv1D)."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    if pattern == name or pattern == type(module).__name__:
+        return True
+    return pattern == "Linear" and isinstance(module, LINEAR_TYPES)
+
+
+class Modifier:
+    """A step of a recipe. Subclasses set `requires_calibration` and implement `apply`."""
+
+    requires_calibration = False
+
+    def __init__(self, targets: Union[str, Sequence[str]] = "Linear", ignore: Union[None, str, Sequence[str]] = None):
+        self.targets = _as_list(targets)
+        self.ignore = _as_list(ignore)
+        if not self.targets:
+            raise ValueError(f"{type(self).__name__} needs at least one target (for example targets='Linear')")
+
+    def select(self, model: nn.Module, targets: Iterable[str] = None) -> Dict[str, nn.Module]:
+        """The Linear-like modules of `model` matched by `targets` (default: self.targets) and
+        not by `ignore`. A target that matches nothing is an error; an unused ignore warns."""
+        targets = list(targets) if targets is not None else self.targets
+        linear = [(n, m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+        for pattern in targets:
+            if not any(matches(pattern, n, m) for n, m in model.named_modules() if n):
+                raise ValueError(
+                    f"{type(self).__name__}: target {pattern!r} matches no module of {type(model).__name__}; "
+                    "use a class name ('Linear'), an exact module name, or 're:<regex>'"
+                )
+        for pattern in self.ignore:
+            if not any(matches(pattern, n, m) for n, m in model.named_modules() if n):
+                warnings.warn(f"{type(self).__name__}: ignore entry {pattern!r} matches no module", stacklevel=3)
+        return {
+            n: m for n, m in linear
+            if any(matches(p, n, m) for p in targets) and not any(matches(p, n, m) for p in self.ignore)
+        }
+
+    def recipe_args(self) -> dict:
+        """The keyword arguments that rebuild this modifier (written to recipe.yaml)."""
+        return {"targets": self.targets, "ignore": self.ignore}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.recipe_args().items())
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,55 @@
+"""Int8DynamicLinear: W8A8 with int8 weights per output channel and int8 activations per
+token, quantized at run time; the product runs as a real int8 x int8 -> int32 matmul."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from .. import ops
+from ..schemes import QuantizationScheme, resolve_scheme
+
+
+class Int8DynamicLinear(nn.Module):
+    """compressed-tensors' int-quantized layout: ``weight`` int8 [out, in] and
+    ``weight_scale`` [out, 1]; activations carry no stored state (dynamic, per token)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme] = "W8A8") -> "Int8DynamicLinear":
+        scheme = resolve_scheme(scheme)
+        w, a = scheme.weights, scheme.input_activations
+        if not (w.num_bits == 8 and w.strategy == "channel" and w.symmetric
+                and a is not None and a.num_bits == 8 and a.strategy == "token" and a.symmetric):
+            raise ValueError("Int8DynamicLinear implements W8A8: symmetric int8 per-channel weights and "
+                             f"symmetric int8 per-token activations, not {scheme}")
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=weight.dtype)
+        codes, scale, _ = F.quantize(weight, 8, True, "channel", None)
+        module.weight.copy_(codes)
+        module.weight_scale.copy_(scale)
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        x_scale, _ = ops.quant_params(x2d, 8, True, self.in_features)  # per token
+        x_codes = ops.quantize(x2d, x_scale, None, 8, self.in_features)
+        acc = torch._int_mm(x_codes, self.weight.t())
+        y = acc.float() * x_scale.float() * self.weight_scale.float().t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, W8A8"

@@ -1,0 +1,112 @@
+"""Calibration data in any of llmcompressor's forms -> a list of tokenized samples
+(dicts of input_ids / attention_mask, each [1, L])."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Dict, List
+
+import torch
+
+Sample = Dict[str, torch.Tensor]
+
+# llmcompressor's default calibration length.
+DEFAULT_MAX_SEQ_LENGTH = 384
+
+
+def _texts_from_file(path: str, text_column: str) -> list:
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            # Paragraphs (blank-line separated) are the samples.
+            return [p.strip() for p in f.read().split("\n\n") if p.strip()]
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, list) else data.get("data", [data])
+    raise ValueError(f"dataset file {path!r}: lowbit reads .txt (paragraphs), .jsonl and .json")
+
+
+def _record_text(record, text_column: str, tokenizer) -> str:
+    """A record's text: a plain string, its text column, or chat messages rendered with the
+    tokenizer's chat template."""
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        if "messages" in record and text_column not in record:
+            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+                raise ValueError("chat-message samples need a tokenizer with a chat template")
+            return tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        if text_column in record:
+            return record[text_column]
+        raise ValueError(f"dataset records have no {text_column!r} column (columns: {sorted(record)}); "
+                         "pass text_column=")
+    raise TypeError(f"cannot read a calibration sample of type {type(record).__name__}")
+
+
+def _tokenize(texts: list, tokenizer, max_seq_length: int) -> List[Sample]:
+    if tokenizer is None:
+        raise ValueError("text calibration data needs a tokenizer: pass tokenizer= (or a model path that has one)")
+    samples = []
+    for text in texts:
+        enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_seq_length)
+        if enc["input_ids"].shape[-1] > 0:
+            samples.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return samples
+
+
+def _from_ids(ids: torch.Tensor, max_seq_length: int) -> List[Sample]:
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token id tensors must be integer [N, L] or [L], got {ids.dtype} of shape {tuple(ids.shape)}")
+    return [{"input_ids": row[None, :max_seq_length].long(), "attention_mask": torch.ones_like(row[None, :max_seq_length]).long()}
+            for row in ids]
+
+
+def prepare_calibration(dataset, tokenizer=None, *, num_calibration_samples: int = 512,
+                        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, text_column: str = "text",
+                        shuffle: bool = True, seed: int = 0) -> List[Sample]:
+    """Tokenized calibration samples from a list of strings, a datasets.Dataset, a .txt /
+    .jsonl / .json path, a DataLoader (batches of dicts or tensors), or token id tensors."""
+    if num_calibration_samples <= 0:
+        raise ValueError(f"num_calibration_samples must be positive, got {num_calibration_samples}")
+    if isinstance(dataset, (str, os.PathLike)):
+        if not os.path.isfile(dataset):
+            raise ValueError(f"dataset path {os.fspath(dataset)!r} does not exist")
+        dataset = _texts_from_file(os.fspath(dataset), text_column)
+    if isinstance(dataset, torch.Tensor):
+        samples = _from_ids(dataset, max_seq_length)
+    elif isinstance(dataset, torch.utils.data.DataLoader):
+        samples = []
+        for batch in dataset:
+            ids = batch["input_ids"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+            samples.extend(_from_ids(torch.as_tensor(ids), max_seq_length))
+    elif isinstance(dataset, dict) and "input_ids" in dataset:
+        samples = _from_ids(torch.as_tensor(dataset["input_ids"]), max_seq_length)
+    elif hasattr(dataset, "column_names") or isinstance(dataset, (list, tuple)):  # datasets.Dataset or records
+        records = list(dataset)
+        if records and isinstance(records[0], torch.Tensor):
+            samples = [s for r in records for s in _from_ids(r, max_seq_length)]
+        else:
+            order = list(range(len(records)))
+            if shuffle:
+                random.Random(seed).shuffle(order)
+            # Tokenize only what is needed (a few spares for empty texts).
+            chosen = [_record_text(records[i], text_column, tokenizer) for i in order[: num_calibration_samples * 2]]
+            return _checked(_tokenize(chosen, tokenizer, max_seq_length)[:num_calibration_samples])
+    else:
+        raise TypeError(f"unsupported dataset type {type(dataset).__name__}: pass a list of strings, a "
+                        "datasets.Dataset, a .txt/.jsonl/.json path, a DataLoader or token id tensors")
+    if shuffle:
+        random.Random(seed).shuffle(samples)
+    return _checked(samples[:num_calibration_samples])
+
+
+def _checked(samples: List[Sample]) -> List[Sample]:
+    if not samples:
+        raise ValueError("the calibration dataset is empty (no sample has any tokens)")
+    return samples

@@ -1,0 +1,147 @@
+"""oneshot(): llmcompressor's call, run layer by layer on the CPU."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..formats.compressed_tensors import check_output_dir, quantization_config, save_compressed
+from ..nn.convert import quantize_module, replace_module
+from ..recipe import Recipe, parse_recipe, recipe_to_yaml
+from ..schemes import QuantizationScheme
+from .data import DEFAULT_MAX_SEQ_LENGTH, prepare_calibration
+from .layers import capture_first_layer_inputs, decoder_layers, layer_output
+
+logger = logging.getLogger("lowbit")
+
+Plan = Dict[str, Tuple[nn.Module, QuantizationScheme]]
+
+
+def _load(model, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.isdir(path):
+            raise ValueError(f"model path {path!r} is not a directory (lowbit loads local models only)")
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError):
+                tokenizer = None
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    if not isinstance(model, PreTrainedModel) or not hasattr(model, "get_output_embeddings") \
+            or model.get_output_embeddings() is None:
+        raise ValueError(f"oneshot needs a causal language model (a PreTrainedModel with an LM head), "
+                         f"got {type(model).__name__}")
+    return model.eval(), tokenizer
+
+
+def _plan(model: nn.Module, modifiers) -> Plan:
+    plan: Plan = {}
+    for modifier in modifiers:
+        for name, entry in modifier.plan(model).items():
+            if name in plan:
+                raise ValueError(f"module {name!r} is targeted by two modifiers; give it to one of them")
+            plan[name] = entry
+    bad = [f"{name} ({module.weight.shape[1]} columns, group_size {scheme.weights.group_size})"
+           for name, (module, scheme) in plan.items()
+           if scheme.weights.strategy == "group" and module.weight.shape[1] % scheme.weights.group_size]
+    if bad:
+        raise ValueError(f"the group size does not divide the input columns of {', '.join(bad[:4])}"
+                         f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; choose a group size that divides "
+                         "them (config_groups with weights.group_size) or strategy 'channel'")
+    return plan
+
+
+def _quantize(model: nn.Module, plan: Plan, names) -> None:
+    for name in names:
+        module, scheme = plan[name]
+        replace_module(model, name, quantize_module(module, scheme))
+
+
+def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_samples: int = 512,
+            max_seq_length: Optional[int] = None, output_dir: Optional[str] = None, text_column: str = "text",
+            shuffle: bool = True, seed: int = 0, tokenizer=None, overwrite: bool = False):
+    """Quantize `model` (a PreTrainedModel or a local path) in place with `recipe` and return it.
+
+    recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", ...), a modifier, a list of
+    modifiers, or llmcompressor YAML (string or file). dataset: calibration data for modifiers
+    that need it (list of strings, datasets.Dataset, .txt/.jsonl/.json path, DataLoader or
+    token ids); with RTN it is optional and, given, each layer's output error is logged.
+    output_dir: save there in compressed-tensors format (written to a temporary directory,
+    then renamed); an existing non-empty directory is refused unless overwrite=True.
+    """
+    if max_seq_length is not None and max_seq_length <= 0:
+        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    modifiers = parse_recipe(recipe)
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    model, tokenizer = _load(model, tokenizer)
+    plan = _plan(model, modifiers)
+    needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
+    if needs_data and dataset is None:
+        raise ValueError(f"{', '.join(needs_data)} needs calibration data: pass dataset=")
+    samples = None
+    if dataset is not None:
+        samples = prepare_calibration(dataset, tokenizer, num_calibration_samples=num_calibration_samples,
+                                      max_seq_length=max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
+                                      text_column=text_column, shuffle=shuffle, seed=seed)
+
+    layers_name, layers = decoder_layers(model)
+    per_layer = [[n for n in plan if n.startswith(f"{layers_name}.{i}.")] for i in range(len(layers))]
+    outside = [n for n in plan if not any(n in names for names in per_layer)]
+    start = time.perf_counter()
+    if samples is None:
+        for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
+            t0 = time.perf_counter()
+            _quantize(model, plan, names)
+            logger.info("layer %d: %d modules in %.2f s", i, len(names), time.perf_counter() - t0)
+    else:
+        _run_layer_sequential(model, layers, per_layer, plan, samples)
+    _quantize(model, plan, outside)
+    logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
+
+    model.config.quantization_config = quantization_config(model, plan)
+    if output_dir is not None:
+        save_compressed(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_to_yaml(modifiers),
+                        overwrite=overwrite)
+    return model
+
+
+def _run_layer_sequential(model, layers, per_layer, plan: Plan, samples) -> None:
+    """Calibrate and quantize one decoder layer at a time: the layer's inputs come from the
+    already quantized layers before it, and the relative output error of each layer (its
+    quantized vs float outputs on the same inputs) is logged."""
+    inputs = capture_first_layer_inputs(model, layers, samples)
+    bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
+    for i in bar:
+        layer, t0 = layers[i], time.perf_counter()
+        with torch.inference_mode():
+            reference = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
+            _quantize(model, plan, per_layer[i])
+            outputs = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
+        err = (sum((o - r).float().pow(2).sum() for o, r in zip(outputs, reference))
+               / sum(r.float().pow(2).sum() for r in reference).clamp_min(1e-30)).sqrt().item()
+        if not torch.isfinite(torch.tensor(err)):
+            raise ValueError(f"layer {i} produced NaN or Inf outputs on the calibration data")
+        logger.info("layer %d: %d modules in %.2f s, relative output error %.4f", i, len(per_layer[i]),
+                    time.perf_counter() - t0, err)
+        bar.set_postfix(err=f"{err:.4f}")
+        inputs = [_with_hidden_states(args, kwargs, out) for out, (args, kwargs) in zip(outputs, inputs)]
+        del reference
+
+
+def _with_hidden_states(args, kwargs, hidden):
+    """The next layer's inputs: the same keyword arguments, new hidden states."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}

@@ -1,0 +1,67 @@
+"""Recipes in llmcompressor's forms: a modifier, a list of modifiers, a preset scheme name,
+or YAML (a string or a file) with stages -> *_modifiers -> ModifierName: {kwargs}."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Union
+
+import yaml
+
+from .modifiers import MODIFIERS, Modifier, QuantizationModifier
+from .schemes import PRESET_SCHEMES
+
+Recipe = Union[None, str, os.PathLike, Modifier, List[Modifier]]
+
+
+def parse_recipe(recipe: Recipe) -> List[Modifier]:
+    if recipe is None:
+        raise ValueError("oneshot needs a recipe: a preset such as 'W4A16', a modifier, a list of modifiers, or YAML")
+    if isinstance(recipe, Modifier):
+        return [recipe]
+    if isinstance(recipe, (list, tuple)):
+        if not recipe or not all(isinstance(m, Modifier) for m in recipe):
+            raise TypeError(f"a recipe list must hold lowbit modifiers, got {recipe!r}")
+        return list(recipe)
+    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and recipe.endswith((".yaml", ".yml"))):
+        if not os.path.isfile(recipe):
+            raise ValueError(f"recipe file {os.fspath(recipe)!r} does not exist")
+        with open(recipe, encoding="utf-8") as f:
+            return _from_yaml(f.read())
+    if isinstance(recipe, str):
+        if recipe.upper() in PRESET_SCHEMES:
+            return [QuantizationModifier(scheme=recipe.upper(), targets="Linear", ignore=["lm_head"])]
+        if ":" in recipe:
+            return _from_yaml(recipe)
+        raise ValueError(f"unknown recipe {recipe!r}: valid preset schemes are {', '.join(PRESET_SCHEMES)}; "
+                         "or pass YAML, a .yaml file, or modifiers")
+    raise TypeError(f"recipe must be a preset name, YAML, a path, a modifier or a list of them, got {type(recipe).__name__}")
+
+
+def _from_yaml(text: str) -> List[Modifier]:
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict):
+        raise ValueError("a YAML recipe must be a mapping: <stage>: {<group>_modifiers: {ModifierName: {...}}}")
+    modifiers: List[Modifier] = []
+    for stage_name, stage in doc.items():
+        if not isinstance(stage, dict):
+            raise ValueError(f"recipe stage {stage_name!r} must be a mapping of *_modifiers groups")
+        for group_name, group in stage.items():
+            if not group_name.endswith("_modifiers"):
+                continue  # stage-level settings such as run_type
+            if not isinstance(group, dict):
+                raise ValueError(f"{stage_name}.{group_name} must map modifier names to their arguments")
+            for name, kwargs in group.items():
+                if name not in MODIFIERS:
+                    raise ValueError(f"unknown modifier {name!r} in {stage_name}.{group_name}; "
+                                     f"lowbit knows {', '.join(sorted(MODIFIERS))}")
+                modifiers.append(MODIFIERS[name](**(kwargs or {})))
+    if not modifiers:
+        raise ValueError("the YAML recipe holds no modifiers (expected <stage>: {<group>_modifiers: {...}})")
+    return modifiers
+
+
+def recipe_to_yaml(modifiers: List[Modifier]) -> str:
+    """The recipe as llmcompressor writes recipe.yaml."""
+    group = {type(m).__name__: m.recipe_args() for m in modifiers}
+    return yaml.safe_dump({"default_stage": {"default_modifiers": group}}, sort_keys=False)
