@@ -22,6 +22,10 @@ logger = logging.getLogger("lowbit")
 
 Plan = Dict[str, Tuple[nn.Module, QuantizationScheme]]
 
+# When no modifier needs calibration (RTN), data only serves the per-layer error log: a few
+# samples measure it well and keep oneshot as fast as a data-free run.
+ERROR_LOG_SAMPLES = 4
+
 
 def _load(model, tokenizer):
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -76,7 +80,8 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
     recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", ...), a modifier, a list of
     modifiers, or llmcompressor YAML (string or file). dataset: calibration data for modifiers
     that need it (list of strings, datasets.Dataset, .txt/.jsonl/.json path, DataLoader or
-    token ids); with RTN it is optional and, given, each layer's output error is logged.
+    token ids); with RTN it is optional and, given, each layer's output error is logged
+    (measured on the first ERROR_LOG_SAMPLES samples).
     output_dir: save there in compressed-tensors format (written to a temporary directory,
     then renamed); an existing non-empty directory is refused unless overwrite=True.
     """
@@ -95,6 +100,8 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
         samples = prepare_calibration(dataset, tokenizer, num_calibration_samples=num_calibration_samples,
                                       max_seq_length=max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
                                       text_column=text_column, shuffle=shuffle, seed=seed)
+        if not needs_data:
+            samples = samples[:ERROR_LOG_SAMPLES]
 
     layers_name, layers = decoder_layers(model)
     per_layer = [[n for n in plan if n.startswith(f"{layers_name}.{i}.")] for i in range(len(layers))]

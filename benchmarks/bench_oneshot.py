@@ -1,0 +1,120 @@
+"""RTN W4A16 oneshot on the real model with lowbit and with llmcompressor, side by side.
+
+    python benchmarks/bench_oneshot.py [--samples 64] [--eval-tokens 8192]
+
+Same float model (SmolLM2-135M-Instruct, saved once as safetensors), same recipe (int4
+symmetric, group 64: its 576 hidden columns rule out 128), same calibration paragraphs.
+Each run happens in its own process, so peak RSS is that run's alone; each output is then
+evaluated by the same code (stock transformers + compressed-tensors) on held-out text.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import print_table  # noqa: E402
+
+CONFIG_GROUPS = {"group_0": {"targets": ["Linear"], "weights": {
+    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 64}}}
+
+PRELUDE = textwrap.dedent("""
+    import json, resource, sys, time
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args = json.loads(sys.argv[1])
+    def peak_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+""")
+
+RUNS = {
+    "load only": """
+        model = AutoModelForCausalLM.from_pretrained(args["model"])
+        result = {"seconds": 0.0}
+    """,
+    "lowbit": """
+        import lowbit
+        from lowbit.modifiers import QuantizationModifier
+        model = AutoModelForCausalLM.from_pretrained(args["model"])
+        tokenizer = AutoTokenizer.from_pretrained(args["model"])
+        t0 = time.perf_counter()
+        lowbit.oneshot(model, QuantizationModifier(config_groups=args["config_groups"], ignore=["lm_head"]),
+                       dataset=args["texts"], tokenizer=tokenizer, max_seq_length=args["seq_len"],
+                       num_calibration_samples=len(args["texts"]), output_dir=args["out"])
+        result = {"seconds": time.perf_counter() - t0}
+    """,
+    "llmcompressor": """
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+        model = AutoModelForCausalLM.from_pretrained(args["model"])
+        tokenizer = AutoTokenizer.from_pretrained(args["model"])
+        t0 = time.perf_counter()
+        oneshot(model=model, recipe=QuantizationModifier(config_groups=args["config_groups"], ignore=["lm_head"]),
+                dataset=Dataset.from_dict({"text": args["texts"]}), processor=tokenizer,
+                max_seq_length=args["seq_len"], num_calibration_samples=len(args["texts"]), output_dir=args["out"])
+        result = {"seconds": time.perf_counter() - t0}
+    """,
+    "evaluate": """
+        from lowbit.eval import perplexity
+        model = AutoModelForCausalLM.from_pretrained(args["out"]).eval()
+        ids = torch.tensor(args["ids"])[None]
+        result = {"ppl": perplexity(model, ids, seq_len=512)}
+    """,
+}
+
+
+def run(kind: str, args: dict) -> dict:
+    code = PRELUDE + textwrap.dedent(RUNS[kind]) + "\nresult['peak_mib'] = peak_mib()\nprint('RESULT', json.dumps(result))\n"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=64, help="calibration paragraphs of Emma")
+    ap.add_argument("--seq-len", type=int, default=384)
+    ap.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens of Pride and Prejudice")
+    a = ap.parse_args()
+
+    from lowbit import examples
+
+    model, tokenizer = examples.load_smollm2()
+    texts, heldout = examples.calibration_and_heldout(a.samples)
+    ids = tokenizer(heldout, return_tensors="pt").input_ids[0, : a.eval_tokens].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        base = os.path.join(tmp, "fp32")
+        model.save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        del model
+        common = {"model": base, "texts": texts, "seq_len": a.seq_len, "config_groups": CONFIG_GROUPS}
+        results = {"load only": run("load only", common)}
+        for tool in ("lowbit", "llmcompressor"):
+            out = os.path.join(tmp, tool)
+            results[tool] = run(tool, {**common, "out": out})
+            results[tool].update(run("evaluate", {"out": out, "ids": ids}))
+        base_ppl = run("evaluate", {"out": base, "ids": ids})["ppl"]
+
+    print(f"RTN W4A16 (int4 sym, group 64) on SmolLM2-135M-Instruct, {len(texts)} calibration paragraphs x "
+          f"<= {a.seq_len} tokens; perplexity on {len(ids)} held-out tokens (fp32 model: {base_ppl:.3f})\n")
+    lb, lc = results["lowbit"], results["llmcompressor"]
+    print_table(["tool", "oneshot + save s", "held-out ppl", "peak RSS MiB"], [
+        ["lowbit", f"{lb['seconds']:.1f}", f"{lb['ppl']:.3f}", f"{lb['peak_mib']:.0f}"],
+        ["llmcompressor", f"{lc['seconds']:.1f}", f"{lc['ppl']:.3f}", f"{lc['peak_mib']:.0f}"],
+        ["lowbit / llmcompressor", f"{lb['seconds'] / lc['seconds']:.2f}x", f"{lb['ppl'] / lc['ppl']:.4f}x", ""],
+    ])
+    load = results["load only"]["peak_mib"]
+    print(f"\npeak RSS: loading the model alone {load:.0f} MiB; lowbit oneshot {lb['peak_mib']:.0f} MiB "
+          f"(+{lb['peak_mib'] - load:.0f} MiB: one layer's outputs and the calibration activations)")
+
+
+if __name__ == "__main__":
+    main()
