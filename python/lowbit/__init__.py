@@ -3,7 +3,7 @@
 import torch  # loads libtorch before the extension that links against it
 
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
-from . import functional, nn, ops
+from . import eval, functional, nn, ops
 from .formats import load, save_compressed
 from .modifiers import Modifier, QuantizationModifier
 from .pipeline import oneshot
@@ -18,6 +18,7 @@ __all__ = [
     "QuantizationArgs",
     "QuantizationModifier",
     "QuantizationScheme",
+    "eval",
     "functional",
     "load",
     "nn",

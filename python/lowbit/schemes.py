@@ -108,7 +108,8 @@ def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
     (block_structure, observer_kwargs ...) are accepted while unset; actorder is read by GPTQ."""
     if isinstance(d, QuantizationArgs):
         return d
-    extra = {k: v for k, v in d.items() if k not in _ARG_FIELDS and k != "actorder" and v not in (None, {}, False)}
+    extra = {k: v for k, v in d.items() if k not in _ARG_FIELDS and k != "actorder" and v not in (None, {}, False)
+             and not (k == "zp_dtype" and v in ("torch.int8", "int8"))}  # int8 zero points are lowbit's too
     if extra:
         raise ValueError(f"unsupported quantization args {extra}; lowbit knows {sorted(_ARG_FIELDS)}")
     known = {k: v for k, v in d.items() if k in _ARG_FIELDS and (v is not None or k == "group_size")}

@@ -77,8 +77,8 @@ def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
     """Memory of the model quantized with `scheme` in lowbit's packed layout.
 
     model_or_config: the unquantized model, or its config (the model is then built on the
-    meta device, so nothing is allocated). Every nn.Linear whose name is not in `ignore`
-    is quantized, as lowbit.nn.quantize_linears_ does; all other parameters (embeddings,
+    meta device, so nothing is allocated). Every nn.Linear whose name is not in `ignore` is
+    quantized, as oneshot saves it (GPT-2's Conv1D layers are saved as floats); all other parameters (embeddings,
     norms, biases, ignored Linears) stay in `dtype`, tied ones counted once. dtype defaults
     to the model's parameter dtype, or the config's dtype, else float32.
 

@@ -14,15 +14,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import functional as F
-from ..modifiers.base import LINEAR_TYPES, matches
+from ..modifiers.base import matches
+from ..nn.convert import replace_module
 from ..nn.int8_dynamic import Int8DynamicLinear
 from ..nn.packed_linear import PackedLinear
 from ..schemes import QuantizationArgs, QuantizationScheme, args_from_dict
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()
 
 # Shard size of the safetensors files (transformers' default).
 MAX_SHARD_SIZE = "5GB"
@@ -40,28 +36,30 @@ def _format(scheme: QuantizationScheme) -> str:
     return "int-quantized" if scheme.input_activations is not None else "pack-quantized"
 
 
-def quantization_config(model: nn.Module, plan: Dict[str, Tuple[nn.Module, QuantizationScheme]]) -> dict:
-    """config.json's quantization_config for the modules in `plan` (name -> (module, scheme)).
+def quantization_config(model: nn.Module, plan: Dict[str, Tuple[nn.Module, QuantizationScheme]]):
+    """config.json's quantization_config for the nn.Linear modules in `plan` (name ->
+    (module, scheme)), or None when there are none (compressed-tensors has no layout for
+    transformers' Conv1D, so those layers are saved as dequantized floats).
 
-    One config group per distinct scheme. With a single group, targets are class names
-    ("Linear", "Conv1D") and `ignore` lists every other module of those classes; with
-    several, each group names its modules exactly.
+    One config group per distinct scheme. With a single group, targets are ["Linear"] and
+    `ignore` lists every other Linear; with several, each group names its modules exactly.
     """
     by_scheme: Dict[QuantizationScheme, list] = {}
-    for name, (_, scheme) in plan.items():
-        by_scheme.setdefault(scheme, []).append(name)
-    modules = dict(model.named_modules())
-    classes = sorted({type(plan[n][0]).__name__ for n in plan})
+    for name, (module, scheme) in plan.items():
+        if isinstance(module, nn.Linear):
+            by_scheme.setdefault(scheme, []).append(name)
+    if not by_scheme:
+        return None
     groups = {}
     for i, (scheme, names) in enumerate(by_scheme.items()):
-        targets = classes if len(by_scheme) == 1 else sorted(names)
+        targets = ["Linear"] if len(by_scheme) == 1 else sorted(names)
         groups[f"group_{i}"] = {
             "targets": targets, "weights": _args_dict(scheme.weights),
             "input_activations": _args_dict(scheme.input_activations) if scheme.input_activations else None,
             "output_activations": None, "format": _format(scheme),
         }
-    ignore = sorted(n for n, m in modules.items()
-                    if n and n not in plan and isinstance(m, LINEAR_TYPES) and type(m).__name__ in classes)
+    quantized = {n for names in by_scheme.values() for n in names}
+    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
     formats = {g["format"] for g in groups.values()}
     return {
         "quant_method": "compressed-tensors", "format": formats.pop() if len(formats) == 1 else "mixed-precision",
@@ -79,21 +77,14 @@ def check_output_dir(output_dir, overwrite: bool) -> None:
 
 
 def _quantized_tensors(module: nn.Module):
-    """compressed-tensors' tensors for a weight-packed module, or None for every other
-    module (Int8DynamicLinear's own state dict already is the int-quantized layout)."""
-    if isinstance(module, PackedLinear):
-        args, zero = module.args, module.weight_zero_point
-        out = {"weight_packed": module.weight_packed, "weight_scale": module.weight_scale,
-               "weight_shape": module.weight_shape}
-    elif isinstance(module, Conv1D) and hasattr(module, "quantization_args"):
-        args, zero = module.quantization_args, module.weight_zero_point
-        codes = F.quantize_with(module.weight.detach(), module.weight_scale, zero, args.num_bits)
-        out = {"weight_packed": F.pack(codes, args.num_bits), "weight_scale": module.weight_scale,
-               "weight_shape": torch.tensor(list(module.weight.shape), dtype=torch.int64)}
-    else:
+    """compressed-tensors' tensors for a PackedLinear, or None for every other module
+    (Int8DynamicLinear's own state dict already is the int-quantized layout)."""
+    if not isinstance(module, PackedLinear):
         return None
-    if zero is not None:
-        out["weight_zero_point"] = F.pack(zero, args.num_bits, packed_dim=0)
+    out = {"weight_packed": module.weight_packed, "weight_scale": module.weight_scale,
+           "weight_shape": module.weight_shape}
+    if module.weight_zero_point is not None:
+        out["weight_zero_point"] = F.pack(module.weight_zero_point, module.args.num_bits, packed_dim=0)
     return out
 
 
@@ -133,12 +124,13 @@ def save_compressed(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: s
     recipe.yaml to a temporary directory beside `output_dir`, then rename it into place, so
     a failure never leaves a half-written output directory."""
     check_output_dir(output_dir, overwrite)
-    if getattr(model.config, "quantization_config", None) is None:
-        raise ValueError("the model carries no quantization_config: quantize it with lowbit.oneshot first")
     output_dir = os.path.abspath(os.fspath(output_dir))
     parent = os.path.dirname(output_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".lowbit-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
     try:
         _write_safetensors(compressed_state_dict(model), tmp)
         model.config.save_pretrained(tmp)
@@ -183,54 +175,41 @@ def _plan_from_config(model: nn.Module, qc: dict) -> Dict[str, Tuple[nn.Module, 
         acts = group.get("input_activations")
         scheme = QuantizationScheme(args_from_dict(group["weights"]), args_from_dict(acts) if acts else None)
         for name, module in model.named_modules():
-            if (name and isinstance(module, LINEAR_TYPES) and name not in plan
+            if (isinstance(module, nn.Linear) and name not in plan
                     and any(matches(t, name, module) for t in group.get("targets", []))
                     and not any(matches(p, name, module) for p in ignore)):
                 plan[name] = (module, scheme)
     return plan
 
 
-def _empty_quantized(module: nn.Module, scheme: QuantizationScheme, dtype: torch.dtype) -> nn.Module:
+def _empty_quantized(module: nn.Linear, scheme: QuantizationScheme, dtype: torch.dtype) -> nn.Module:
     """A quantized module of the right shapes, to be filled from the checkpoint."""
-    if isinstance(module, nn.Linear):
-        bias = module.bias is not None
-        if scheme.input_activations is not None:
-            return Int8DynamicLinear(module.in_features, module.out_features, bias, dtype=dtype)
-        return PackedLinear(module.in_features, module.out_features, bias, scheme, dtype=dtype)
-    module.quantization_args = scheme.weights  # Conv1D: dequantized weight + parameters
-    return module
+    bias = module.bias is not None
+    if scheme.input_activations is not None:
+        return Int8DynamicLinear(module.in_features, module.out_features, bias, dtype=dtype)
+    return PackedLinear(module.in_features, module.out_features, bias, scheme, dtype=dtype)
 
 
 def _to_module_layout(model: nn.Module, plan, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Checkpoint tensors -> lowbit modules' state: zero points unpacked, Conv1D dequantized."""
+    """Checkpoint tensors -> lowbit modules' state: zero points unpacked along dim 0."""
     for name, (_, scheme) in plan.items():
         module, args = model.get_submodule(name), scheme.weights
         if f"{name}.weight_g_idx" in state:
             raise ValueError(f"{name}: activation-ordered (g_idx) checkpoints are not supported by lowbit.load yet")
         if isinstance(module, Int8DynamicLinear):
             continue
-        try:
-            shape = tuple(state.pop(f"{name}.weight_shape").tolist()) if isinstance(module, Conv1D) else None
-            zero = state.pop(f"{name}.weight_zero_point", None)
-            scale = state[f"{name}.weight_scale"]
-        except KeyError as e:
-            raise ValueError(f"the checkpoint lacks {e.args[0]!r}; it is not a complete compressed-tensors checkpoint") from None
+        zero = state.get(f"{name}.weight_zero_point")
         if zero is not None:
-            rows = module.out_features if isinstance(module, PackedLinear) else module.weight.shape[0]
-            zero = F.unpack(zero, args.num_bits, (rows, scale.shape[-1]), packed_dim=0)
-            state[f"{name}.weight_zero_point"] = zero
-        if isinstance(module, Conv1D):
-            codes = F.unpack(state.pop(f"{name}.weight_packed"), args.num_bits, shape)
-            state[f"{name}.weight"] = F.dequantize(codes, scale, zero, dtype=module.weight.dtype)
-            module.register_buffer("weight_scale", torch.empty_like(scale))
-            module.register_buffer("weight_zero_point", torch.empty_like(zero) if zero is not None else None)
+            groups = module.weight_scale.shape[1]
+            state[f"{name}.weight_zero_point"] = F.unpack(zero, args.num_bits, (module.out_features, groups), packed_dim=0)
     return state
 
 
 def load(path, dtype: torch.dtype = None) -> nn.Module:
     """Load a checkpoint directory into lowbit modules: compressed-tensors checkpoints (from
     lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear layers running lowbit's
-    kernels; an unquantized directory loads as transformers would load it."""
+    kernels; an unquantized directory loads as transformers would load it. A tensor the
+    model does not expect, or one it lacks, is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = os.fspath(path)
@@ -254,8 +233,6 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
     plan = _plan_from_config(model, qc)
     if not plan:
         raise ValueError("the quantization_config's config_groups match no module of the model")
-    from ..nn.convert import replace_module
-
     for name, (module, scheme) in plan.items():
         replace_module(model, name, _empty_quantized(module, scheme, dtype))
     state = _to_module_layout(model, plan, _read_safetensors(path))

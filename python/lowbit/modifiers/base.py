@@ -25,6 +25,11 @@ def _as_list(value: Union[None, str, Sequence[str]]) -> List[str]:
     return list(value)
 
 
+def in_features(module: nn.Module) -> int:
+    """Input width of a Linear-like layer (Conv1D stores its weight as [in, out])."""
+    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+
+
 def matches(pattern: str, name: str, module: nn.Module) -> bool:
     """llmcompressor's target grammar: 're:<regex>' (re.match on the module name), an exact
     module name, or a class name ("Linear" also covers transformers' Conv1D)."""
@@ -52,10 +57,11 @@ class Modifier:
         targets = list(targets) if targets is not None else self.targets
         linear = [(n, m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
         for pattern in targets:
-            if not any(matches(pattern, n, m) for n, m in model.named_modules() if n):
+            if not any(matches(pattern, n, m) for n, m in linear):
                 raise ValueError(
-                    f"{type(self).__name__}: target {pattern!r} matches no module of {type(model).__name__}; "
-                    "use a class name ('Linear'), an exact module name, or 're:<regex>'"
+                    f"{type(self).__name__}: target {pattern!r} matches no Linear layer of {type(model).__name__} "
+                    "(lowbit quantizes nn.Linear and Conv1D); use a class name ('Linear'), an exact module name, "
+                    "or 're:<regex>'"
                 )
         for pattern in self.ignore:
             if not any(matches(pattern, n, m) for n, m in model.named_modules() if n):

@@ -21,9 +21,9 @@ def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, Qu
     """The quantized replacement of an nn.Linear / transformers Conv1D.
 
     nn.Linear with a weight-only scheme -> PackedLinear; with W8A8 -> Int8DynamicLinear.
-    Conv1D keeps its class and holds the dequantized weight plus `weight_scale` /
-    `weight_zero_point` buffers (its [in, out] matrix is quantized as stored, groups along
-    dim 1, which is how compressed-tensors reads a Conv1D target).
+    A Conv1D (GPT-2's [in, out] layers) keeps its class and gets the dequantized weight,
+    quantized along its input rows as a Linear would be: compressed-tensors has no layout for
+    Conv1D, so these layers are saved as float values that lie on the integer grid.
     """
     scheme = resolve_scheme(scheme)
     args = scheme.weights
@@ -34,11 +34,9 @@ def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, Qu
     if isinstance(module, Conv1D):
         if scheme.input_activations is not None:
             raise ValueError("activation quantization of Conv1D layers is not supported; quantize weights only")
-        w = module.weight.detach()
-        codes, scale, zero = F.quantize(w, args.num_bits, args.symmetric, args.strategy, args.group_size, args.observer)
-        module.weight.data = F.dequantize(codes, scale, zero if not args.symmetric else None, dtype=w.dtype)
-        module.register_buffer("weight_scale", scale)
-        module.register_buffer("weight_zero_point", zero if not args.symmetric else None)
+        w = module.weight.detach().t()  # [out, in]
+        module.weight.data = F.fake_quantize(w, args.num_bits, args.symmetric, args.strategy, args.group_size,
+                                             args.observer).t().contiguous()
         module.quantization_args = args
         return module
     raise TypeError(f"cannot quantize a {type(module).__name__}: lowbit quantizes nn.Linear and Conv1D layers")

@@ -48,65 +48,74 @@ def _record_text(record, text_column: str, tokenizer) -> str:
     raise TypeError(f"cannot read a calibration sample of type {type(record).__name__}")
 
 
-def _tokenize(texts: list, tokenizer, max_seq_length: int) -> List[Sample]:
-    if tokenizer is None:
-        raise ValueError("text calibration data needs a tokenizer: pass tokenizer= (or a model path that has one)")
-    samples = []
-    for text in texts:
-        enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_seq_length)
-        if enc["input_ids"].shape[-1] > 0:
-            samples.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return samples
-
-
-def _from_ids(ids: torch.Tensor, max_seq_length: int) -> List[Sample]:
+def _from_ids(ids, max_seq_length: int, mask=None) -> List[Sample]:
+    """Samples from token ids [N, L] or [L] (and an optional attention mask of that shape)."""
+    ids = torch.as_tensor(ids)
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"token id tensors must be integer [N, L] or [L], got {ids.dtype} of shape {tuple(ids.shape)}")
-    return [{"input_ids": row[None, :max_seq_length].long(), "attention_mask": torch.ones_like(row[None, :max_seq_length]).long()}
-            for row in ids]
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask).reshape(ids.shape)
+    return [{"input_ids": row[None, :max_seq_length].long(), "attention_mask": m[None, :max_seq_length].long()}
+            for row, m in zip(ids, mask) if row.numel()]
+
+
+def _record_sample(record, tokenizer, text_column: str, max_seq_length: int):
+    """One record (text, chat messages, token ids or a dict of them) as a sample, or None if
+    it holds no tokens."""
+    if isinstance(record, torch.Tensor) or (isinstance(record, dict) and "input_ids" in record):
+        ids, mask = (record, None) if isinstance(record, torch.Tensor) else (record["input_ids"], record.get("attention_mask"))
+        samples = _from_ids(ids, max_seq_length, mask)
+        return samples[0] if samples else None
+    text = _record_text(record, text_column, tokenizer)
+    if tokenizer is None:
+        raise ValueError("text calibration data needs a tokenizer: pass tokenizer= (or a model path that has one)")
+    enc = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_seq_length)
+    if enc["input_ids"].shape[-1] == 0:
+        return None
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def prepare_calibration(dataset, tokenizer=None, *, num_calibration_samples: int = 512,
                         max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, text_column: str = "text",
                         shuffle: bool = True, seed: int = 0) -> List[Sample]:
-    """Tokenized calibration samples from a list of strings, a datasets.Dataset, a .txt /
-    .jsonl / .json path, a DataLoader (batches of dicts or tensors), or token id tensors."""
+    """Tokenized calibration samples from a list of strings, a datasets.Dataset (a text
+    column, chat messages, or input_ids), a .txt / .jsonl / .json path, a DataLoader
+    (batches of dicts or tensors), or token id tensors. Records are visited in a seeded
+    random order (shuffle=True) until num_calibration_samples non-empty samples are found."""
     if num_calibration_samples <= 0:
         raise ValueError(f"num_calibration_samples must be positive, got {num_calibration_samples}")
     if isinstance(dataset, (str, os.PathLike)):
         if not os.path.isfile(dataset):
             raise ValueError(f"dataset path {os.fspath(dataset)!r} does not exist")
         dataset = _texts_from_file(os.fspath(dataset), text_column)
+    if isinstance(dataset, dict) and dataset and all(hasattr(v, "column_names") for v in dataset.values()):
+        raise ValueError(f"got a DatasetDict with splits {sorted(dataset)}: pass one split, e.g. dataset['train']")
     if isinstance(dataset, torch.Tensor):
-        samples = _from_ids(dataset, max_seq_length)
+        records = _from_ids(dataset, max_seq_length)
     elif isinstance(dataset, torch.utils.data.DataLoader):
-        samples = []
+        records = []
         for batch in dataset:
-            ids = batch["input_ids"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
-            samples.extend(_from_ids(torch.as_tensor(ids), max_seq_length))
+            if isinstance(batch, dict):
+                records.extend(_from_ids(batch["input_ids"], max_seq_length, batch.get("attention_mask")))
+            else:
+                records.extend(_from_ids(batch[0] if isinstance(batch, (list, tuple)) else batch, max_seq_length))
     elif isinstance(dataset, dict) and "input_ids" in dataset:
-        samples = _from_ids(torch.as_tensor(dataset["input_ids"]), max_seq_length)
+        records = _from_ids(dataset["input_ids"], max_seq_length, dataset.get("attention_mask"))
     elif hasattr(dataset, "column_names") or isinstance(dataset, (list, tuple)):  # datasets.Dataset or records
         records = list(dataset)
-        if records and isinstance(records[0], torch.Tensor):
-            samples = [s for r in records for s in _from_ids(r, max_seq_length)]
-        else:
-            order = list(range(len(records)))
-            if shuffle:
-                random.Random(seed).shuffle(order)
-            # Tokenize only what is needed (a few spares for empty texts).
-            chosen = [_record_text(records[i], text_column, tokenizer) for i in order[: num_calibration_samples * 2]]
-            return _checked(_tokenize(chosen, tokenizer, max_seq_length)[:num_calibration_samples])
     else:
         raise TypeError(f"unsupported dataset type {type(dataset).__name__}: pass a list of strings, a "
                         "datasets.Dataset, a .txt/.jsonl/.json path, a DataLoader or token id tensors")
+    order = list(range(len(records)))
     if shuffle:
-        random.Random(seed).shuffle(samples)
-    return _checked(samples[:num_calibration_samples])
-
-
-def _checked(samples: List[Sample]) -> List[Sample]:
+        random.Random(seed).shuffle(order)
+    samples = []
+    for i in order:
+        sample = _record_sample(records[i], tokenizer, text_column, max_seq_length)
+        if sample is not None:
+            samples.append(sample)
+            if len(samples) == num_calibration_samples:
+                break
     if not samples:
         raise ValueError("the calibration dataset is empty (no sample has any tokens)")
     return samples

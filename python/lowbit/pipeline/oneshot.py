@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.compressed_tensors import check_output_dir, quantization_config, save_compressed
+from ..modifiers.base import in_features
 from ..nn.convert import quantize_module, replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
 from ..schemes import QuantizationScheme
@@ -19,6 +20,14 @@ from .data import DEFAULT_MAX_SEQ_LENGTH, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
 
 logger = logging.getLogger("lowbit")
+if not logger.handlers:
+    # Like llmcompressor, report each layer by default; users tune or silence this through
+    # logging.getLogger("lowbit").
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s lowbit: %(message)s", "%H:%M:%S"))
+    logger.addHandler(_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 Plan = Dict[str, Tuple[nn.Module, QuantizationScheme]]
 
@@ -56,9 +65,9 @@ def _plan(model: nn.Module, modifiers) -> Plan:
             if name in plan:
                 raise ValueError(f"module {name!r} is targeted by two modifiers; give it to one of them")
             plan[name] = entry
-    bad = [f"{name} ({module.weight.shape[1]} columns, group_size {scheme.weights.group_size})"
+    bad = [f"{name} ({in_features(module)} columns, group_size {scheme.weights.group_size})"
            for name, (module, scheme) in plan.items()
-           if scheme.weights.strategy == "group" and module.weight.shape[1] % scheme.weights.group_size]
+           if scheme.weights.strategy == "group" and in_features(module) % scheme.weights.group_size]
     if bad:
         raise ValueError(f"the group size does not divide the input columns of {', '.join(bad[:4])}"
                          f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; choose a group size that divides "
@@ -103,6 +112,7 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
         if not needs_data:
             samples = samples[:ERROR_LOG_SAMPLES]
 
+    output_embeddings = model.get_output_embeddings()
     layers_name, layers = decoder_layers(model)
     per_layer = [[n for n in plan if n.startswith(f"{layers_name}.{i}.")] for i in range(len(layers))]
     outside = [n for n in plan if not any(n in names for names in per_layer)]
@@ -111,17 +121,31 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
         for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
             t0 = time.perf_counter()
             _quantize(model, plan, names)
-            logger.info("layer %d: %d modules in %.2f s", i, len(names), time.perf_counter() - t0)
+            logger.info("layer %d: %d modules in %.2f s (no calibration data: output error not measured)",
+                        i, len(names), time.perf_counter() - t0)
     else:
         _run_layer_sequential(model, layers, per_layer, plan, samples)
     _quantize(model, plan, outside)
     logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
 
-    model.config.quantization_config = quantization_config(model, plan)
+    _finish_config(model, plan, output_embeddings)
     if output_dir is not None:
         save_compressed(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_to_yaml(modifiers),
                         overwrite=overwrite)
     return model
+
+
+def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
+    """Record the quantization in model.config, as compressed-tensors describes it."""
+    if any(module is output_embeddings for module, _ in plan.values()):
+        # lm_head now holds its own quantized weight; the embedding stays float.
+        model.config.tie_word_embeddings = False
+    config = quantization_config(model, plan)
+    if config is not None:
+        model.config.quantization_config = config
+    if any(not isinstance(module, nn.Linear) for module, _ in plan.values()):
+        logger.warning("Conv1D layers (GPT-2 style) were quantized, but compressed-tensors has no layout for them: "
+                       "they are saved as float weights that lie on the integer grid")
 
 
 def _run_layer_sequential(model, layers, per_layer, plan: Plan, samples) -> None:

@@ -1,0 +1,159 @@
+"""Tiny, seeded, randomly initialised causal LMs and an offline character-level tokenizer
+for the oneshot / recipe / format tests. Nothing is downloaded: every model is built from a
+config in-process, and the tokenizer from a vocabulary written here.
+
+Every architecture has 2 decoder layers, a vocabulary of 256 and hidden / intermediate
+sizes that are multiples of 32, so group_size 32 divides every Linear's input columns.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import zlib
+
+import torch
+
+# Group size that divides every quantized layer's input columns of every tiny model.
+GROUP = 32
+VOCAB = 256
+
+# name -> (config class name, config kwargs). hidden sizes are multiples of 64, except
+# llama_h96 (96 = 3 * 32: not a multiple of 64 or 128).
+ARCHS = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=256)),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256, sliding_window=None)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64,
+                              max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=3)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_inner=128, n_head=4, n_positions=256, bos_token_id=2,
+                                eos_token_id=3)),
+    "phi": ("PhiConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                              max_position_embeddings=256, partial_rotary_factor=0.5)),
+    "llama_h96": ("LlamaConfig", dict(hidden_size=96, intermediate_size=192, num_attention_heads=3,
+                                      num_key_value_heads=3, max_position_embeddings=256)),
+    # Wide enough for the presets' group_size 128.
+    "llama_h128": ("LlamaConfig", dict(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=256)),
+}
+# The six distinct architectures, plus a Llama whose width (96) is not a multiple of 64 / 128.
+ARCH_NAMES = ["llama", "qwen2", "mistral", "opt", "gpt2", "phi", "llama_h96"]
+
+
+def make_config(arch: str):
+    import transformers
+
+    cls_name, kwargs = ARCHS[arch]
+    layers = {"n_layer": 2} if arch == "gpt2" else {"num_hidden_layers": 2}
+    cfg = getattr(transformers, cls_name)(vocab_size=VOCAB, **layers, **kwargs)
+    if arch != "gpt2" and arch != "opt":
+        cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 2, 3
+    return cfg
+
+
+def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny causal LM whose weights depend only on (arch, seed)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{arch}/{seed}".encode()))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        # transformers' default init is N(0, 0.02), with zero biases and unit norms; give the
+        # biases and norms some spread so they matter, and enlarge the weights a little so
+        # the logits are not all ~0.
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.data.add_(torch.randn_like(p) * 0.05)
+            else:
+                p.data.mul_(2.0)
+    return model.eval()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(chat_template: bool = True):
+    """A character-level tokenizer (printable ASCII plus 4 specials), built offline."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    assert len(vocab) < VOCAB
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization maps floating point weights to a small integer grid.",
+    "Round to nearest picks the closest representable value for every weight.",
+    "Calibration data is run through the model one decoder layer at a time.",
+    "Packed int32 words hold eight four-bit codes each.",
+    "A group of thirty-two columns shares one scale and one zero point.",
+    "Hello world! 0123456789 and some punctuation: ;,.?",
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
+]
+
+
+def fixed_ids(n: int = 2, length: int = 24, seed: int = 1234) -> torch.Tensor:
+    """Deterministic token ids [n, length] (valid for every tiny model)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (n, length), generator=g)
+
+
+def save_float(arch: str, path, seed: int = 0, tokenizer: bool = False) -> str:
+    """Save the float tiny model (and optionally the tokenizer) to `path`."""
+    path = os.fspath(path)
+    make_model(arch, seed).save_pretrained(path)
+    if tokenizer:
+        make_tokenizer().save_pretrained(path)
+    return path
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(input_ids=ids).logits.float()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def w4_group_modifier(symmetric: bool = True, bits: int = 4, group_size: int = GROUP, strategy: str = "group",
+                      **kw):
+    """QuantizationModifier with a single config group (llmcompressor's config_groups form)."""
+    import lowbit
+
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": strategy,
+               "group_size": group_size if strategy == "group" else None}
+    return lowbit.QuantizationModifier(
+        config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
+        targets="Linear", ignore=kw.pop("ignore", ["lm_head"]), **kw)
+
+
+def run_python(code: str, *args: str, timeout: float = 120) -> "subprocess.CompletedProcess":
+    """Run `code` in a fresh interpreter (`python -c code args...`), single-threaded, and fail
+    with its output if it exits non-zero."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed (rc {proc.returncode}):\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
