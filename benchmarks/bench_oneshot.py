@@ -44,8 +44,8 @@ RUNS = {
         tokenizer = AutoTokenizer.from_pretrained(args["model"])
         t0 = time.perf_counter()
         lowbit.oneshot(model, QuantizationModifier(config_groups=args["config_groups"], ignore=["lm_head"]),
-                       dataset=args["texts"], tokenizer=tokenizer, max_seq_length=args["seq_len"],
-                       num_calibration_samples=len(args["texts"]), output_dir=args["out"])
+                       dataset=args["texts"] if args["with_data"] else None, tokenizer=tokenizer,
+                       max_seq_length=args["seq_len"], num_calibration_samples=len(args["texts"]), output_dir=args["out"])
         result = {"seconds": time.perf_counter() - t0}
     """,
     "llmcompressor": """
@@ -61,10 +61,13 @@ RUNS = {
         result = {"seconds": time.perf_counter() - t0}
     """,
     "evaluate": """
-        from lowbit.eval import perplexity
+        from lowbit.eval import kl_divergence, perplexity
         model = AutoModelForCausalLM.from_pretrained(args["out"]).eval()
         ids = torch.tensor(args["ids"])[None]
         result = {"ppl": perplexity(model, ids, seq_len=512)}
+        if args.get("base"):
+            base = AutoModelForCausalLM.from_pretrained(args["base"]).eval()
+            result["kl"] = kl_divergence(model, base, ids[:, :2048], seq_len=512)
     """,
 }
 
@@ -97,23 +100,26 @@ def main():
         del model
         common = {"model": base, "texts": texts, "seq_len": a.seq_len, "config_groups": CONFIG_GROUPS}
         results = {"load only": run("load only", common)}
-        for tool in ("lowbit", "llmcompressor"):
-            out = os.path.join(tmp, tool)
-            results[tool] = run(tool, {**common, "out": out})
-            results[tool].update(run("evaluate", {"out": out, "ids": ids}))
+        for tool, kind, with_data in (("lowbit", "lowbit", True), ("lowbit, no data", "lowbit", False),
+                                      ("llmcompressor", "llmcompressor", True)):
+            out = os.path.join(tmp, tool.replace(", ", "-").replace(" ", "-"))
+            results[tool] = run(kind, {**common, "out": out, "with_data": with_data})
+            quality = run("evaluate", {"out": out, "ids": ids, "base": base})
+            results[tool].update(ppl=quality["ppl"], kl=quality["kl"])  # peak RSS stays the oneshot run's
         base_ppl = run("evaluate", {"out": base, "ids": ids})["ppl"]
 
     print(f"RTN W4A16 (int4 sym, group 64) on SmolLM2-135M-Instruct, {len(texts)} calibration paragraphs x "
           f"<= {a.seq_len} tokens; perplexity on {len(ids)} held-out tokens (fp32 model: {base_ppl:.3f})\n")
     lb, lc = results["lowbit"], results["llmcompressor"]
-    print_table(["tool", "oneshot + save s", "held-out ppl", "peak RSS MiB"], [
-        ["lowbit", f"{lb['seconds']:.1f}", f"{lb['ppl']:.3f}", f"{lb['peak_mib']:.0f}"],
-        ["llmcompressor", f"{lc['seconds']:.1f}", f"{lc['ppl']:.3f}", f"{lc['peak_mib']:.0f}"],
-        ["lowbit / llmcompressor", f"{lb['seconds'] / lc['seconds']:.2f}x", f"{lb['ppl'] / lc['ppl']:.4f}x", ""],
-    ])
+    rows = [[tool, f"{r['seconds']:.2f}", f"{r['ppl']:.3f}", f"{r['kl']:.4f}", f"{r['peak_mib']:.0f}"]
+            for tool, r in results.items() if tool != "load only"]
+    rows.append(["lowbit / llmcompressor", f"{lb['seconds'] / lc['seconds']:.2f}x", f"{lb['ppl'] / lc['ppl']:.4f}x", "", ""])
+    print_table(["tool", "oneshot + save s", "held-out ppl", "KL vs fp32 (nats/token)", "peak RSS MiB"], rows)
+    print("(lowbit with data also measures each layer's output error on a few samples; llmcompressor's RTN "
+          "runs no forward pass)")
     load = results["load only"]["peak_mib"]
-    print(f"\npeak RSS: loading the model alone {load:.0f} MiB; lowbit oneshot {lb['peak_mib']:.0f} MiB "
-          f"(+{lb['peak_mib'] - load:.0f} MiB: one layer's outputs and the calibration activations)")
+    print(f"\npeak RSS: loading the model alone {load:.0f} MiB; loading + lowbit oneshot + save {lb['peak_mib']:.0f} MiB "
+          f"({lb['peak_mib'] - load:+.0f} MiB: oneshot adds one layer's outputs and the calibration activations)")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ if not logger.handlers:
 Plan = Dict[str, Tuple[nn.Module, QuantizationScheme]]
 
 # When no modifier needs calibration (RTN), data only serves the per-layer error log: a few
-# samples measure it well and keep oneshot as fast as a data-free run.
+# short samples measure it well and keep oneshot about as fast as a data-free run.
 ERROR_LOG_SAMPLES = 4
+ERROR_LOG_TOKENS = 128
 
 
 def _load(model, tokenizer):
@@ -90,7 +91,7 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
     modifiers, or llmcompressor YAML (string or file). dataset: calibration data for modifiers
     that need it (list of strings, datasets.Dataset, .txt/.jsonl/.json path, DataLoader or
     token ids); with RTN it is optional and, given, each layer's output error is logged
-    (measured on the first ERROR_LOG_SAMPLES samples).
+    (measured on the first ERROR_LOG_SAMPLES samples, ERROR_LOG_TOKENS tokens each).
     output_dir: save there in compressed-tensors format (written to a temporary directory,
     then renamed); an existing non-empty directory is refused unless overwrite=True.
     """
@@ -110,7 +111,7 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
                                       max_seq_length=max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
                                       text_column=text_column, shuffle=shuffle, seed=seed)
         if not needs_data:
-            samples = samples[:ERROR_LOG_SAMPLES]
+            samples = [{k: v[:, :ERROR_LOG_TOKENS] for k, v in s.items()} for s in samples[:ERROR_LOG_SAMPLES]]
 
     output_embeddings = model.get_output_embeddings()
     layers_name, layers = decoder_layers(model)
