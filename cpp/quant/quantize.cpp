@@ -180,36 +180,41 @@ void for_each_group(int64_t rows, int64_t ngroups, int64_t group_size, F&& body)
   });
 }
 
-void check_params(const at::Tensor& scale, const c10::optional<at::Tensor>& zero, int64_t rows,
-                  int64_t ngroups) {
-  check_float(scale, "scale");
-  TORCH_CHECK_VALUE(scale.numel() == rows * ngroups, "lowbit: scale has ", scale.numel(),
-              " elements, expected rows * groups = ", rows * ngroups);
-  if (zero) {
-    TORCH_CHECK_VALUE(zero->numel() == rows * ngroups, "lowbit: zero_point has ", zero->numel(),
-                " elements, expected rows * groups = ", rows * ngroups);
-  }
-}
+// Validated per-group parameters of a [rows, cols] tensor, as contiguous fp32 (zero point 0
+// when absent).
+struct Params {
+  int64_t ngroups;
+  at::Tensor scale, zero;
+  const float* s() const { return scale.data_ptr<float>(); }
+  const float* z() const { return zero.data_ptr<float>(); }
+};
 
-at::Tensor float_params(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+Params float_params(const at::Tensor& x, const at::Tensor& scale_in, const c10::optional<at::Tensor>& zero_in,
+                    int64_t group_size) {
+  const int64_t rows = x.size(0), ngroups = check_groups(x, group_size);
+  check_float(scale_in, "scale");
+  TORCH_CHECK_VALUE(scale_in.numel() == rows * ngroups, "lowbit: scale has ", scale_in.numel(),
+                    " elements, expected rows * groups = ", rows * ngroups);
+  TORCH_CHECK_VALUE(!zero_in || zero_in->numel() == rows * ngroups, "lowbit: zero_point has ",
+                    zero_in ? zero_in->numel() : 0, " elements, expected rows * groups = ", rows * ngroups);
+  at::Tensor scale = scale_in.to(at::kFloat).contiguous();
+  at::Tensor zero = zero_in ? zero_in->to(at::kFloat).contiguous() : at::zeros_like(scale);
+  return {ngroups, scale, zero};
+}
 
 at::Tensor quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
                     const c10::optional<at::Tensor>& zero_in, int64_t bits, int64_t group_size) {
   check_bits(bits);
   check_float(w_in, "weight");
-  const int64_t ngroups = check_groups(w_in, group_size);
   const at::Tensor w = w_in.contiguous();
-  check_params(scale_in, zero_in, w.size(0), ngroups);
-  const at::Tensor scale = float_params(scale_in);
-  const at::Tensor zero = zero_in ? float_params(*zero_in) : at::zeros_like(scale);
+  const Params p = float_params(w, scale_in, zero_in, group_size);
   at::Tensor codes = at::empty(w.sizes(), w.options().dtype(at::kChar));
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.data_ptr<float>();
+  const float *sp = p.s(), *zp = p.z();
   int8_t* out = codes.data_ptr<int8_t>();
   const IntRange r(bits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowbit_quantize", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    for_each_group(w.size(0), ngroups, group_size, [&](int64_t t, int64_t off) {
+    for_each_group(w.size(0), p.ngroups, group_size, [&](int64_t t, int64_t off) {
       quantize_span(wp + off, out + off, group_size, sp[t], zp[t], r.qmin, r.qmax);
     });
   });
@@ -221,18 +226,14 @@ at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in,
                       at::ScalarType dtype) {
   TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
               codes_in.scalar_type());
-  const int64_t ngroups = check_groups(codes_in, group_size);
   const at::Tensor codes = codes_in.contiguous();
-  check_params(scale_in, zero_in, codes.size(0), ngroups);
-  const at::Tensor scale = float_params(scale_in);
-  const at::Tensor zero = zero_in ? float_params(*zero_in) : at::zeros_like(scale);
+  const Params p = float_params(codes, scale_in, zero_in, group_size);
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.data_ptr<float>();
+  const float *sp = p.s(), *zp = p.z();
   const int8_t* cp = codes.data_ptr<int8_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowbit_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
-    for_each_group(codes.size(0), ngroups, group_size, [&](int64_t t, int64_t off) {
+    for_each_group(codes.size(0), p.ngroups, group_size, [&](int64_t t, int64_t off) {
       dequantize_span(cp + off, op + off, group_size, sp[t], zp[t]);
     });
   });
@@ -244,19 +245,15 @@ at::Tensor fake_quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
                          int64_t group_size) {
   check_bits(bits);
   check_float(w_in, "weight");
-  const int64_t ngroups = check_groups(w_in, group_size);
   const at::Tensor w = w_in.contiguous();
-  check_params(scale_in, zero_in, w.size(0), ngroups);
-  const at::Tensor scale = float_params(scale_in);
-  const at::Tensor zero = zero_in ? float_params(*zero_in) : at::zeros_like(scale);
+  const Params p = float_params(w, scale_in, zero_in, group_size);
   at::Tensor out = at::empty_like(w);
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.data_ptr<float>();
+  const float *sp = p.s(), *zp = p.z();
   const IntRange r(bits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowbit_fake_quantize", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    for_each_group(w.size(0), ngroups, group_size, [&](int64_t t, int64_t off) {
+    for_each_group(w.size(0), p.ngroups, group_size, [&](int64_t t, int64_t off) {
       fake_quantize_span(wp + off, op + off, group_size, sp[t], zp[t], r.qmin, r.qmax);
     });
   });
