@@ -1,7 +1,7 @@
 """Drop-in replacements for nn.Linear that hold quantized weights."""
 
-from .convert import model_bytes, quantize_linears_, quantize_module, replace_module
+from .convert import quantize_module, replace_module
 from .int8_dynamic import Int8DynamicLinear
 from .packed_linear import PackedLinear
 
-__all__ = ["Int8DynamicLinear", "PackedLinear", "model_bytes", "quantize_linears_", "quantize_module", "replace_module"]
+__all__ = ["Int8DynamicLinear", "PackedLinear", "quantize_module", "replace_module"]

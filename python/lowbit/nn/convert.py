@@ -1,8 +1,8 @@
-"""Quantize one Linear-like module into the lowbit module that holds it, or a whole model."""
+"""Quantize one Linear-like module into the lowbit module that holds it."""
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Union
 
 from torch import nn
 
@@ -46,25 +46,3 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def quantize_linears_(model: nn.Module, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16",
-                      ignore: Iterable[str] = ("lm_head",)) -> int:
-    """Replace, in place, every nn.Linear whose name is not in `ignore` with its quantized
-    module (round-to-nearest). Returns how many were replaced."""
-    ignore = set(ignore)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name not in ignore]
-    for name, linear in targets:
-        replace_module(model, name, quantize_module(linear, scheme))
-    return len(targets)
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and buffers (tied tensors counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
