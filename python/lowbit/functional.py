@@ -18,7 +18,7 @@ from .schemes import QuantizationArgs
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = [
-    "quant_params", "quantize", "quantize_with", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
+    "quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
 ]
 
 
@@ -144,16 +144,6 @@ def quantize(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str = "
     if strategy == "tensor":
         return codes, scale[:1, 0].clone(), zero[:1, 0].clone()
     return codes, scale, zero
-
-
-def quantize_with(w: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int) -> Tensor:
-    """int8 codes of `w` [out, in] for given parameters (layout read from scale's shape, as in
-    `dequantize`)."""
-    _check_bits(bits)
-    _check_float(w, "weight")
-    _check_finite(w, "weight")
-    scale2d, zero2d, gs = _layout(w.shape, scale, zero_point)
-    return ops.quantize(w, scale2d, zero2d, bits, gs)
 
 
 def dequantize(codes: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None,
