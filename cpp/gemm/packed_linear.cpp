@@ -94,10 +94,18 @@ inline LOWBIT_AVX512 __m512i load16_u8(const uint8_t* p) {
 template <int BITS>
 struct GroupDecoder {
   __m512 lut, s, zs;
-  LOWBIT_AVX512 GroupDecoder(float scale, float zero) {
-    s = _mm512_set1_ps(scale);
-    zs = _mm512_set1_ps(zero * scale);
-    lut = _mm512_fmsub_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), s, zs);
+  // Scale and zero point are read in place (broadcasts from memory use a load port, not a
+  // vector ALU port); a null zero point is the symmetric 2^(bits-1).
+  LOWBIT_AVX512 GroupDecoder(const float* scale, const float* zero) {
+    s = _mm512_set1_ps(*scale);
+    if (BITS == 4) {
+      const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      const __m512 centred = zero ? _mm512_sub_ps(iota, _mm512_set1_ps(*zero))
+                                  : _mm512_sub_ps(iota, _mm512_set1_ps(8.0f));  // folded to a constant
+      lut = _mm512_mul_ps(centred, s);
+    } else {
+      zs = _mm512_mul_ps(_mm512_set1_ps(zero ? *zero : 128.0f), s);
+    }
   }
   // The 32 weights of columns [k, k + 32) of a row, in prepare_x's order (k >= 0: a shift,
   // not a signed division, keeps scalar work off the vector ports).
@@ -120,7 +128,7 @@ LOWBIT_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0, int64
     const uint8_t* wrow = a.w + r * a.words * 4;
     float* row = dst + (r - r0) * a.K;
     for (int64_t g = 0; g < a.ngroups; ++g) {
-      const GroupDecoder<BITS> dec(a.scale[r * a.ngroups + g], a.zero_at(r, g));
+      const GroupDecoder<BITS> dec(a.scale + r * a.ngroups + g, a.zero ? a.zero + r * a.ngroups + g : nullptr);
       for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 32) {
         __m512 c0, c1;
         dec.decode32(wrow, k, c0, c1);
@@ -157,7 +165,7 @@ LOWBIT_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int64_t m0,
       }
     };
     for (int64_t g = g0; g < g1; ++g) {
-      const GroupDecoder<BITS> dec(a.scale[r * a.ngroups + g], a.zero_at(r, g));
+      const GroupDecoder<BITS> dec(a.scale + r * a.ngroups + g, a.zero ? a.zero + r * a.ngroups + g : nullptr);
       int64_t k = g * a.group_size;
       const int64_t end = k + a.group_size;
       for (; k + 32 * U <= end; k += 32 * U)

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from .. import ops
 from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
 
 
@@ -69,8 +70,16 @@ class PackedLinear(nn.Module):
         return F.dequantize(codes, self.weight_scale, self.weight_zero_point, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                               self.args.num_bits, self.in_features, self.bias)
+        # The buffers were shaped at construction: only x needs checking, with cheap attribute
+        # tests rather than functional.packed_linear's full validation (this is the hot path).
+        if x.device.type != "cpu":
+            raise ValueError(f"x is on {x.device}, but lowbit's kernels run on the CPU: pass x.cpu()")
+        if x.dtype not in F.FLOAT_DTYPES:
+            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape {tuple(x.shape)}")
+        return ops.packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                 self.args.num_bits, self.in_features // self.weight_scale.shape[1], self.bias)
 
     def extra_repr(self) -> str:
         s = self.args
