@@ -7,7 +7,8 @@ Codes are signed int8 on compressed-tensors' grid [-2^(b-1), 2^(b-1) - 1].
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+import warnings
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
+    "hessian", "gptq", "GPTQResult",
 ]
 
 
@@ -240,3 +242,80 @@ def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional
         if bias.shape != (packed.shape[0],):
             raise ValueError(f"bias must have shape ({packed.shape[0]},), got {tuple(bias.shape)}")
     return ops.packed_linear(x, packed, scale2d, zero2d, bits, gs, bias)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+ACTORDERS = (None, "static", "weight", "group")
+
+
+class GPTQResult(NamedTuple):
+    codes: Tensor        # int8 [rows, cols], original column order
+    scale: Tensor        # [rows, groups] in the weight's dtype
+    zero_point: Tensor   # int8 [rows, groups] (zeros when symmetric)
+    g_idx: Tensor        # int32 [cols]: the group of each column
+    loss: float          # sum over columns of |w - q|^2 / (2 d^2), GPTQ's objective
+    weight: Tensor       # fp32 [rows, cols]: each column as it was when quantized
+    damping: float       # dampening fraction that made H positive definite; -1: RTN fallback
+
+
+def hessian(inputs: Tensor, hessian: Optional[Tensor] = None, num_samples: int = 0) -> Tuple[Tensor, int]:
+    """Accumulate a layer's GPTQ Hessian: the running average of 2 x^T x over the rows of
+    `inputs` [..., in_features]. Pass the previous (hessian, num_samples) to stream batches."""
+    _check_float(inputs, "inputs", dims=None)
+    if inputs.numel() == 0:
+        raise ValueError("inputs is empty: the Hessian needs at least one calibration token")
+    if not torch.isfinite(inputs).all():
+        raise ValueError("inputs contain NaN or Inf values; check the calibration data and the layers before")
+    return ops.gptq_hessian(inputs, hessian, num_samples)
+
+
+def _column_groups(h: Tensor, cols: int, group_size: int, actorder: Optional[str]):
+    """(processing order, group of each processed column, g_idx, column order of the parameters)."""
+    natural = torch.arange(cols)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if actorder else natural
+    if actorder == "group":  # groups follow the processing order: g_idx needed
+        g_idx = torch.empty(cols, dtype=torch.int32)
+        g_idx[perm] = (natural // group_size).to(torch.int32)
+        return perm, natural // group_size, g_idx, perm
+    return perm, perm // group_size, (natural // group_size).to(torch.int32), natural
+
+
+def gptq(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: Optional[int] = 128,
+         symmetric: bool = True, actorder: Optional[str] = "static", block_size: int = 128,
+         dampening_frac: float = 0.01, observer: str = "minmax") -> GPTQResult:
+    """GPTQ-quantize `weight` [out, in] given its layer's Hessian [in, in].
+
+    group_size None quantizes per output channel. actorder (llmcompressor's names): "static"
+    (= "weight", the default) processes columns by descending diag(H) with the natural groups;
+    "group" also forms the groups in that order (g_idx); None keeps the natural order.
+    Parameters come from `observer` on the weight up front (as llmcompressor does). The
+    damping starts at dampening_frac * mean(diag H) and doubles while the Cholesky
+    factorisation fails; if none succeeds the result is plain RTN (damping -1).
+    """
+    _check_bits(bits)
+    _check_float(weight, "weight")
+    _check_finite(weight, "weight")
+    rows, cols = weight.shape
+    if not isinstance(hessian, Tensor) or hessian.shape != (cols, cols):
+        raise ValueError(f"hessian must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian contains NaN or Inf values; check the calibration activations")
+    if actorder not in ACTORDERS:
+        raise ValueError(f"actorder must be one of {ACTORDERS}, got {actorder!r}")
+    if not 0 < dampening_frac <= 1:
+        raise ValueError(f"dampening_frac must be in (0, 1], got {dampening_frac}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    gs = _group_size(cols, QuantizationArgs(num_bits=bits, symmetric=symmetric, observer=observer,
+                                            strategy="group" if group_size else "channel", group_size=group_size))
+    w, h = weight.float().clone(), hessian.float().clone()
+    dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    perm, col_group, g_idx, param_order = _column_groups(h, cols, gs, actorder)
+    scale, zero = ops.quant_params(w[:, param_order].to(weight.dtype).contiguous(), bits, symmetric, gs, observer)
+    codes, updated, loss, damping = ops.gptq_solve(w[:, perm].contiguous(), h[perm][:, perm].contiguous(),
+                                                   scale, zero, col_group, bits, block_size, dampening_frac)
+    inverse = torch.argsort(perm)
+    return GPTQResult(codes[:, inverse], scale, zero, g_idx, loss, updated[:, inverse], damping)

@@ -53,6 +53,19 @@ def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional
     return _ops.packed_linear(x, packed, scale, zero_point, bits, group_size, bias)
 
 
+def gptq_hessian(inputs: Tensor, hessian: Optional[Tensor], num_samples: int) -> Tuple[Tensor, int]:
+    """inputs [..., cols] -> (running average of 2 x^T x [cols, cols] fp32, samples so far)."""
+    return _ops.gptq_hessian(inputs, hessian, num_samples)
+
+
+def gptq_solve(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor, col_group: Tensor, bits: int,
+               block_size: int, dampening_frac: float) -> Tuple[Tensor, Tensor, float, float]:
+    """weight [rows, cols] and hessian [cols, cols] in processing order, scale / zero_point
+    [rows, groups], col_group int64 [cols] -> (codes int8, updated weight fp32, loss, damping
+    fraction used or -1 when RTN was applied)."""
+    return _ops.gptq_solve(weight, hessian, scale, zero_point, col_group, bits, block_size, dampening_frac)
+
+
 @torch.library.register_fake("lowbit::quant_params")
 def _(w, bits, symmetric, group_size, observer="minmax", maxshrink=0.8, grid=100, norm=2.4):
     shape = (w.shape[0], w.shape[1] // group_size)
