@@ -5,7 +5,7 @@ import torch  # loads libtorch before the extension that links against it
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import eval, functional, nn, ops
 from .formats import load, save_compressed
-from .modifiers import Modifier, QuantizationModifier
+from .modifiers import GPTQModifier, Modifier, QuantizationModifier
 from .pipeline import oneshot
 from .recipe import parse_recipe
 from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
@@ -13,6 +13,7 @@ from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resol
 __version__ = "0.1.0"
 
 __all__ = [
+    "GPTQModifier",
     "PRESET_SCHEMES",
     "Modifier",
     "QuantizationArgs",

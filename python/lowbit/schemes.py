@@ -28,6 +28,7 @@ class QuantizationArgs:
     observer: str = "minmax"
     dynamic: bool = False
     type: str = "int"
+    actorder: Optional[str] = None  # GPTQ's column order: None, "static" / "weight", "group"
 
     def __post_init__(self):
         if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
@@ -44,6 +45,8 @@ class QuantizationArgs:
             raise ValueError(f"group_size is only meaningful with strategy 'group', not {self.strategy!r}")
         if self.observer not in ("minmax", "mse"):
             raise ValueError(f"observer must be 'minmax' or 'mse', got {self.observer!r}")
+        if self.actorder not in (None, "static", "weight", "group"):
+            raise ValueError(f"actorder must be None, 'static', 'weight' or 'group', got {self.actorder!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,10 +108,10 @@ _ARG_FIELDS = set(QuantizationArgs.__dataclass_fields__)
 
 def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
     """QuantizationArgs from a compressed-tensors style dict. Fields lowbit has no use for
-    (block_structure, observer_kwargs ...) are accepted while unset; actorder is read by GPTQ."""
+    (block_structure, observer_kwargs ...) are accepted while unset."""
     if isinstance(d, QuantizationArgs):
         return d
-    extra = {k: v for k, v in d.items() if k not in _ARG_FIELDS and k != "actorder" and v not in (None, {}, False)
+    extra = {k: v for k, v in d.items() if k not in _ARG_FIELDS and v not in (None, {}, False)
              and not (k == "zp_dtype" and v in ("torch.int8", "int8"))}  # int8 zero points are lowbit's too
     if extra:
         raise ValueError(f"unsupported quantization args {extra}; lowbit knows {sorted(_ARG_FIELDS)}")

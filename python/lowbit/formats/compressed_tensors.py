@@ -27,7 +27,7 @@ MAX_SHARD_SIZE = "5GB"
 def _args_dict(args: QuantizationArgs) -> dict:
     return {
         "num_bits": args.num_bits, "type": "int", "symmetric": args.symmetric, "strategy": args.strategy,
-        "group_size": args.group_size, "dynamic": args.dynamic, "actorder": None, "block_structure": None,
+        "group_size": args.group_size, "dynamic": args.dynamic, "actorder": args.actorder, "block_structure": None,
         "observer": None if args.dynamic else args.observer, "observer_kwargs": {},
     }
 
@@ -85,6 +85,8 @@ def _quantized_tensors(module: nn.Module):
            "weight_shape": module.weight_shape}
     if module.weight_zero_point is not None:
         out["weight_zero_point"] = F.pack(module.weight_zero_point, module.args.num_bits, packed_dim=0)
+    if module.weight_g_idx is not None:
+        out["weight_g_idx"] = module.weight_g_idx
     return out
 
 
@@ -194,8 +196,6 @@ def _to_module_layout(model: nn.Module, plan, state: Dict[str, torch.Tensor]) ->
     """Checkpoint tensors -> lowbit modules' state: zero points unpacked along dim 0."""
     for name, (_, scheme) in plan.items():
         module, args = model.get_submodule(name), scheme.weights
-        if f"{name}.weight_g_idx" in state:
-            raise ValueError(f"{name}: activation-ordered (g_idx) checkpoints are not supported by lowbit.load yet")
         if isinstance(module, Int8DynamicLinear):
             continue
         zero = state.get(f"{name}.weight_zero_point")

@@ -71,6 +71,17 @@ class Modifier:
             if any(matches(p, n, m) for p in targets) and not any(matches(p, n, m) for p in self.ignore)
         }
 
+    def calibration_hook(self, name: str, module: nn.Module):
+        """A hook handle that gathers what this modifier needs from `module` while the runner
+        feeds its decoder layer the calibration data; None when it needs nothing."""
+        return None
+
+    def quantize_module(self, name: str, module: nn.Module, scheme) -> nn.Module:
+        """The quantized replacement of `module`: round-to-nearest unless a subclass knows better."""
+        from ..nn.convert import quantize_module
+
+        return quantize_module(module, scheme)
+
     def recipe_args(self) -> dict:
         """The keyword arguments that rebuild this modifier (written to recipe.yaml)."""
         return {"targets": self.targets, "ignore": self.ignore}

@@ -18,8 +18,8 @@ class PackedLinear(nn.Module):
     Buffers use compressed-tensors' names and shapes, so the state dict is what the
     pack-quantized format stores: ``weight_packed`` int32 [out, ceil(in*b/32)],
     ``weight_scale`` [out, groups] (or [out, 1] per channel), ``weight_shape`` int64 [2],
-    and ``weight_zero_point`` int8 [out, groups] when asymmetric (packed along dim 0 only
-    on disk).
+    ``weight_zero_point`` int8 [out, groups] when asymmetric (packed along dim 0 only on
+    disk), and ``weight_g_idx`` int32 [in] (each column's group) with GPTQ's actorder "group".
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -45,6 +45,10 @@ class PackedLinear(nn.Module):
             self.weight_zero_point = None
         else:
             self.register_buffer("weight_zero_point", torch.zeros(out_features, groups, dtype=torch.int8))
+        if self.args.actorder == "group":
+            self.register_buffer("weight_g_idx", torch.zeros(in_features, dtype=torch.int32))
+        else:
+            self.weight_g_idx = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
@@ -53,21 +57,35 @@ class PackedLinear(nn.Module):
         """Quantize an nn.Linear (round-to-nearest with the scheme's observer) and pack it."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        a = resolve_scheme(scheme).weights
+        codes, scale, zero = F.quantize(linear.weight.detach(), a.num_bits, a.symmetric, a.strategy, a.group_size,
+                                        a.observer)
+        return cls.from_codes(linear, scheme, codes, scale, zero)
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict],
+                   codes: Tensor, scale: Tensor, zero_point: Tensor, g_idx: Optional[Tensor] = None) -> "PackedLinear":
+        """Pack codes computed elsewhere (e.g. by GPTQ) for `linear`'s shape and bias."""
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, dtype=w.dtype)
-        a = module.args
-        codes, scale, zero = F.quantize(w, a.num_bits, a.symmetric, a.strategy, a.group_size, a.observer)
-        module.weight_packed.copy_(F.pack(codes, a.num_bits))
+        module.weight_packed.copy_(F.pack(codes, module.args.num_bits))
         module.weight_scale.copy_(scale)
         if module.weight_zero_point is not None:
-            module.weight_zero_point.copy_(zero)
+            module.weight_zero_point.copy_(zero_point)
+        if module.weight_g_idx is not None:
+            module.weight_g_idx.copy_(g_idx)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module.to(w.device)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         codes = F.unpack(self.weight_packed, self.args.num_bits, (self.out_features, self.in_features))
-        return F.dequantize(codes, self.weight_scale, self.weight_zero_point, dtype=dtype)
+        if self.weight_g_idx is None:
+            return F.dequantize(codes, self.weight_scale, self.weight_zero_point, dtype=dtype)
+        # Groups scattered over the columns: gather each column's parameters.
+        g = self.weight_g_idx.long()
+        zero = self.weight_zero_point[:, g].float() if self.weight_zero_point is not None else 0.0
+        return ((codes.float() - zero) * self.weight_scale[:, g].float()).to(dtype or self.weight_scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         # The buffers were shaped at construction: only x needs checking, with cheap attribute
@@ -78,6 +96,8 @@ class PackedLinear(nn.Module):
             raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape {tuple(x.shape)}")
+        if self.weight_g_idx is not None:  # scattered groups: no fused kernel, a dense matmul
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
         return ops.packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                  self.args.num_bits, self.in_features // self.weight_scale.shape[1], self.bias)
 

@@ -12,8 +12,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.compressed_tensors import check_output_dir, quantization_config, save_compressed
+from ..modifiers import Modifier
 from ..modifiers.base import in_features
-from ..nn.convert import quantize_module, replace_module
+from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
 from ..schemes import QuantizationScheme
 from .data import DEFAULT_MAX_SEQ_LENGTH, prepare_calibration
@@ -59,13 +60,15 @@ def _load(model, tokenizer):
     return model.eval(), tokenizer
 
 
-def _plan(model: nn.Module, modifiers) -> Plan:
+def _plan(model: nn.Module, modifiers) -> Tuple[Plan, Dict[str, Modifier]]:
+    """(module name -> (module, scheme), module name -> the modifier that quantizes it)."""
     plan: Plan = {}
+    owners: Dict[str, Modifier] = {}
     for modifier in modifiers:
         for name, entry in modifier.plan(model).items():
             if name in plan:
                 raise ValueError(f"module {name!r} is targeted by two modifiers; give it to one of them")
-            plan[name] = entry
+            plan[name], owners[name] = entry, modifier
     bad = [f"{name} ({in_features(module)} columns, group_size {scheme.weights.group_size})"
            for name, (module, scheme) in plan.items()
            if scheme.weights.strategy == "group" and in_features(module) % scheme.weights.group_size]
@@ -73,13 +76,13 @@ def _plan(model: nn.Module, modifiers) -> Plan:
         raise ValueError(f"the group size does not divide the input columns of {', '.join(bad[:4])}"
                          f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; choose a group size that divides "
                          "them (config_groups with weights.group_size) or strategy 'channel'")
-    return plan
+    return plan, owners
 
 
-def _quantize(model: nn.Module, plan: Plan, names) -> None:
+def _quantize(model: nn.Module, plan: Plan, owners: Dict[str, Modifier], names) -> None:
     for name in names:
         module, scheme = plan[name]
-        replace_module(model, name, quantize_module(module, scheme))
+        replace_module(model, name, owners[name].quantize_module(name, module, scheme))
 
 
 def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_samples: int = 512,
@@ -101,7 +104,7 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
     model, tokenizer = _load(model, tokenizer)
-    plan = _plan(model, modifiers)
+    plan, owners = _plan(model, modifiers)
     needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
     if needs_data and dataset is None:
         raise ValueError(f"{', '.join(needs_data)} needs calibration data: pass dataset=")
@@ -121,12 +124,12 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
     if samples is None:
         for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
             t0 = time.perf_counter()
-            _quantize(model, plan, names)
+            _quantize(model, plan, owners, names)
             logger.info("layer %d: %d modules in %.2f s (no calibration data: output error not measured)",
                         i, len(names), time.perf_counter() - t0)
     else:
-        _run_layer_sequential(model, layers, per_layer, plan, samples)
-    _quantize(model, plan, outside)
+        _run_layer_sequential(model, layers, per_layer, plan, owners, samples)
+    _quantize(model, plan, owners, outside)
     logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
 
     _finish_config(model, plan, output_embeddings)
@@ -149,7 +152,7 @@ def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
                        "they are saved as float weights that lie on the integer grid")
 
 
-def _run_layer_sequential(model, layers, per_layer, plan: Plan, samples) -> None:
+def _run_layer_sequential(model, layers, per_layer, plan: Plan, owners, samples) -> None:
     """Calibrate and quantize one decoder layer at a time: the layer's inputs come from the
     already quantized layers before it, and the relative output error of each layer (its
     quantized vs float outputs on the same inputs) is logged."""
@@ -157,9 +160,14 @@ def _run_layer_sequential(model, layers, per_layer, plan: Plan, samples) -> None
     bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
     for i in bar:
         layer, t0 = layers[i], time.perf_counter()
+        hooks = [h for name in per_layer[i] if (h := owners[name].calibration_hook(name, plan[name][0]))]
         with torch.inference_mode():
-            reference = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
-            _quantize(model, plan, per_layer[i])
+            try:  # the float pass gives the reference outputs and feeds the modifiers' statistics
+                reference = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
+            finally:
+                for h in hooks:
+                    h.remove()
+            _quantize(model, plan, owners, per_layer[i])
             outputs = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
         err = (sum((o - r).float().pow(2).sum() for o, r in zip(outputs, reference))
                / sum(r.float().pow(2).sum() for r in reference).clamp_min(1e-30)).sqrt().item()

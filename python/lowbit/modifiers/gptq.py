@@ -1,0 +1,100 @@
+"""GPTQModifier: llmcompressor's arguments, lowbit's C++ Hessian and solve."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import replace
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..nn.packed_linear import PackedLinear
+from ..schemes import QuantizationScheme
+from .quantization import QuantizationModifier
+
+logger = logging.getLogger("lowbit")
+
+
+class GPTQModifier(QuantizationModifier):
+    """GPTQ (Frantar et al., 2022) on the targeted Linear layers, one decoder layer at a
+    time: each layer's inputs come from the already quantized layers before it.
+
+    block_size, dampening_frac (0.01: the damping starts at 1% of mean(diag H) and doubles
+    while the Cholesky factorisation fails; RTN with a warning if none succeeds) and
+    actorder ("static" = "weight", "group", None) as in llmcompressor. offload_hessians is
+    accepted for recipe compatibility: on the CPU the Hessians already live in main memory.
+    """
+
+    requires_calibration = True
+
+    def __init__(self, scheme=None, config_groups: Optional[dict] = None,
+                 targets: Union[str, Sequence[str]] = "Linear", ignore=None, block_size: int = 128,
+                 dampening_frac: float = 0.01, actorder: Optional[str] = "static", offload_hessians: bool = False,
+                 **kwargs):
+        super().__init__(scheme=scheme, config_groups=config_groups, targets=targets, ignore=ignore, **kwargs)
+        if not 0 < dampening_frac <= 1:
+            raise ValueError(f"dampening_frac must be in (0, 1], got {dampening_frac}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size, self.dampening_frac, self.actorder = block_size, dampening_frac, actorder
+        self.offload_hessians = offload_hessians
+        # The modifier's actorder applies to every group that does not set its own.
+        self.groups = [(t, QuantizationScheme(replace(s.weights, actorder=s.weights.actorder or actorder),
+                                              s.input_activations)) for t, s in self.groups]
+        for _, s in self.groups:
+            if s.input_activations is not None:
+                raise ValueError("GPTQModifier quantizes weights only; use QuantizationModifier for W8A8")
+        self._hessians: Dict[str, tuple] = {}
+        self.layer_errors: Dict[str, tuple] = {}  # module name -> (GPTQ error, RTN error) on calibration data
+
+    def calibration_hook(self, name: str, module: nn.Module):
+        def accumulate(mod, args):
+            x = args[0]
+            h, n = self._hessians.get(name, (None, 0))
+            try:
+                self._hessians[name] = F.hessian(x.detach(), h, n)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"GPTQModifier quantizes nn.Linear layers; {name} is a {type(module).__name__}")
+        return module.register_forward_pre_hook(accumulate)
+
+    def quantize_module(self, name: str, module: nn.Module, scheme: QuantizationScheme) -> nn.Module:
+        if name not in self._hessians:
+            raise ValueError(f"{name} saw no calibration data: GPTQ needs its layer to run on the dataset")
+        h, n = self._hessians.pop(name)
+        a = scheme.weights
+        cols = module.in_features
+        if n < cols:
+            warnings.warn(f"{name}: {n} calibration tokens for {cols} input columns; the Hessian is "
+                          "rank-deficient (damping keeps it invertible). Give more or longer samples.", stacklevel=2)
+        w = module.weight.detach()
+        result = F.gptq(w, h, bits=a.num_bits, group_size=a.group_size if a.strategy == "group" else None,
+                        symmetric=a.symmetric, actorder=a.actorder, block_size=self.block_size,
+                        dampening_frac=self.dampening_frac, observer=a.observer)
+        if result.damping < 0:
+            warnings.warn(f"{name}: the Hessian is not positive definite even with full damping; "
+                          "this layer falls back to round-to-nearest", stacklevel=2)
+        elif result.damping > self.dampening_frac:
+            logger.info("%s: damping raised to %.3g of mean(diag H)", name, result.damping)
+        packed = PackedLinear.from_codes(module, scheme, result.codes, result.scale, result.zero_point,
+                                         result.g_idx)
+        self.layer_errors[name] = (self._output_error(h, w, packed.dequantized_weight(torch.float32)),
+                                   self._output_error(h, w, F.fake_quantize(
+                                       w, a.num_bits, a.symmetric, a.strategy, a.group_size, a.observer).float()))
+        logger.info("%s: output error GPTQ %.4g, RTN %.4g", name, *self.layer_errors[name])
+        return packed
+
+    @staticmethod
+    def _output_error(h: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
+        """||X W^T - X Q^T||_F / sqrt(n / 2), from the Hessian H = 2/n X^T X."""
+        d = w.float() - q
+        return ((d @ h) * d).sum().clamp_min(0).sqrt().item()
+
+    def recipe_args(self) -> dict:
+        return {**super().recipe_args(), "block_size": self.block_size, "dampening_frac": self.dampening_frac,
+                "actorder": self.actorder, "offload_hessians": self.offload_hessians}

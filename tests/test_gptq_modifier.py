@@ -1,0 +1,125 @@
+"""GPTQModifier inside oneshot: better than RTN on every layer, checkpoints that stock
+transformers and lowbit.load read, llmcompressor's YAML, and the bad inputs of the issue."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from tiny_models import GROUP, fixed_ids, logits, make_model, rel_err, run_python, w4_group_modifier
+
+CONFIG_GROUPS = {"group_0": {"targets": ["Linear"], "weights": {
+    "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": GROUP}}}
+
+
+def calibration():
+    return torch.randint(4, 256, (16, 48), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("actorder", ["static", "group", None])
+def test_gptq_beats_rtn_on_every_layer_and_overall(actorder):
+    ids = fixed_ids(4, 48)
+    base = logits(make_model("llama"), ids)
+    modifier = lowbit.GPTQModifier(config_groups=CONFIG_GROUPS, ignore=["lm_head"], actorder=actorder)
+    model = lowbit.oneshot(make_model("llama"), modifier, dataset=calibration())
+    assert len(modifier.layer_errors) == 14
+    for name, (gptq_err, rtn_err) in modifier.layer_errors.items():
+        assert gptq_err < rtn_err, name
+    rtn = lowbit.oneshot(make_model("llama"), w4_group_modifier())
+    assert rel_err(logits(model, ids), base) < rel_err(logits(rtn, ids), base)
+
+
+def test_gptq_checkpoint_loads_in_stock_transformers_and_lowbit(tmp_path):
+    ids = fixed_ids()
+    out = tmp_path / "gptq"
+    model = lowbit.oneshot(make_model("llama"), lowbit.GPTQModifier(config_groups=CONFIG_GROUPS, ignore=["lm_head"]),
+                           dataset=calibration(), output_dir=out)
+    ours = logits(model, ids)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["actorder"] == "static"
+    torch.save(ids, tmp_path / "ids.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+with torch.inference_mode():
+    torch.save(m(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'stock.pt')!r})
+assert "lowbit" not in sys.modules
+"""
+    run_python(code)
+    assert rel_err(torch.load(tmp_path / "stock.pt"), ours) < 1e-4
+    assert rel_err(logits(lowbit.load(out), ids), ours) < 1e-6
+
+
+def test_group_actorder_saves_g_idx_and_lowbit_loads_it(tmp_path):
+    ids = fixed_ids()
+    out = tmp_path / "gptq-group"
+    model = lowbit.oneshot(make_model("llama"),
+                           lowbit.GPTQModifier(config_groups=CONFIG_GROUPS, ignore=["lm_head"], actorder="group"),
+                           dataset=calibration(), output_dir=out)
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        g_idx = f.get_tensor("model.layers.0.mlp.down_proj.weight_g_idx")
+    assert g_idx.dtype == torch.int32 and g_idx.shape == (128,) and sorted(g_idx.bincount().tolist()) == [GROUP] * 4
+    assert not torch.equal(g_idx, torch.arange(128, dtype=torch.int32) // GROUP)  # really reordered
+    assert rel_err(logits(lowbit.load(out), ids), logits(model, ids)) < 1e-6
+
+
+def test_yaml_recipe_as_llmcompressor_writes_it():
+    recipe = """
+quant_stage:
+  quant_modifiers:
+    GPTQModifier:
+      ignore: [lm_head]
+      block_size: 64
+      dampening_frac: 0.05
+      actorder: static
+      offload_hessians: false
+      config_groups:
+        group_0:
+          targets: [Linear]
+          weights: {num_bits: 4, type: int, symmetric: false, strategy: group, group_size: 32,
+                    observer: minmax, actorder: null}
+"""
+    (modifier,) = lowbit.parse_recipe(recipe)
+    assert isinstance(modifier, lowbit.GPTQModifier)
+    assert (modifier.block_size, modifier.dampening_frac, modifier.groups[0][1].weights.actorder) == (64, 0.05, "static")
+    lowbit.oneshot(make_model("llama"), [modifier], dataset=calibration())
+    assert all(g < r for g, r in modifier.layer_errors.values())
+
+
+def test_gptq_needs_data(tmp_path):
+    with pytest.raises(ValueError, match="GPTQModifier needs calibration data: pass dataset="):
+        lowbit.oneshot(make_model("llama"), lowbit.GPTQModifier(config_groups=CONFIG_GROUPS), output_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_fewer_tokens_than_columns_warns():
+    with pytest.warns(UserWarning, match=r"calibration tokens for 128 input columns; the Hessian is rank-deficient"):
+        lowbit.oneshot(make_model("llama"), lowbit.GPTQModifier(config_groups=CONFIG_GROUPS, ignore=["lm_head"]),
+                       dataset=torch.randint(4, 256, (1, 20)))
+
+
+def test_nan_activations_name_the_layer():
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[5] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.(gate|up)_proj: inputs contain NaN or Inf"):
+        lowbit.oneshot(model, lowbit.GPTQModifier(config_groups=CONFIG_GROUPS, ignore=["lm_head"]), dataset=calibration())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dampening_frac=0), r"dampening_frac must be in \(0, 1\]"),
+    (dict(block_size=0), r"block_size must be positive"),
+    (dict(actorder="dynamic"), r"actorder must be None, 'static', 'weight' or 'group'"),
+    (dict(scheme="W8A8"), r"GPTQModifier quantizes weights only"),
+])
+def test_bad_arguments(kwargs, match):
+    kwargs.setdefault("config_groups", None if "scheme" in kwargs else CONFIG_GROUPS)
+    with pytest.raises(ValueError, match=match):
+        lowbit.GPTQModifier(**kwargs)
