@@ -24,8 +24,9 @@ TORCH_LIBRARY(lowbit, m) {
   // x [M, in] @ dequant(packed)^T (+ bias) with the unpacking fused into the matmul.
   m.def("packed_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero_point, int bits, "
         "int group_size, Tensor? bias) -> Tensor");
-  // GPTQ Hessian: running average of 2 x^T x over rows of inputs [..., cols] -> (H, samples).
-  m.def("gptq_hessian(Tensor inputs, Tensor? hessian, int num_samples) -> (Tensor, int)");
+  // GPTQ Hessian, in place: running average of 2 x^T x over the rows of inputs [..., cols] in an
+  // fp32 [cols, cols] accumulator (upper triangle only unless mirror) -> samples so far.
+  m.def("gptq_hessian_(Tensor(a!) hessian, Tensor inputs, int num_samples, bool mirror=True) -> int");
   // GPTQ blocked solve on permuted columns -> (codes, updated weight, loss, damping used or -1).
   m.def("gptq_solve(Tensor weight, Tensor hessian, Tensor scale, Tensor zero_point, Tensor col_group, "
         "int bits, int block_size, float dampening_frac) -> (Tensor, Tensor, float, float)");

@@ -17,27 +17,34 @@ namespace {
 
 constexpr int64_t kHessianBlock = 256;
 
-// H <- H * n / (n + b) + 2 / (n + b) * X^T X for the b rows of x, computing the upper block
-// triangle only (H is symmetric) and mirroring it.
-std::tuple<at::Tensor, int64_t> gptq_hessian(const at::Tensor& x_in, const c10::optional<at::Tensor>& h_in,
-                                             int64_t num_samples) {
+// H <- H * n / (n + b) + 2 / (n + b) * X^T X for the b rows of x, computing the blocks on
+// and above the diagonal only (H is symmetric). A given fp32 accumulator is updated in place;
+// `mirror` copies the upper triangle onto the lower one, which a stream of batches needs
+// only once, at the end.
+int64_t gptq_hessian_(at::Tensor& h, const at::Tensor& x_in, int64_t num_samples, bool mirror) {
   check_float(x_in, "inputs");
   TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.numel() > 0, "lowbit: inputs must be a non-empty [..., columns] tensor");
   TORCH_CHECK_VALUE(num_samples >= 0, "lowbit: num_samples must be >= 0");
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).to(at::kFloat).contiguous();
   const int64_t cols = x.size(1), total = num_samples + x.size(0);
-  at::Tensor h = h_in ? h_in->to(at::kFloat).contiguous().clone() : at::zeros({cols, cols}, x.options());
-  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == cols && h.size(1) == cols, "lowbit: hessian must be [", cols, ", ",
-                    cols, "], got ", h.sizes());
+  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == cols && h.size(1) == cols, "lowbit: hessian must be [", cols,
+                    ", ", cols, "], got ", h.sizes());
+  TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat && h.is_contiguous(),
+                   "lowbit: the hessian accumulator must be a contiguous float32 tensor");
   const double keep = static_cast<double>(num_samples) / total, add = 2.0 / total;
   for (int64_t i = 0; i < cols; i += kHessianBlock) {
     const int64_t bi = std::min(kHessianBlock, cols - i);
-    const at::Tensor xi = x.narrow(1, i, bi);
     at::Tensor strip = h.narrow(0, i, bi).narrow(1, i, cols - i);  // blocks on and right of the diagonal
-    strip.addmm_(xi.t(), x.narrow(1, i, cols - i), keep, add);
+    strip.addmm_(x.narrow(1, i, bi).t(), x.narrow(1, i, cols - i), keep, add);
   }
-  at::Tensor upper = h.triu();
-  return {upper + upper.triu(1).t(), total};
+  if (mirror) {
+    float* p = h.data_ptr<float>();
+    at::parallel_for(0, cols, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t c = 0; c < r; ++c) p[r * cols + c] = p[c * cols + r];
+    });
+  }
+  return total;
 }
 
 // Upper Cholesky factor of (H + damp I)^-1, doubling the damping until H is positive
@@ -132,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
-  m.impl("gptq_hessian", &gptq_hessian);
+  m.impl("gptq_hessian_", &gptq_hessian_);
   m.impl("gptq_solve", &gptq_solve);
 }
 

@@ -259,15 +259,22 @@ class GPTQResult(NamedTuple):
     damping: float       # dampening fraction that made H positive definite; -1: RTN fallback
 
 
-def hessian(inputs: Tensor, hessian: Optional[Tensor] = None, num_samples: int = 0) -> Tuple[Tensor, int]:
+def hessian(inputs: Tensor, hessian: Optional[Tensor] = None, num_samples: int = 0, *,
+            mirror: bool = True) -> Tuple[Tensor, int]:
     """Accumulate a layer's GPTQ Hessian: the running average of 2 x^T x over the rows of
-    `inputs` [..., in_features]. Pass the previous (hessian, num_samples) to stream batches."""
+    `inputs` [..., in_features], computed on and above the diagonal. Pass the previous
+    (hessian, num_samples) to stream batches: that fp32 tensor is updated in place. With
+    mirror=False only the upper triangle is kept up to date (mirror on the last batch)."""
     _check_float(inputs, "inputs", dims=None)
     if inputs.numel() == 0:
         raise ValueError("inputs is empty: the Hessian needs at least one calibration token")
-    if not torch.isfinite(inputs).all():
+    cols = inputs.shape[-1]
+    h = torch.zeros(cols, cols) if hessian is None else hessian
+    total = ops.gptq_hessian_(h, inputs, num_samples, mirror)
+    # NaN or Inf anywhere in x reaches the diagonal (sums of squares): one cheap check.
+    if not torch.isfinite(h.diagonal()).all():
         raise ValueError("inputs contain NaN or Inf values; check the calibration data and the layers before")
-    return ops.gptq_hessian(inputs, hessian, num_samples)
+    return h, total
 
 
 def _column_groups(h: Tensor, cols: int, group_size: int, actorder: Optional[str]):
@@ -296,7 +303,7 @@ def gptq(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: Optional
     _check_bits(bits)
     _check_float(weight, "weight")
     _check_finite(weight, "weight")
-    rows, cols = weight.shape
+    cols = weight.shape[1]
     if not isinstance(hessian, Tensor) or hessian.shape != (cols, cols):
         raise ValueError(f"hessian must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
     if not torch.isfinite(hessian).all():

@@ -53,9 +53,10 @@ def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional
     return _ops.packed_linear(x, packed, scale, zero_point, bits, group_size, bias)
 
 
-def gptq_hessian(inputs: Tensor, hessian: Optional[Tensor], num_samples: int) -> Tuple[Tensor, int]:
-    """inputs [..., cols] -> (running average of 2 x^T x [cols, cols] fp32, samples so far)."""
-    return _ops.gptq_hessian(inputs, hessian, num_samples)
+def gptq_hessian_(hessian: Tensor, inputs: Tensor, num_samples: int, mirror: bool = True) -> int:
+    """Update the fp32 [cols, cols] running average of 2 x^T x in place with inputs [..., cols]
+    (upper triangle only unless mirror); returns the number of samples so far."""
+    return _ops.gptq_hessian_(hessian, inputs, num_samples, mirror)
 
 
 def gptq_solve(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor, col_group: Tensor, bits: int,

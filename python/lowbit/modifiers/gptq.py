@@ -54,8 +54,8 @@ class GPTQModifier(QuantizationModifier):
         def accumulate(mod, args):
             x = args[0]
             h, n = self._hessians.get(name, (None, 0))
-            try:
-                self._hessians[name] = F.hessian(x.detach(), h, n)
+            try:  # upper triangle only while streaming; mirrored once in quantize_module
+                self._hessians[name] = F.hessian(x.detach(), h, n, mirror=False)
             except ValueError as e:
                 raise ValueError(f"{name}: {e}") from None
 
@@ -67,6 +67,7 @@ class GPTQModifier(QuantizationModifier):
         if name not in self._hessians:
             raise ValueError(f"{name} saw no calibration data: GPTQ needs its layer to run on the dataset")
         h, n = self._hessians.pop(name)
+        h = h.triu() + h.triu(1).t()
         a = scheme.weights
         cols = module.in_features
         if n < cols:
