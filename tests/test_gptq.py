@@ -40,6 +40,16 @@ def test_hessian_non_contiguous_input():
     torch.testing.assert_close(F.hessian(x.t().contiguous().t())[0], F.hessian(x.contiguous())[0])
 
 
+def test_inverse_hessian_factor_equals_the_textbook_one():
+    gen = make_generator("hinv")
+    h, _ = F.hessian(layer_inputs(500, 200, gen))
+    h += torch.eye(200) * 0.01 * h.diagonal().mean()
+    fast = R.inverse_hessian_upper(h, 1e-12)
+    textbook = R.textbook_inverse_hessian_upper(h + torch.eye(200) * 1e-12 * h.diagonal().mean())
+    assert ((fast - textbook).norm() / textbook.norm()).item() < 1e-4
+    assert torch.equal(fast, fast.triu())
+
+
 CASES = [(bits, gs, sym, actorder) for bits, gs in [(4, 32), (4, 128), (4, None), (3, 64), (8, 128), (2, 32)]
          for sym in (True, False) for actorder in (None, "static", "group")]
 
@@ -54,11 +64,26 @@ def test_gptq_matches_reference(bits, group_size, symmetric, actorder):
     codes, scale, zero, g_idx, loss, updated = R.gptq(w, h, bits=bits, group_size=group_size or cols,
                                                       symmetric=symmetric, actorder=actorder, block_size=64)
     assert torch.equal(got.scale, scale) and torch.equal(got.zero_point, zero) and torch.equal(got.g_idx, g_idx)
-    # Codes identical except for rounding ties (a float32 sum in another order can flip one).
-    assert (got.codes != codes).float().mean().item() < 1e-3
-    assert ((got.weight - updated).norm() / updated.norm()).item() < 1e-4
-    assert got.loss == pytest.approx(loss, rel=1e-4)
+    assert_same_solve(got, codes, updated, scale, zero, g_idx, loss)
     assert got.damping == 0.01
+
+
+def assert_same_solve(got, codes, updated, scale, zero, g_idx, loss):
+    """Codes identical except for rounding ties; updated weights within 1e-4 on every row
+    that no tie touched. A tie is a value within 1e-3 code units of a rounding boundary, where
+    a last-bit difference (a GEMM summing in another order) may round either way; everything
+    after it in that row then differs legitimately."""
+    differ = got.codes != codes
+    assert differ.float().mean().item() < 1e-3
+    for row in differ.any(dim=1).nonzero().flatten().tolist():
+        col = differ[row].nonzero()[0].item()  # the first flip of the row is the tie
+        g = g_idx[col].item()
+        t = updated[row, col].item() / scale[row, g].float().item() + zero[row, g].item()
+        assert abs(abs(t - int(t)) - 0.5) < 1e-3, (row, col, t)
+    clean = ~differ.any(dim=1)
+    assert ((got.weight[clean] - updated[clean]).norm() / updated[clean].norm()).item() < 1e-4
+    if not differ.any():
+        assert got.loss == pytest.approx(loss, rel=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -67,9 +92,9 @@ def test_gptq_half_precision_weights(dtype):
     w = (torch.randn(16, 128, generator=gen) * 0.05).to(dtype)
     h, _ = F.hessian(layer_inputs(256, 128, gen))
     got = F.gptq(w, h, bits=4, group_size=32)
-    codes, scale, *_ = R.gptq(w, h, bits=4, group_size=32, symmetric=True, actorder="static")
+    codes, scale, zero, g_idx, loss, updated = R.gptq(w, h, bits=4, group_size=32, symmetric=True, actorder="static")
     assert got.scale.dtype == dtype and torch.equal(got.scale, scale)
-    assert (got.codes != codes).float().mean().item() < 1e-3
+    assert_same_solve(got, codes, updated, scale, zero, g_idx, loss)
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 100, 1000])

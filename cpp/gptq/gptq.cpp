@@ -49,15 +49,17 @@ int64_t gptq_hessian_(at::Tensor& h, const at::Tensor& x_in, int64_t num_samples
 
 // Upper Cholesky factor of (H + damp I)^-1, doubling the damping until H is positive
 // definite; an undefined tensor if even mean(diag H) of damping is not enough.
+// With P the reversal permutation and P H P = M M^T (lower Cholesky), H^-1 = U^T U for the
+// upper triangular U = P M^-1 P: one Cholesky and one triangular inverse (2n^3/3 flops)
+// instead of Cholesky, inverse and a second Cholesky (5n^3/3).
 std::tuple<at::Tensor, double> inverse_hessian_upper(const at::Tensor& h, double dampening_frac) {
   const double mean_diag = h.diagonal().mean().item<double>();
   const at::Tensor eye = at::eye(h.size(0), h.options());
+  const at::Tensor flipped = h.flip({0, 1});
   for (double frac = dampening_frac;; frac = std::min(1.0, frac * 2)) {
-    auto [low, info] = at::linalg_cholesky_ex(h + eye * (frac * mean_diag));
-    if (info.item<int64_t>() == 0) {
-      auto [upper, info2] = at::linalg_cholesky_ex(at::cholesky_inverse(low), /*upper=*/true);
-      if (info2.item<int64_t>() == 0) return {upper.contiguous(), frac};  // LAPACK returns column-major
-    }
+    auto [low, info] = at::linalg_cholesky_ex(flipped + eye * (frac * mean_diag));
+    if (info.item<int64_t>() == 0)
+      return {at::linalg_solve_triangular(low, eye, /*upper=*/false).flip({0, 1}).contiguous(), frac};
     if (frac >= 1.0) return {at::Tensor(), -1.0};
   }
 }
@@ -129,8 +131,8 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
     });
     for (double p : partial) loss += p;
     if (i2 < cols) {  // the lazy update: one GEMM carries the block's errors to the right
-      at::Tensor right = w.narrow(1, i2, cols - i2);
-      right.addmm_(err.narrow(1, 0, width), upper.narrow(0, i1, width).narrow(1, i2, cols - i2), 1.0, -1.0);
+      // (product, then subtraction: the rounding of the reference's `w -= err @ u`)
+      w.narrow(1, i2, cols - i2).sub_(at::mm(err.narrow(1, 0, width), upper.narrow(0, i1, width).narrow(1, i2, cols - i2)));
     }
   }
   return {codes, w, loss, damping};

@@ -39,17 +39,22 @@ def damping_steps(dampening_frac: float):
     yield 1.0
 
 
+def textbook_inverse_hessian_upper(h: Tensor) -> Tensor:
+    """The reference code's way: Cholesky of H, its inverse, then the upper Cholesky factor."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 def inverse_hessian_upper(h: Tensor, dampening_frac: float) -> Optional[Tensor]:
-    """Upper Cholesky factor of H^-1 after damping, or None if no damping makes H positive definite."""
+    """Upper Cholesky factor of H^-1 after damping, or None if no damping makes H positive
+    definite. Computed as P M^-1 P with P H P = M M^T (P reverses the order): the same matrix
+    as textbook_inverse_hessian_upper (a test checks it) with a third of the flops, and the
+    C++ solve does the same, so both take identical rounding paths."""
     mean_diag = torch.diag(h).mean()
+    eye = torch.eye(h.shape[0])
     for frac in damping_steps(dampening_frac):
-        damped = h + torch.eye(h.shape[0]) * (frac * mean_diag)
-        low, info = torch.linalg.cholesky_ex(damped)
+        low, info = torch.linalg.cholesky_ex(h.flip(0, 1) + eye * (frac * mean_diag))
         if info == 0:
-            hinv = torch.cholesky_inverse(low)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if info == 0:
-                return upper
+            return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
     return None
 
 
