@@ -39,11 +39,12 @@ RUNS = {
     """,
     "lowbit": """
         import lowbit
-        from lowbit.modifiers import QuantizationModifier
+        from lowbit import modifiers
         model = AutoModelForCausalLM.from_pretrained(args["model"])
         tokenizer = AutoTokenizer.from_pretrained(args["model"])
+        modifier = getattr(modifiers, args.get("modifier", "QuantizationModifier"))
         t0 = time.perf_counter()
-        lowbit.oneshot(model, QuantizationModifier(config_groups=args["config_groups"], ignore=["lm_head"]),
+        lowbit.oneshot(model, modifier(config_groups=args["config_groups"], ignore=["lm_head"], **args.get("kwargs", {})),
                        dataset=args["texts"] if args["with_data"] else None, tokenizer=tokenizer,
                        max_seq_length=args["seq_len"], num_calibration_samples=len(args["texts"]), output_dir=args["out"])
         result = {"seconds": time.perf_counter() - t0}
@@ -51,11 +52,13 @@ RUNS = {
     "llmcompressor": """
         from datasets import Dataset
         from llmcompressor import oneshot
-        from llmcompressor.modifiers.quantization import QuantizationModifier
+        from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
         model = AutoModelForCausalLM.from_pretrained(args["model"])
         tokenizer = AutoTokenizer.from_pretrained(args["model"])
+        modifier = {"QuantizationModifier": QuantizationModifier, "GPTQModifier": GPTQModifier}[
+            args.get("modifier", "QuantizationModifier")]
         t0 = time.perf_counter()
-        oneshot(model=model, recipe=QuantizationModifier(config_groups=args["config_groups"], ignore=["lm_head"]),
+        oneshot(model=model, recipe=modifier(config_groups=args["config_groups"], ignore=["lm_head"], **args.get("kwargs", {})),
                 dataset=Dataset.from_dict({"text": args["texts"]}), processor=tokenizer,
                 max_seq_length=args["seq_len"], num_calibration_samples=len(args["texts"]), output_dir=args["out"])
         result = {"seconds": time.perf_counter() - t0}

@@ -66,7 +66,7 @@ std::tuple<at::Tensor, double> inverse_hessian_upper(const at::Tensor& h, double
 
 // One row through the columns [i1, i2) of a block: quantize each column with its group's
 // parameters, spread the scaled error over the rest of the block, keep it for the GEMM.
-double solve_row(float* w, int8_t* codes, float* err, const float* u, int64_t cols, int64_t i1, int64_t i2,
+LOWBIT_MULTIVERSION double solve_row(float* w, int8_t* codes, float* err, const float* u, int64_t cols, int64_t i1, int64_t i2,
                  const float* scale, const float* zero, const int64_t* col_group, float qmin, float qmax) {
   double loss = 0.0;
   for (int64_t i = i1; i < i2; ++i) {
@@ -130,9 +130,9 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
       partial[at::get_thread_num()] += sum;
     });
     for (double p : partial) loss += p;
-    if (i2 < cols) {  // the lazy update: one GEMM carries the block's errors to the right
-      // (product, then subtraction: the rounding of the reference's `w -= err @ u`)
-      w.narrow(1, i2, cols - i2).sub_(at::mm(err.narrow(1, 0, width), upper.narrow(0, i1, width).narrow(1, i2, cols - i2)));
+    if (i2 < cols) {  // the lazy update: one GEMM carries the block's errors to the right, in place
+      at::Tensor right = w.narrow(1, i2, cols - i2);
+      right.addmm_(err.narrow(1, 0, width), upper.narrow(0, i1, width).narrow(1, i2, cols - i2), 1.0, -1.0);
     }
   }
   return {codes, w, loss, damping};

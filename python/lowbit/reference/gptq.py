@@ -106,7 +106,7 @@ def gptq(weight: Tensor, h: Tensor, *, bits: int, group_size: int, symmetric: bo
             loss += ((x - deq) ** 2).sum().double() / (2 * d.double() ** 2)
             w1[:, i + 1:] -= err[:, None] * upper[col, i1 + i + 1:i2][None, :]
             err1[:, i] = err
-        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+        w[:, i2:].addmm_(err1, upper[i1:i2, i2:], alpha=-1)  # w -= err1 @ u, fused as the C++ does
         w[:, i1:i2] = w1
     inverse = torch.argsort(perm)
     return codes[:, inverse], scale, zero, g_idx, loss.item(), w[:, inverse]
