@@ -4,7 +4,6 @@ transformers and lowbit.load read, llmcompressor's YAML, and the bad inputs of t
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch

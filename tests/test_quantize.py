@@ -14,7 +14,7 @@ from lowbit import functional as F
 from lowbit import ops
 from lowbit import reference as R
 
-from conftest import (FLOAT_DTYPES, dtype_id, make_generator, noncontig, per_row, qrange,
+from conftest import (FLOAT_DTYPES, dtype_id, noncontig, per_row, qrange,
                       rand_weight, reference_params)
 
 BITS = list(range(2, 9))

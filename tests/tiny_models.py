@@ -143,7 +143,7 @@ def w4_group_modifier(symmetric: bool = True, bits: int = 4, group_size: int = G
         targets="Linear", ignore=kw.pop("ignore", ["lm_head"]), **kw)
 
 
-def run_python(code: str, *args: str, timeout: float = 120) -> "subprocess.CompletedProcess":
+def run_python(code: str, *args: str, timeout: float = 120):
     """Run `code` in a fresh interpreter (`python -c code args...`), single-threaded, and fail
     with its output if it exits non-zero."""
     import subprocess

@@ -1,6 +1,6 @@
 """lowbit: post-training quantization for Hugging Face language models, with a C++ core."""
 
-import torch  # loads libtorch before the extension that links against it
+import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import eval, functional, nn, ops

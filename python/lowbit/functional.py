@@ -7,7 +7,6 @@ Codes are signed int8 on compressed-tensors' grid [-2^(b-1), 2^(b-1) - 1].
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
