@@ -8,7 +8,6 @@
 // fp32 buffer and multiplied with ATen's GEMM; other bit widths and CPUs without AVX-512
 // take that path with a portable dequantizer.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

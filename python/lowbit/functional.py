@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .schemes import QuantizationArgs
+from .schemes import ACTORDERS, QuantizationArgs
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -244,8 +244,6 @@ def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional
 
 
 # ---------------------------------------------------------------- GPTQ
-
-ACTORDERS = (None, "static", "weight", "group")
 
 
 class GPTQResult(NamedTuple):

@@ -9,6 +9,8 @@ from typing import Optional, Union
 
 WEIGHT_STRATEGIES = ("tensor", "channel", "group")
 ACTIVATION_STRATEGIES = ("tensor", "token")
+# GPTQ column orders, llmcompressor's names ("static" is an alias of "weight").
+ACTORDERS = (None, "static", "weight", "group")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class QuantizationArgs:
             raise ValueError(f"group_size is only meaningful with strategy 'group', not {self.strategy!r}")
         if self.observer not in ("minmax", "mse"):
             raise ValueError(f"observer must be 'minmax' or 'mse', got {self.observer!r}")
-        if self.actorder not in (None, "static", "weight", "group"):
+        if self.actorder not in ACTORDERS:
             raise ValueError(f"actorder must be None, 'static', 'weight' or 'group', got {self.actorder!r}")
 
     def to_dict(self) -> dict:

@@ -8,11 +8,7 @@ from typing import Dict, Iterable, List, Sequence, Union
 
 from torch import nn
 
-# transformers' GPT-2 family stores Linear layers as Conv1D ([in, out] weights).
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = ()
+from ..nn.convert import Conv1D, quantize_module
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
@@ -78,8 +74,6 @@ class Modifier:
 
     def quantize_module(self, name: str, module: nn.Module, scheme) -> nn.Module:
         """The quantized replacement of `module`: round-to-nearest unless a subclass knows better."""
-        from ..nn.convert import quantize_module
-
         return quantize_module(module, scheme)
 
     def recipe_args(self) -> dict:

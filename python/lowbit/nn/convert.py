@@ -11,9 +11,9 @@ from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
 from .int8_dynamic import Int8DynamicLinear
 from .packed_linear import PackedLinear
 
-try:
+try:  # transformers' GPT-2 family stores Linear layers as Conv1D ([in, out] weights)
     from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
+except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
 
