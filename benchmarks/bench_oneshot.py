@@ -43,8 +43,11 @@ RUNS = {
         model = AutoModelForCausalLM.from_pretrained(args["model"])
         tokenizer = AutoTokenizer.from_pretrained(args["model"])
         modifier = getattr(modifiers, args.get("modifier", "QuantizationModifier"))
+        recipe = [modifier(config_groups=args["config_groups"], ignore=["lm_head"], **args.get("kwargs", {}))]
+        if "awq" in args:
+            recipe.insert(0, modifiers.AWQModifier(**args["awq"]))
         t0 = time.perf_counter()
-        lowbit.oneshot(model, modifier(config_groups=args["config_groups"], ignore=["lm_head"], **args.get("kwargs", {})),
+        lowbit.oneshot(model, recipe,
                        dataset=args["texts"] if args["with_data"] else None, tokenizer=tokenizer,
                        max_seq_length=args["seq_len"], num_calibration_samples=len(args["texts"]), output_dir=args["out"])
         result = {"seconds": time.perf_counter() - t0}
@@ -57,8 +60,12 @@ RUNS = {
         tokenizer = AutoTokenizer.from_pretrained(args["model"])
         modifier = {"QuantizationModifier": QuantizationModifier, "GPTQModifier": GPTQModifier}[
             args.get("modifier", "QuantizationModifier")]
+        recipe = [modifier(config_groups=args["config_groups"], ignore=["lm_head"], **args.get("kwargs", {}))]
+        if "awq" in args:
+            from llmcompressor.modifiers.transform.awq import AWQModifier
+            recipe.insert(0, AWQModifier(**args["awq"]))
         t0 = time.perf_counter()
-        oneshot(model=model, recipe=modifier(config_groups=args["config_groups"], ignore=["lm_head"], **args.get("kwargs", {})),
+        oneshot(model=model, recipe=recipe,
                 dataset=Dataset.from_dict({"text": args["texts"]}), processor=tokenizer,
                 max_seq_length=args["seq_len"], num_calibration_samples=len(args["texts"]), output_dir=args["out"])
         result = {"seconds": time.perf_counter() - t0}

@@ -27,8 +27,18 @@ TORCH_LIBRARY(lowbit, m) {
   // GPTQ Hessian, in place: running average of 2 x^T x over the rows of inputs [..., cols] in an
   // fp32 [cols, cols] accumulator (upper triangle only unless mirror) -> samples so far.
   m.def("gptq_hessian_(Tensor(a!) hessian, Tensor inputs, int num_samples, bool mirror=True) -> int");
-  // GPTQ blocked solve on permuted columns -> (codes, updated weight, loss, damping used or -1).
-  m.def("gptq_solve(Tensor weight, Tensor hessian, Tensor scale, Tensor zero_point, Tensor col_group, "
+  // Upper triangle of a square fp32 matrix copied onto the lower one, in place.
+  m.def("hessian_mirror_(Tensor(a!) hessian) -> Tensor(a!)");
+  // AWQ: sum of |x| per input channel into a float64 accumulator, in place -> rows seen so far.
+  m.def("awq_channel_stats_(Tensor(a!) sum_abs, Tensor inputs, int count) -> int");
+  // AWQ scale search, one grid point: sum((D G) * D), D = W - Q(W * s) / s, G = X^T X.
+  m.def("awq_scale_loss(Tensor weight, Tensor gram, Tensor scales, int bits, int group_size, bool symmetric) -> float");
+  // AWQ clip search: the best clipping bound of each (row, group) -> [rows, groups] float32.
+  m.def("awq_clip(Tensor weight, Tensor gram, int bits, int group_size, bool symmetric, int n_grid, "
+        "float max_shrink) -> Tensor");
+  // GPTQ blocked solve on the weight's columns in processing order perm (the hessian in the
+  // original order) -> (codes, updated weight, loss, damping used or -1).
+  m.def("gptq_solve(Tensor weight, Tensor hessian, Tensor perm, Tensor scale, Tensor zero_point, Tensor col_group, "
         "int bits, int block_size, float dampening_frac) -> (Tensor, Tensor, float, float)");
 }
 

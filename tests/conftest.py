@@ -119,3 +119,12 @@ def reference_params(w, bits, symmetric, strategy, group_size, observer="minmax"
     gs = group_size if strategy == "group" else cols
     s, z = R.quant_params(w, bits, symmetric, gs, observer, **kw)
     return s, z, s, z, gs
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real model (fp32) and its tokenizer, loaded once per session (the GGUF file takes
+    seconds to decode); tests that change the model deep-copy it."""
+    from lowbit import examples
+
+    return examples.load_smollm2()

@@ -29,10 +29,10 @@ quant_stage:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, smollm2):
     """The float model, its tokenizer, calibration texts, held-out ids, and the model saved as
     a plain safetensors directory."""
-    model, tokenizer = examples.load_smollm2()
+    model, tokenizer = smollm2
     calibration, heldout = examples.calibration_and_heldout(num_calibration=8)
     ids = tokenizer(heldout, return_tensors="pt").input_ids[:, :1024]
     base_dir = tmp_path_factory.mktemp("smollm2") / "fp32"

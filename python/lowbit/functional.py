@@ -7,7 +7,8 @@ Codes are signed int8 on compressed-tensors' grid [-2^(b-1), 2^(b-1) - 1].
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Tuple
+import warnings
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -19,7 +20,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
-    "hessian", "gptq", "GPTQResult",
+    "hessian", "mirror_hessian_", "gptq", "GPTQResult", "awq_channel_stats", "awq_grid", "awq_scales",
+    "awq_search", "AWQSearchResult", "awq_clip",
 ]
 
 
@@ -274,10 +276,20 @@ def hessian(inputs: Tensor, hessian: Optional[Tensor] = None, num_samples: int =
     return h, total
 
 
-def _column_groups(h: Tensor, cols: int, group_size: int, actorder: Optional[str]):
+def mirror_hessian_(hessian: Tensor) -> Tensor:
+    """Complete a Hessian accumulated with mirror=False: copy its upper triangle onto the
+    lower one, in place."""
+    if (hessian.dtype != torch.float32 or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]
+            or not hessian.is_contiguous()):
+        raise ValueError("hessian must be a square, contiguous float32 matrix (as hessian() returns), got "
+                         f"{hessian.dtype} {tuple(hessian.shape)}")
+    return ops.hessian_mirror_(hessian)
+
+
+def _column_groups(h_diag: Tensor, cols: int, group_size: int, actorder: Optional[str]):
     """(processing order, group of each processed column, g_idx, column order of the parameters)."""
     natural = torch.arange(cols)
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if actorder else natural
+    perm = torch.argsort(h_diag, descending=True, stable=True) if actorder else natural
     if actorder == "group":  # groups follow the processing order: g_idx needed
         g_idx = torch.empty(cols, dtype=torch.int32)
         g_idx[perm] = (natural // group_size).to(torch.int32)
@@ -303,8 +315,6 @@ def gptq(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: Optional
     cols = weight.shape[1]
     if not isinstance(hessian, Tensor) or hessian.shape != (cols, cols):
         raise ValueError(f"hessian must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
-    if not torch.isfinite(hessian).all():
-        raise ValueError("hessian contains NaN or Inf values; check the calibration activations")
     if actorder not in ACTORDERS:
         raise ValueError(f"actorder must be one of {ACTORDERS}, got {actorder!r}")
     if not 0 < dampening_frac <= 1:
@@ -313,13 +323,125 @@ def gptq(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: Optional
         raise ValueError(f"block_size must be positive, got {block_size}")
     gs = _group_size(cols, QuantizationArgs(num_bits=bits, symmetric=symmetric, observer=observer,
                                             strategy="group" if group_size else "channel", group_size=group_size))
-    w, h = weight.float().clone(), hessian.float().clone()
+    w, h = weight.float().clone(), hessian.float().contiguous()
     dead = torch.diag(h) == 0  # inputs that never fire: their weights cannot matter
-    h[dead, dead] = 1
     w[:, dead] = 0
-    perm, col_group, g_idx, param_order = _column_groups(h, cols, gs, actorder)
+    # H[dead, dead] = 1, as the solve does it too
+    perm, col_group, g_idx, param_order = _column_groups(torch.diag(h).masked_fill(dead, 1), cols, gs, actorder)
     scale, zero = ops.quant_params(w[:, param_order].to(weight.dtype).contiguous(), bits, symmetric, gs, observer)
-    codes, updated, loss, damping = ops.gptq_solve(w[:, perm].contiguous(), h[perm][:, perm].contiguous(),
-                                                   scale, zero, col_group, bits, block_size, dampening_frac)
+    codes, updated, loss, damping = ops.gptq_solve(w[:, perm].contiguous(), h, perm, scale, zero, col_group, bits,
+                                                   block_size, dampening_frac)
     inverse = torch.argsort(perm)
     return GPTQResult(codes[:, inverse], scale, zero, g_idx, loss, updated[:, inverse], damping)
+
+
+# ---------------------------------------------------------------- AWQ
+
+
+def awq_channel_stats(inputs: Tensor, sum_abs: Optional[Tensor] = None, count: int = 0) -> Tuple[Tensor, int]:
+    """Stream AWQ's activation statistic: (sum over tokens of |x| per input channel as float64,
+    tokens so far); mean |x| is sum_abs / count. Pass the previous pair to add a batch (the
+    accumulator is updated in place)."""
+    _check_float(inputs, "inputs", dims=None)
+    if inputs.dim() == 0 or inputs.numel() == 0:
+        raise ValueError("inputs is empty: AWQ's statistics need at least one calibration token")
+    cols = inputs.shape[-1]
+    acc = torch.zeros(cols, dtype=torch.float64) if sum_abs is None else sum_abs
+    return acc, ops.awq_channel_stats_(acc, inputs, count)
+
+
+def awq_grid(duo_scaling: Union[bool, str] = True, n_grid: int = 20) -> List[Tuple[float, bool]]:
+    """The (ratio, duo scaling) grid points, as llmcompressor walks them: duo_scaling True
+    adds the identity point (0, False) before n_grid - 1 duo points; "both" interleaves
+    n_grid / 2 ratios with and without duo scaling."""
+    if duo_scaling not in (True, False, "both"):
+        raise ValueError(f"duo_scaling must be True, False or 'both', got {duo_scaling!r}")
+    if not isinstance(n_grid, int) or n_grid < (4 if duo_scaling == "both" else 2):
+        raise ValueError(f"n_grid must be an integer >= {4 if duo_scaling == 'both' else 2}, got {n_grid!r}")
+    if duo_scaling == "both":
+        n = n_grid // 2
+        return [(i / (n - 1), duo) for i in range(n) for duo in (False, True)]
+    if duo_scaling:
+        return [(0.0, False)] + [(i / (n_grid - 2), True) for i in range(n_grid - 1)]
+    return [(i / (n_grid - 1), False) for i in range(n_grid)]
+
+
+def awq_scales(x_mean: Tensor, w_mean: Optional[Tensor], ratio: float, duo_scaling: bool) -> Tensor:
+    """AWQ's per-channel scales for one grid point: x_mean^r (/ (w_mean^(1-r) + 1e-4) with duo
+    scaling), at least 1e-4, divided by sqrt(max * min); non-finite entries become 1."""
+    x_mean = x_mean.float()
+    if duo_scaling:
+        s = (x_mean.pow(ratio) / (w_mean.float().pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    s = s / (s.max() * s.min()).sqrt()
+    return torch.where(torch.isfinite(s), s, torch.ones_like(s))
+
+
+def awq_weight_mean(weight: Tensor, group_size: int) -> Tensor:
+    """llmcompressor's w_mean: |w| / its group's absmax (+1e-6), averaged over output rows."""
+    rows, cols = weight.shape
+    w = weight.float().abs().reshape(-1, group_size)
+    return (w / (w.amax(1, keepdim=True) + 1e-6)).reshape(rows, cols).mean(0, dtype=torch.float64).float()
+
+
+class AWQSearchResult(NamedTuple):
+    scales: Tensor        # float32 [cols]: multiply the weight's columns, divide the input
+    ratio: float          # the chosen grid point; -1 when no point had a finite loss
+    duo_scaling: bool
+    losses: List[float]   # ||X D^T||^2 of every grid point, in awq_grid order
+    identity_loss: float  # the loss without scaling (plain RTN)
+
+
+def awq_search(weight: Tensor, gram: Tensor, x_mean: Tensor, *, bits: int = 4, group_size: Optional[int] = 128,
+               symmetric: bool = False, duo_scaling: Union[bool, str] = True, n_grid: int = 20) -> AWQSearchResult:
+    """AWQ's scale search for the layers that share one input (their weights concatenated
+    along rows, [rows, cols]). gram: X^T X of that input [cols, cols] (hessian() gives it up
+    to a constant factor); x_mean: mean |x| per channel. Each grid point is scored by the C++
+    kernel on the output error of the group-quantized, scaled weight. If no point gives a
+    finite loss the scales are 1 (identity), with a warning."""
+    _check_float(weight, "weight")
+    _check_finite(weight, "weight")
+    cols = weight.shape[1]
+    if not isinstance(gram, Tensor) or gram.shape != (cols, cols):
+        raise ValueError(f"gram must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
+    if not isinstance(x_mean, Tensor) or x_mean.shape != (cols,):
+        raise ValueError(f"x_mean must be a [{cols}] tensor, got {getattr(x_mean, 'shape', x_mean)!r}")
+    _check_bits(bits)
+    gs = group_size or cols
+    if cols % gs:
+        raise ValueError(f"group_size {gs} does not divide the {cols} input columns")
+    grid = awq_grid(duo_scaling, n_grid)
+    w_mean = awq_weight_mean(weight, gs) if any(duo for _, duo in grid) else None
+    losses = []
+    for ratio, duo in grid:
+        losses.append(ops.awq_scale_loss(weight, gram, awq_scales(x_mean, w_mean, ratio, duo), bits, gs, symmetric))
+    identity = ops.awq_scale_loss(weight, gram, torch.ones(cols), bits, gs, symmetric)
+    finite = [i for i, loss in enumerate(losses) if loss == loss and loss != float("inf")]
+    if not finite:
+        warnings.warn("AWQ: no grid point gave a finite loss (NaN or Inf in the statistics or weights?); "
+                      "keeping identity scales", stacklevel=2)
+        return AWQSearchResult(torch.ones(cols), -1.0, False, losses, identity)
+    best = min(finite, key=lambda i: losses[i])  # the first of equal losses, as llmcompressor keeps it
+    ratio, duo = grid[best]
+    return AWQSearchResult(awq_scales(x_mean, w_mean, ratio, duo), ratio, duo, losses, identity)
+
+
+def awq_clip(weight: Tensor, gram: Tensor, *, bits: int = 4, group_size: Optional[int] = 128,
+             symmetric: bool = False, n_grid: int = 20, max_shrink: float = 0.5) -> Tensor:
+    """AWQ's clip search: for each (row, group) the bound absmax * (1 - i / n_grid),
+    i < max_shrink * n_grid, that minimises the group's output error once clamped and
+    quantized, on all calibration tokens through gram = X^T X. Returns the bounds
+    [rows, groups] (float32); clamp the weight's groups to +-bound before quantizing."""
+    _check_float(weight, "weight")
+    _check_finite(weight, "weight")
+    cols = weight.shape[1]
+    if not isinstance(gram, Tensor) or gram.shape != (cols, cols):
+        raise ValueError(f"gram must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
+    _check_bits(bits)
+    gs = group_size or cols
+    if cols % gs:
+        raise ValueError(f"group_size {gs} does not divide the {cols} input columns")
+    if not 0 <= max_shrink < 1 or n_grid <= 0:
+        raise ValueError(f"clip search needs n_grid > 0 and 0 <= max_shrink < 1, got {n_grid}, {max_shrink}")
+    return ops.awq_clip(weight, gram, bits, gs, symmetric, n_grid, max_shrink)

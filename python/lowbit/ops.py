@@ -53,18 +53,39 @@ def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional
     return _ops.packed_linear(x, packed, scale, zero_point, bits, group_size, bias)
 
 
+def awq_channel_stats_(sum_abs: Tensor, inputs: Tensor, count: int) -> int:
+    """sum_abs (float64 [cols]) += sum of |inputs| over its rows, in place; returns rows seen so far."""
+    return _ops.awq_channel_stats_(sum_abs, inputs, count)
+
+
+def awq_scale_loss(weight: Tensor, gram: Tensor, scales: Tensor, bits: int, group_size: int, symmetric: bool) -> float:
+    """sum((D G) * D) for D = W - Q(W * s) / s: the output error of one AWQ grid point."""
+    return _ops.awq_scale_loss(weight, gram, scales, bits, group_size, symmetric)
+
+
+def awq_clip(weight: Tensor, gram: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int,
+             max_shrink: float) -> Tensor:
+    """The AWQ clip search's bound for each (row, group): float32 [rows, groups]."""
+    return _ops.awq_clip(weight, gram, bits, group_size, symmetric, n_grid, max_shrink)
+
+
 def gptq_hessian_(hessian: Tensor, inputs: Tensor, num_samples: int, mirror: bool = True) -> int:
     """Update the fp32 [cols, cols] running average of 2 x^T x in place with inputs [..., cols]
     (upper triangle only unless mirror); returns the number of samples so far."""
     return _ops.gptq_hessian_(hessian, inputs, num_samples, mirror)
 
 
-def gptq_solve(weight: Tensor, hessian: Tensor, scale: Tensor, zero_point: Tensor, col_group: Tensor, bits: int,
-               block_size: int, dampening_frac: float) -> Tuple[Tensor, Tensor, float, float]:
-    """weight [rows, cols] and hessian [cols, cols] in processing order, scale / zero_point
-    [rows, groups], col_group int64 [cols] -> (codes int8, updated weight fp32, loss, damping
-    fraction used or -1 when RTN was applied)."""
-    return _ops.gptq_solve(weight, hessian, scale, zero_point, col_group, bits, block_size, dampening_frac)
+def hessian_mirror_(hessian: Tensor) -> Tensor:
+    """Copy the upper triangle of a square fp32 matrix onto its lower one, in place."""
+    return _ops.hessian_mirror_(hessian)
+
+
+def gptq_solve(weight: Tensor, hessian: Tensor, perm: Tensor, scale: Tensor, zero_point: Tensor, col_group: Tensor,
+               bits: int, block_size: int, dampening_frac: float) -> Tuple[Tensor, Tensor, float, float]:
+    """weight [rows, cols] in processing order perm (int64 [cols]), hessian [cols, cols] in the
+    original order, scale / zero_point [rows, groups], col_group int64 [cols] -> (codes int8,
+    updated weight fp32, loss, damping fraction used or -1 when RTN was applied)."""
+    return _ops.gptq_solve(weight, hessian, perm, scale, zero_point, col_group, bits, block_size, dampening_frac)
 
 
 @torch.library.register_fake("lowbit::quant_params")

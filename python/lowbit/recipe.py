@@ -8,13 +8,27 @@ from typing import List, Union
 
 import yaml
 
-from .modifiers import MODIFIERS, Modifier, QuantizationModifier
+from .modifiers import MODIFIERS, AWQModifier, GPTQModifier, Modifier, QuantizationModifier
 from .schemes import PRESET_SCHEMES
 
 Recipe = Union[None, str, os.PathLike, Modifier, List[Modifier]]
 
 
 def parse_recipe(recipe: Recipe) -> List[Modifier]:
+    """The recipe's modifiers, in order, each expanded (AWQModifier(scheme=...) brings its
+    QuantizationModifier); a recipe that only transforms gets llmcompressor's AWQ default
+    quantization, W4A16_ASYM on every Linear but lm_head."""
+    modifiers = [e for m in _parse(recipe) for e in m.expand()]
+    if any(isinstance(m, AWQModifier) for m in modifiers) \
+            and not any(isinstance(m, QuantizationModifier) for m in modifiers):
+        modifiers.append(QuantizationModifier(scheme="W4A16_ASYM", targets="Linear", ignore=["lm_head"]))
+    if any(isinstance(m, AWQModifier) for m in modifiers) and any(isinstance(m, GPTQModifier) for m in modifiers):
+        raise ValueError("AWQModifier followed by GPTQModifier is not supported yet: AWQ feeds each layer float "
+                         "inputs, GPTQ quantized ones; use AWQModifier with a QuantizationModifier")
+    return modifiers
+
+
+def _parse(recipe: Recipe) -> List[Modifier]:
     if recipe is None:
         raise ValueError("oneshot needs a recipe: a preset such as 'W4A16', a modifier, a list of modifiers, or YAML")
     if isinstance(recipe, Modifier):

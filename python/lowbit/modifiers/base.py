@@ -37,9 +37,13 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
 
 
 class Modifier:
-    """A step of a recipe. Subclasses set `requires_calibration` and implement `apply`."""
+    """A step of a recipe. Quantizing modifiers implement `plan` (the modules they quantize)
+    and `quantize_module`; transforming ones (AWQ) implement `prepare`, `layer_hooks` and
+    `transform_layer`, which the layer-by-layer runner calls around each decoder layer."""
 
     requires_calibration = False
+    # True: the next decoder layer is fed the float outputs of this one, not the quantized ones.
+    propagates_float_outputs = False
 
     def __init__(self, targets: Union[str, Sequence[str]] = "Linear", ignore: Union[None, str, Sequence[str]] = None):
         self.targets = _as_list(targets)
@@ -66,6 +70,25 @@ class Modifier:
             n: m for n, m in linear
             if any(matches(p, n, m) for p in targets) and not any(matches(p, n, m) for p in self.ignore)
         }
+
+    def expand(self) -> List["Modifier"]:
+        """The modifiers this one stands for in a recipe (itself, plus any it implies)."""
+        return [self]
+
+    def plan(self, model: nn.Module) -> Dict[str, tuple]:
+        """Module name -> (module, scheme) for every module this modifier quantizes."""
+        return {}
+
+    def prepare(self, model: nn.Module, layer_names: Sequence[str], plan: Dict[str, tuple]) -> None:
+        """Called once before calibration with the decoder layers' names and the whole plan."""
+
+    def layer_hooks(self, prefix: str, layer: nn.Module, plan: Dict[str, tuple]) -> list:
+        """Hook handles gathering what this modifier needs while decoder layer `prefix` runs
+        its float pass on the calibration data."""
+        return []
+
+    def transform_layer(self, prefix: str, layer: nn.Module, plan: Dict[str, tuple]) -> None:
+        """Change decoder layer `prefix` after its float pass, before it is quantized."""
 
     def calibration_hook(self, name: str, module: nn.Module):
         """A hook handle that gathers what this modifier needs from `module` while the runner

@@ -44,15 +44,25 @@ class GPTQModifier(QuantizationModifier):
         # The modifier's actorder applies to every group that does not set its own.
         self.groups = [(t, QuantizationScheme(replace(s.weights, actorder=s.weights.actorder or actorder),
                                               s.input_activations)) for t, s in self.groups]
+        if any(s.weights.actorder == "group" for _, s in self.groups):
+            warnings.warn("actorder='group' saves weight_g_idx, which compressed-tensors 0.19 (and with it stock "
+                          "transformers and llmcompressor 0.14) no longer reads: such checkpoints load with "
+                          "lowbit.load only. Use actorder='static' (= 'weight') for checkpoints that load everywhere.",
+                          stacklevel=2)
         for _, s in self.groups:
             if s.input_activations is not None:
                 raise ValueError("GPTQModifier quantizes weights only; use QuantizationModifier for W8A8")
         self._hessians: Dict[str, tuple] = {}
+        self._last_input: tuple = (None, None)  # (the last input seen by a hook, the module that took it)
         self.layer_errors: Dict[str, tuple] = {}  # module name -> (GPTQ error, RTN error) on calibration data
 
     def calibration_hook(self, name: str, module: nn.Module):
         def accumulate(mod, args):
             x = args[0]
+            if x is self._last_input[0]:  # q/k/v (gate/up) read the same tensor: one Hessian serves them
+                self._hessians[name] = self._hessians[self._last_input[1]]
+                return
+            self._last_input = (x, name)
             h, n = self._hessians.get(name, (None, 0))
             try:  # upper triangle only while streaming; mirrored once in quantize_module
                 self._hessians[name] = F.hessian(x.detach(), h, n, mirror=False)
@@ -66,8 +76,9 @@ class GPTQModifier(QuantizationModifier):
     def quantize_module(self, name: str, module: nn.Module, scheme: QuantizationScheme) -> nn.Module:
         if name not in self._hessians:
             raise ValueError(f"{name} saw no calibration data: GPTQ needs its layer to run on the dataset")
+        self._last_input = (None, None)
         h, n = self._hessians.pop(name)
-        h = h.triu() + h.triu(1).t()
+        F.mirror_hessian_(h)  # idempotent: a shared Hessian may be mirrored once per module
         a = scheme.weights
         cols = module.in_features
         if n < cols:

@@ -128,7 +128,7 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
             logger.info("layer %d: %d modules in %.2f s (no calibration data: output error not measured)",
                         i, len(names), time.perf_counter() - t0)
     else:
-        _run_layer_sequential(model, layers, per_layer, plan, owners, samples)
+        _run_layer_sequential(model, layers_name, layers, per_layer, plan, owners, modifiers, samples)
     _quantize(model, plan, owners, outside)
     logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
 
@@ -152,21 +152,30 @@ def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
                        "they are saved as float weights that lie on the integer grid")
 
 
-def _run_layer_sequential(model, layers, per_layer, plan: Plan, owners, samples) -> None:
-    """Calibrate and quantize one decoder layer at a time: the layer's inputs come from the
-    already quantized layers before it, and the relative output error of each layer (its
-    quantized vs float outputs on the same inputs) is logged."""
+def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, owners, modifiers, samples) -> None:
+    """Calibrate and quantize one decoder layer at a time: a float pass feeds the modifiers'
+    statistics, transforming modifiers (AWQ) change the layer, quantizing ones replace its
+    Linears, and the relative output error of each layer (quantized vs float outputs on the
+    same inputs) is logged. The next layer's inputs are the quantized outputs (so GPTQ
+    corrects earlier layers' errors) unless a modifier asks for the float ones (AWQ)."""
+    names = [f"{layers_name}.{i}" for i in range(len(layers))]
+    for modifier in modifiers:
+        modifier.prepare(model, names, plan)
+    float_inputs = any(m.propagates_float_outputs for m in modifiers)
     inputs = capture_first_layer_inputs(model, layers, samples)
     bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
     for i in bar:
         layer, t0 = layers[i], time.perf_counter()
         hooks = [h for name in per_layer[i] if (h := owners[name].calibration_hook(name, plan[name][0]))]
+        hooks += [h for m in modifiers for h in m.layer_hooks(names[i], layer, plan)]
         with torch.inference_mode():
             try:  # the float pass gives the reference outputs and feeds the modifiers' statistics
                 reference = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
             finally:
                 for h in hooks:
                     h.remove()
+            for modifier in modifiers:
+                modifier.transform_layer(names[i], layer, plan)
             _quantize(model, plan, owners, per_layer[i])
             outputs = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
         err = (sum((o - r).float().pow(2).sum() for o, r in zip(outputs, reference))
@@ -176,7 +185,8 @@ def _run_layer_sequential(model, layers, per_layer, plan: Plan, owners, samples)
         logger.info("layer %d: %d modules in %.2f s, relative output error %.4f", i, len(per_layer[i]),
                     time.perf_counter() - t0, err)
         bar.set_postfix(err=f"{err:.4f}")
-        inputs = [_with_hidden_states(args, kwargs, out) for out, (args, kwargs) in zip(outputs, inputs)]
+        inputs = [_with_hidden_states(args, kwargs, out)
+                  for out, (args, kwargs) in zip(reference if float_inputs else outputs, inputs)]
         del reference
 
 

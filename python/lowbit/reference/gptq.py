@@ -6,6 +6,9 @@ lowbit's choices, which the C++ solve follows exactly:
 - actorder None: natural column order. "static" / "weight": columns processed in descending
   diag(H) order, each using its original group's parameters (no g_idx needed). "group":
   groups formed in that permuted order; g_idx maps each original column to its group.
+- The solve is the textbook one: upper Cholesky factor U of H^-1, per-column errors
+  (w - q) / U[i, i] spread over the later columns of the block, one update per block for the
+  columns to its right. The C++ solve computes the same result another way (no inverse).
 - The damping starts at dampening_frac * mean(diag(H)); when the Cholesky factorisation
   fails it doubles, up to mean(diag(H)) itself; after that the caller falls back to RTN.
 """
@@ -39,22 +42,16 @@ def damping_steps(dampening_frac: float):
     yield 1.0
 
 
-def textbook_inverse_hessian_upper(h: Tensor) -> Tensor:
-    """The reference code's way: Cholesky of H, its inverse, then the upper Cholesky factor."""
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-
-
 def inverse_hessian_upper(h: Tensor, dampening_frac: float) -> Optional[Tensor]:
-    """Upper Cholesky factor of H^-1 after damping, or None if no damping makes H positive
-    definite. Computed as P M^-1 P with P H P = M M^T (P reverses the order): the same matrix
-    as textbook_inverse_hessian_upper (a test checks it) with a third of the flops, and the
-    C++ solve does the same, so both take identical rounding paths."""
+    """The reference algorithm's upper Cholesky factor of (H + damping)^-1: Cholesky of H, its
+    inverse, then the upper Cholesky factor; None if no damping makes H positive definite.
+    (The C++ solve needs neither the inverse nor the second factorisation: see gptq.cpp.)"""
     mean_diag = torch.diag(h).mean()
-    eye = torch.eye(h.shape[0])
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
     for frac in damping_steps(dampening_frac):
-        low, info = torch.linalg.cholesky_ex(h.flip(0, 1) + eye * (frac * mean_diag))
+        low, info = torch.linalg.cholesky_ex(h + eye * (frac * mean_diag))
         if info == 0:
-            return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
+            return torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
     return None
 
 
@@ -71,26 +68,29 @@ def column_groups(h: Tensor, cols: int, group_size: int, actorder: Optional[str]
 
 
 def gptq(weight: Tensor, h: Tensor, *, bits: int, group_size: int, symmetric: bool,
-         actorder: Optional[str], block_size: int = 128, dampening_frac: float = 0.01):
+         actorder: Optional[str], block_size: int = 128, dampening_frac: float = 0.01,
+         compute_dtype: torch.dtype = torch.float32):
     """(codes int8 [rows, cols], scale [rows, groups], zero int8 [rows, groups], g_idx int32
-    [cols], loss, updated weight fp32 [rows, cols]); None for the codes' Hessian if RTN was
-    needed (then codes are plain RTN)."""
-    w = weight.float().clone()
-    h = h.float().clone()
+    [cols], loss, updated weight fp32 [rows, cols]); codes are plain RTN if no damping made H
+    positive definite. compute_dtype float64 gives the exact answer to compare against where
+    H is ill-conditioned (real activations): the textbook's explicit inverse loses ~1e-4 of
+    relative accuracy in float32 there, the C++ solve (no inverse) about 1e-6."""
+    w = weight.to(compute_dtype).clone()
+    h = h.to(compute_dtype).clone()
     rows, cols = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     perm, col_group, g_idx, param_order = column_groups(h, cols, group_size, actorder)
     scale, zero = quant_params(w[:, param_order].to(weight.dtype), bits, symmetric, group_size)
-    s, z = scale.float(), zero.float()
+    s, z = scale.to(compute_dtype), zero.to(compute_dtype)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     w, h = w[:, perm], h[perm][:, perm]
     upper = inverse_hessian_upper(h, dampening_frac)
     codes = torch.empty(rows, cols, dtype=torch.int8)
     loss = torch.zeros((), dtype=torch.float64)
     if upper is None:
-        upper = torch.eye(cols)  # RTN: no error feedback
+        upper = torch.eye(cols, dtype=compute_dtype)  # RTN: no error feedback
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         w1 = w[:, i1:i2].clone()
@@ -106,7 +106,7 @@ def gptq(weight: Tensor, h: Tensor, *, bits: int, group_size: int, symmetric: bo
             loss += ((x - deq) ** 2).sum().double() / (2 * d.double() ** 2)
             w1[:, i + 1:] -= err[:, None] * upper[col, i1 + i + 1:i2][None, :]
             err1[:, i] = err
-        w[:, i2:].addmm_(err1, upper[i1:i2, i2:], alpha=-1)  # w -= err1 @ u, fused as the C++ does
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
         w[:, i1:i2] = w1
     inverse = torch.argsort(perm)
-    return codes[:, inverse], scale, zero, g_idx, loss.item(), w[:, inverse]
+    return codes[:, inverse], scale, zero, g_idx, loss.item(), w[:, inverse].float()
