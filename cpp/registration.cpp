@@ -31,8 +31,10 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("hessian_mirror_(Tensor(a!) hessian) -> Tensor(a!)");
   // AWQ: sum of |x| per input channel into a float64 accumulator, in place -> rows seen so far.
   m.def("awq_channel_stats_(Tensor(a!) sum_abs, Tensor inputs, int count) -> int");
-  // AWQ scale search, one grid point: sum((D G) * D), D = W - Q(W * s) / s, G = X^T X.
-  m.def("awq_scale_loss(Tensor weight, Tensor gram, Tensor scales, int bits, int group_size, bool symmetric) -> float");
+  // AWQ: lower Cholesky factor L of a Gram matrix G = X^T X (jittered if singular; NaN if G is not finite).
+  m.def("awq_gram_factor(Tensor gram) -> Tensor");
+  // AWQ scale search, one grid point: ||D L||^2 = sum((D G) * D), D = W - Q(W * s) / s.
+  m.def("awq_scale_loss(Tensor weight, Tensor gram_factor, Tensor scales, int bits, int group_size, bool symmetric) -> float");
   // AWQ clip search: the best clipping bound of each (row, group) -> [rows, groups] float32.
   m.def("awq_clip(Tensor weight, Tensor gram, int bits, int group_size, bool symmetric, int n_grid, "
         "float max_shrink) -> Tensor");

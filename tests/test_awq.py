@@ -63,7 +63,7 @@ def test_scale_loss_matches_reference(gen, dtype, rows, cols, group_size, bits, 
     w = rand_weight(rows, cols, dtype, gen)
     g = gram_of(activations(200, cols, gen))
     s = torch.rand(cols, generator=gen) * 2 + 0.25
-    got = ops.awq_scale_loss(w, g, s, bits, group_size, symmetric)
+    got = ops.awq_scale_loss(w, ops.awq_gram_factor(g), s, bits, group_size, symmetric)
     ref = R.scale_loss(w, g, s, bits, group_size, symmetric)
     assert got == pytest.approx(ref, rel=1e-4)
 
@@ -73,8 +73,23 @@ def test_scale_loss_noncontiguous_inputs(gen, how):
     w = rand_weight(40, 128, torch.float32, gen)
     g = gram_of(activations(300, 128, gen))
     s = torch.rand(128, generator=gen) + 0.5
-    ref = ops.awq_scale_loss(w, g, s, 4, 64, False)
-    assert ops.awq_scale_loss(noncontig(w, how), noncontig(g, how), s[::1], 4, 64, False) == pytest.approx(ref, rel=1e-6)
+    factor = ops.awq_gram_factor(g)
+    ref = ops.awq_scale_loss(w, factor, s, 4, 64, False)
+    assert ops.awq_scale_loss(noncontig(w, how), noncontig(factor, how), s, 4, 64, False) == pytest.approx(ref, rel=1e-6)
+
+
+def test_gram_factor(gen):
+    x = activations(300, 96, gen)
+    g = gram_of(x)
+    factor = ops.awq_gram_factor(g)
+    assert torch.equal(factor, factor.tril())
+    torch.testing.assert_close(factor @ factor.t(), g, rtol=1e-4, atol=1e-4 * g.diagonal().mean().item())
+    # fewer tokens than columns, and a dead channel: singular, jittered, still a usable factor
+    singular = gram_of(torch.cat([x[:40, :95], torch.zeros(40, 1)], 1))
+    factor = ops.awq_gram_factor(singular)
+    assert torch.isfinite(factor).all()
+    torch.testing.assert_close(factor @ factor.t(), singular, rtol=0, atol=1e-4 * singular.diagonal().mean().item())
+    assert torch.isnan(ops.awq_gram_factor(torch.full((8, 8), float("nan")))).all()
 
 
 def test_gram_loss_is_the_output_error(gen):
@@ -84,7 +99,7 @@ def test_gram_loss_is_the_output_error(gen):
     s = torch.rand(128, generator=gen) + 0.5
     q = R._group_fake_quant(w * s, 4, 64, False, w.dtype) / s
     direct = (x.double() @ (w - q).double().t()).pow(2).sum().item()
-    assert ops.awq_scale_loss(w, gram_of(x), s, 4, 64, False) == pytest.approx(direct, rel=1e-4)
+    assert ops.awq_scale_loss(w, ops.awq_gram_factor(gram_of(x)), s, 4, 64, False) == pytest.approx(direct, rel=1e-4)
 
 
 # -- search ---------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 // AWQ (Lin et al., 2023): activation statistics, the scale search's loss and the clip search.
 //
 // Both searches score a weight error D through the Gram matrix G = X^T X of the layer's
-// calibration inputs: ||X D^T||^2 = sum((D G) * D). A candidate then costs rows * cols^2
-// flops however many tokens were seen, and uses every token instead of a sample.
+// calibration inputs: ||X D^T||^2 = sum((D G) * D) = ||D L||^2 with G = L L^T. A candidate then
+// costs about rows * cols^2 flops however many tokens were seen, and uses every token instead
+// of a sample.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,7 +19,8 @@ namespace lowbit {
 namespace {
 
 constexpr int64_t kStatColumns = 256;  // columns per thread task in the statistics pass
-constexpr int64_t kLossRows = 32;      // weight rows per GEMM in the scale loss
+constexpr int64_t kLossRows = 1024;     // weight rows per block of D in the scale loss
+constexpr int64_t kFactorCols = 128;    // columns of the Gram factor per GEMM
 
 // sum_abs[c] += sum over the rows of x of |x[., c]| (float64 accumulators); returns the number
 // of rows seen so far.
@@ -47,62 +49,123 @@ int64_t awq_channel_stats_(at::Tensor& sum_abs, const at::Tensor& x_in, int64_t 
   return count + rows;
 }
 
+// The span helpers below are plain loops the compiler vectorises (LOWBIT_MULTIVERSION picks
+// the AVX-512 clone at run time); `v < lo ? v : lo` is the form that maps onto vminps.
+
+// out = w * s over one group; [lo, hi] its range.
+template <typename T>
+LOWBIT_MULTIVERSION void scaled_minmax(const T* w, const float* s, float* out, int64_t n, float* lo, float* hi) {
+  float mn = INFINITY, mx = -INFINITY;
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = static_cast<float>(w[c]) * s[c];
+    out[c] = v;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
+// d = w - (Q(scaled) - zero) * scale / s over one group.
+template <typename T>
+LOWBIT_MULTIVERSION void unscaled_error(const T* w, const float* scaled, const float* s, float* d, int64_t n,
+                                        float scale, float zero, float qmin, float qmax) {
+  for (int64_t c = 0; c < n; ++c)
+    d[c] = static_cast<float>(w[c]) - (quantize_one(scaled[c], scale, zero, qmin, qmax) - zero) * scale / s[c];
+}
+
 // One row of D = W - Q(W * s) / s, group by group (min-max parameters of each scaled group).
 template <typename T>
 void scaled_quant_error(const T* w, const float* s, float* d, float* buf, int64_t cols, int64_t group_size,
                         const IntRange& r, bool symmetric, at::ScalarType sd) {
   for (int64_t g0 = 0; g0 < cols; g0 += group_size) {
-    float lo = INFINITY, hi = -INFINITY;
-    for (int64_t c = 0; c < group_size; ++c) {
-      const float v = static_cast<float>(w[g0 + c]) * s[g0 + c];
-      buf[c] = v;
-      lo = std::min(lo, v);
-      hi = std::max(hi, v);
-    }
+    float lo, hi;
+    scaled_minmax(w + g0, s + g0, buf, group_size, &lo, &hi);
     const GroupParams p = params_for_range(lo, hi, r, symmetric, sd);
-    for (int64_t c = 0; c < group_size; ++c) {
-      const float q = (quantize_one(buf[c], p.scale, p.zero, r.qmin, r.qmax) - p.zero) * p.scale;
-      d[g0 + c] = static_cast<float>(w[g0 + c]) - q / s[g0 + c];
-    }
+    unscaled_error(w + g0, buf, s + g0, d + g0, group_size, p.scale, p.zero, r.qmin, r.qmax);
   }
 }
 
-// The scale search's loss for one grid point: sum((D G) * D) with D = W - Q(W * s) / s, D
-// built kLossRows rows at a time (no scaled copy of the weight is ever materialised).
-double awq_scale_loss(const at::Tensor& w_in, const at::Tensor& gram_in, const at::Tensor& scales_in, int64_t bits,
+// The range of x clamped to [-bound, bound].
+LOWBIT_MULTIVERSION void clamped_minmax(const float* x, float bound, int64_t n, float* lo, float* hi) {
+  float mn = INFINITY, mx = -INFINITY;
+  for (int64_t c = 0; c < n; ++c) {
+    const float v = clampf(x[c], -bound, bound);
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  *lo = mn;
+  *hi = mx;
+}
+
+// out = x - dequantized(Q(clamp(x, -bound, bound))).
+LOWBIT_MULTIVERSION void clamped_error(const float* x, float bound, float* out, int64_t n, float scale, float zero,
+                                       float qmin, float qmax) {
+  for (int64_t c = 0; c < n; ++c)
+    out[c] = x[c] - (quantize_one(clampf(x[c], -bound, bound), scale, zero, qmin, qmax) - zero) * scale;
+}
+
+// Lower Cholesky factor L of the Gram matrix (G = L L^T), so a loss d^T G d is ||d L||^2 with a
+// triangular product: half the flops of d G. A singular G (fewer tokens than columns, dead
+// channels) gets a jitter of 1e-7, 1e-6, ... of its mean diagonal; NaN or Inf give a NaN factor
+// (every loss is then NaN and the search keeps identity scales).
+at::Tensor awq_gram_factor(const at::Tensor& gram_in) {
+  TORCH_CHECK_VALUE(gram_in.dim() == 2 && gram_in.size(0) == gram_in.size(1) && gram_in.size(0) > 0,
+                    "lowbit: gram must be a square [cols, cols] matrix, got ", gram_in.sizes());
+  const at::Tensor gram = gram_in.to(at::kFloat);
+  const int64_t n = gram.size(0);
+  if (!at::isfinite(gram).all().item<bool>()) return at::full({n, n}, NAN, gram.options());
+  const double mean_diag = std::max(gram.diagonal().mean().item<double>(), 1e-30);
+  for (double jitter = 0.0; jitter <= 1.0; jitter = jitter == 0.0 ? 1e-7 : jitter * 10) {
+    auto [factor, info] = at::linalg_cholesky_ex(
+        jitter == 0.0 ? gram : gram + at::eye(n, gram.options()) * (jitter * mean_diag));
+    if (info.item<int>() == 0) return factor.contiguous();
+  }
+  return at::full({n, n}, NAN, gram.options());
+}
+
+// The scale search's loss for one grid point: ||D L||^2 = sum((D G) * D) with
+// D = W - Q(W * s) / s, built kLossRows rows at a time (no scaled copy of the weight is ever
+// materialised) and multiplied by L one column block at a time (the block's rows above its
+// first column are zero).
+double awq_scale_loss(const at::Tensor& w_in, const at::Tensor& factor_in, const at::Tensor& scales_in, int64_t bits,
                       int64_t group_size, bool symmetric) {
   check_bits(bits);
   check_float(w_in, "weight");
   check_groups(w_in, group_size);
   const int64_t rows = w_in.size(0), cols = w_in.size(1);
-  TORCH_CHECK_VALUE(gram_in.dim() == 2 && gram_in.size(0) == cols && gram_in.size(1) == cols, "lowbit: gram must be [",
-                    cols, ", ", cols, "], got ", gram_in.sizes());
+  TORCH_CHECK_VALUE(factor_in.dim() == 2 && factor_in.size(0) == cols && factor_in.size(1) == cols,
+                    "lowbit: the Gram factor must be [", cols, ", ", cols, "], got ", factor_in.sizes());
   TORCH_CHECK_VALUE(scales_in.dim() == 1 && scales_in.size(0) == cols, "lowbit: scales must have ", cols, " entries");
   const at::Tensor w = w_in.contiguous();
-  const at::Tensor gram = gram_in.to(at::kFloat).contiguous();
+  const at::Tensor factor = factor_in.to(at::kFloat).contiguous();
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
   const float* s = scales.data_ptr<float>();
   const IntRange r(bits);
-  const int64_t blocks = (rows + kLossRows - 1) / kLossRows;
-  std::vector<double> partial(blocks, 0.0);
+  // D is built in parallel one kLossRows block at a time; each block then meets L in a few
+  // large, multithreaded GEMMs (small per-thread GEMMs would waste the triangle's savings).
+  at::Tensor d = at::empty({std::min(kLossRows, rows), cols}, factor.options());
+  double loss = 0.0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "lowbit_awq_scale_loss", [&] {
     const scalar_t* wp = w.data_ptr<scalar_t>();
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      at::Tensor d = at::empty({kLossRows, cols}, gram.options());
-      std::vector<float> buf(group_size);
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t r0 = b * kLossRows, n = std::min(kLossRows, rows - r0);
-        float* dp = d.data_ptr<float>();
-        for (int64_t i = 0; i < n; ++i)
+    float* dp = d.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < rows; r0 += kLossRows) {
+      const int64_t n = std::min(kLossRows, rows - r0);
+      at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        std::vector<float> buf(group_size);
+        for (int64_t i = begin; i < end; ++i)
           scaled_quant_error(wp + (r0 + i) * cols, s, dp + i * cols, buf.data(), cols, group_size, r, symmetric,
                              w.scalar_type());
-        const at::Tensor di = d.narrow(0, 0, n);
-        partial[b] = at::mm(di, gram).mul_(di).sum(at::kDouble).item<double>();
+      });
+      for (int64_t j0 = 0; j0 < cols; j0 += kFactorCols) {
+        const int64_t width = std::min(kFactorCols, cols - j0);
+        const at::Tensor out = at::mm(d.narrow(0, 0, n).narrow(1, j0, cols - j0),
+                                      factor.narrow(0, j0, cols - j0).narrow(1, j0, width));
+        const float* op = out.data_ptr<float>();
+        for (int64_t i = 0; i < n * width; ++i) loss += static_cast<double>(op[i]) * op[i];
       }
-    });
+    }
   });
-  double loss = 0.0;
-  for (double p : partial) loss += p;  // fixed order: the same inputs give the same loss
   return loss;
 }
 
@@ -139,18 +202,10 @@ at::Tensor awq_clip(const at::Tensor& w_in, const at::Tensor& gram_in, int64_t b
         for (int64_t c = 0; c < group_size; ++c) absmax = std::max(absmax, std::fabs(x[c]));
         for (int64_t i = 0; i < cands; ++i) {
           const float bound = absmax * static_cast<float>(1.0 - static_cast<double>(i) / n_grid);
-          float lo = INFINITY, hi = -INFINITY;
-          for (int64_t c = 0; c < group_size; ++c) {
-            const float v = clampf(x[c], -bound, bound);
-            lo = std::min(lo, v);
-            hi = std::max(hi, v);
-          }
+          float lo, hi;
+          clamped_minmax(x, bound, group_size, &lo, &hi);
           const GroupParams p = params_for_range(lo, hi, r, symmetric, sd);
-          float* out = dp + (row * cands + i) * group_size;
-          for (int64_t c = 0; c < group_size; ++c) {
-            const float v = clampf(x[c], -bound, bound);
-            out[c] = x[c] - (quantize_one(v, p.scale, p.zero, r.qmin, r.qmax) - p.zero) * p.scale;
-          }
+          clamped_error(x, bound, dp + (row * cands + i) * group_size, group_size, p.scale, p.zero, r.qmin, r.qmax);
         }
       }
     });
@@ -176,6 +231,7 @@ at::Tensor awq_clip(const at::Tensor& w_in, const at::Tensor& gram_in, int64_t b
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("awq_channel_stats_", &awq_channel_stats_);
+  m.impl("awq_gram_factor", &awq_gram_factor);
   m.impl("awq_scale_loss", &awq_scale_loss);
   m.impl("awq_clip", &awq_clip);
 }

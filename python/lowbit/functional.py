@@ -413,10 +413,11 @@ def awq_search(weight: Tensor, gram: Tensor, x_mean: Tensor, *, bits: int = 4, g
         raise ValueError(f"group_size {gs} does not divide the {cols} input columns")
     grid = awq_grid(duo_scaling, n_grid)
     w_mean = awq_weight_mean(weight, gs) if any(duo for _, duo in grid) else None
+    factor = ops.awq_gram_factor(gram)  # once: each grid point is then a triangular product
     losses = []
     for ratio, duo in grid:
-        losses.append(ops.awq_scale_loss(weight, gram, awq_scales(x_mean, w_mean, ratio, duo), bits, gs, symmetric))
-    identity = ops.awq_scale_loss(weight, gram, torch.ones(cols), bits, gs, symmetric)
+        losses.append(ops.awq_scale_loss(weight, factor, awq_scales(x_mean, w_mean, ratio, duo), bits, gs, symmetric))
+    identity = ops.awq_scale_loss(weight, factor, torch.ones(cols), bits, gs, symmetric)
     finite = [i for i, loss in enumerate(losses) if loss == loss and loss != float("inf")]
     if not finite:
         warnings.warn("AWQ: no grid point gave a finite loss (NaN or Inf in the statistics or weights?); "

@@ -58,9 +58,17 @@ def awq_channel_stats_(sum_abs: Tensor, inputs: Tensor, count: int) -> int:
     return _ops.awq_channel_stats_(sum_abs, inputs, count)
 
 
-def awq_scale_loss(weight: Tensor, gram: Tensor, scales: Tensor, bits: int, group_size: int, symmetric: bool) -> float:
-    """sum((D G) * D) for D = W - Q(W * s) / s: the output error of one AWQ grid point."""
-    return _ops.awq_scale_loss(weight, gram, scales, bits, group_size, symmetric)
+def awq_gram_factor(gram: Tensor) -> Tensor:
+    """Lower Cholesky factor L of a Gram matrix, G = L L^T (jittered if G is singular; all NaN
+    if G holds NaN or Inf)."""
+    return _ops.awq_gram_factor(gram)
+
+
+def awq_scale_loss(weight: Tensor, gram_factor: Tensor, scales: Tensor, bits: int, group_size: int,
+                   symmetric: bool) -> float:
+    """||D L||^2 = sum((D G) * D) for D = W - Q(W * s) / s: the output error of one AWQ grid
+    point; gram_factor is awq_gram_factor(G)."""
+    return _ops.awq_scale_loss(weight, gram_factor, scales, bits, group_size, symmetric)
 
 
 def awq_clip(weight: Tensor, gram: Tensor, bits: int, group_size: int, symmetric: bool, n_grid: int,

@@ -33,7 +33,8 @@ if not logger.handlers:
 Plan = Dict[str, Tuple[nn.Module, QuantizationScheme]]
 
 # When no modifier needs calibration (RTN), data only serves the per-layer error log: a few
-# short samples measure it well and keep oneshot about as fast as a data-free run.
+# short samples measure it well and keep oneshot about as fast as a data-free run. With AWQ
+# (float outputs feed the next layer) the quantized pass also runs on ERROR_LOG_SAMPLES only.
 ERROR_LOG_SAMPLES = 4
 ERROR_LOG_TOKENS = 128
 
@@ -177,9 +178,11 @@ def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, own
             for modifier in modifiers:
                 modifier.transform_layer(names[i], layer, plan)
             _quantize(model, plan, owners, per_layer[i])
-            outputs = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
+            # With float propagation the quantized pass only measures the error: a few samples do.
+            measured = inputs[:ERROR_LOG_SAMPLES] if float_inputs else inputs
+            outputs = [layer_output(layer(*args, **kwargs)) for args, kwargs in measured]
         err = (sum((o - r).float().pow(2).sum() for o, r in zip(outputs, reference))
-               / sum(r.float().pow(2).sum() for r in reference).clamp_min(1e-30)).sqrt().item()
+               / sum(r.float().pow(2).sum() for r in reference[:len(outputs)]).clamp_min(1e-30)).sqrt().item()
         if not torch.isfinite(torch.tensor(err)):
             raise ValueError(f"layer {i} produced NaN or Inf outputs on the calibration data")
         logger.info("layer %d: %d modules in %.2f s, relative output error %.4f", i, len(per_layer[i]),
