@@ -63,6 +63,10 @@ RUNS = {
         recipe = [modifier(config_groups=args["config_groups"], ignore=["lm_head"], **args.get("kwargs", {}))]
         if "awq" in args:
             from llmcompressor.modifiers.transform.awq import AWQModifier
+            from llmcompressor.pipelines.cache import IntermediatesCache
+            # llmcompressor 0.14's AWQ pins its cached activations for faster host-to-GPU copies,
+            # which raises on a CPU-only torch; pinning changes nothing else, so skip it.
+            IntermediatesCache.pin_memory = lambda self, *a, **k: None
             recipe.insert(0, AWQModifier(**args["awq"]))
         t0 = time.perf_counter()
         oneshot(model=model, recipe=recipe,
