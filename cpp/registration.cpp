@@ -38,6 +38,11 @@ TORCH_LIBRARY(lowbit, m) {
   // AWQ clip search: the best clipping bound of each (row, group) -> [rows, groups] float32.
   m.def("awq_clip(Tensor weight, Tensor gram, int bits, int group_size, bool symmetric, int n_grid, "
         "float max_shrink) -> Tensor");
+  // NF4 / FP4 blockwise 4-bit quantization as bitsandbytes does it -> (packed uint8 [(n+1)/2, 1],
+  // absmax float32 [blocks]); and its inverse -> a flat tensor of numel elements.
+  m.def("nf4_quantize(Tensor weight, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  m.def("nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, str quant_type, int numel, "
+        "ScalarType dtype) -> Tensor");
   // GPTQ blocked solve on the weight's columns in processing order perm (the hessian in the
   // original order) -> (codes, updated weight, loss, damping used or -1).
   m.def("gptq_solve(Tensor weight, Tensor hessian, Tensor perm, Tensor scale, Tensor zero_point, Tensor col_group, "

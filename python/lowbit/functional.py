@@ -21,7 +21,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
     "hessian", "mirror_hessian_", "gptq", "GPTQResult", "awq_channel_stats", "awq_grid", "awq_scales",
-    "awq_search", "AWQSearchResult", "awq_clip",
+    "awq_search", "AWQSearchResult", "awq_clip", "NF4QuantState", "nf4_quantize", "nf4_dequantize",
 ]
 
 
@@ -446,3 +446,43 @@ def awq_clip(weight: Tensor, gram: Tensor, *, bits: int = 4, group_size: Optiona
     if not 0 <= max_shrink < 1 or n_grid <= 0:
         raise ValueError(f"clip search needs n_grid > 0 and 0 <= max_shrink < 1, got {n_grid}, {max_shrink}")
     return ops.awq_clip(weight, gram, bits, gs, symmetric, n_grid, max_shrink)
+
+
+class NF4QuantState(NamedTuple):
+    """What bitsandbytes keeps beside 4-bit codes (its QuantState, without double quantization)."""
+
+    absmax: Tensor        # float32 [ceil(numel / blocksize)]
+    shape: torch.Size     # of the original tensor
+    dtype: torch.dtype    # of the original tensor (dequantize casts back to it)
+    blocksize: int
+    quant_type: str       # "nf4" or "fp4"
+
+
+def nf4_quantize(w: Tensor, blocksize: int = 64, quant_type: str = "nf4") -> Tuple[Tensor, NF4QuantState]:
+    """Blockwise NF4 / FP4 quantization, bit for bit as bitsandbytes' quantize_4bit: the
+    tensor is flattened row-major, each block of `blocksize` (a power of two, 32..4096)
+    elements scaled by its absmax and mapped to the nearest of 16 codes; two codes per byte,
+    the first in the high nibble. Returns (packed uint8 [(numel + 1) // 2, 1], state).
+    An all-zero block stores the code of 0 (NF4 7, FP4 0) and absmax 0 (1e-38 for a final
+    partial block), as bitsandbytes' CPU path does."""
+    _check_float(w, "w", dims=None)
+    if w.numel() == 0:
+        raise ValueError("w is empty: nothing to quantize")
+    if not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    _check_finite(w, "w")
+    packed, absmax = ops.nf4_quantize(w, blocksize, quant_type)
+    return packed, NF4QuantState(absmax, w.shape, w.dtype, blocksize, quant_type)
+
+
+def nf4_dequantize(packed: Tensor, state: NF4QuantState) -> Tensor:
+    """code[nibble] * absmax[block] in fp32, cast to state.dtype, in state.shape."""
+    if not isinstance(state, NF4QuantState):
+        raise TypeError(f"state must be the NF4QuantState that nf4_quantize returned, got {type(state).__name__}")
+    numel = 1
+    for d in state.shape:
+        numel *= d
+    return ops.nf4_dequantize(packed, state.absmax, state.blocksize, state.quant_type, numel,
+                              state.dtype).reshape(state.shape)

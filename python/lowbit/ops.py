@@ -77,6 +77,17 @@ def awq_clip(weight: Tensor, gram: Tensor, bits: int, group_size: int, symmetric
     return _ops.awq_clip(weight, gram, bits, group_size, symmetric, n_grid, max_shrink)
 
 
+def nf4_quantize(weight: Tensor, blocksize: int, quant_type: str) -> Tuple[Tensor, Tensor]:
+    """bitsandbytes' blockwise 4-bit quantization: (packed uint8 [(n+1)//2, 1], absmax fp32 [blocks])."""
+    return _ops.nf4_quantize(weight, blocksize, quant_type)
+
+
+def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, numel: int,
+                   dtype: torch.dtype) -> Tensor:
+    """code[nibble] * absmax[block] in fp32, cast to dtype: a flat tensor of numel elements."""
+    return _ops.nf4_dequantize(packed, absmax, blocksize, quant_type, numel, dtype)
+
+
 def gptq_hessian_(hessian: Tensor, inputs: Tensor, num_samples: int, mirror: bool = True) -> int:
     """Update the fp32 [cols, cols] running average of 2 x^T x in place with inputs [..., cols]
     (upper triangle only unless mirror); returns the number of samples so far."""
