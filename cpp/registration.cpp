@@ -43,6 +43,10 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("nf4_quantize(Tensor weight, int blocksize, str quant_type) -> (Tensor, Tensor)");
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, str quant_type, int numel, "
         "ScalarType dtype) -> Tensor");
+  // 8-bit blockwise quantization against a 256-entry code, as bitsandbytes' CPU library does it
+  // (double quantization) -> (codes uint8 [n], absmax float32 [blocks]); and its inverse (fp32).
+  m.def("blockwise8_quantize(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  m.def("blockwise8_dequantize(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
   // GPTQ blocked solve on the weight's columns in processing order perm (the hessian in the
   // original order) -> (codes, updated weight, loss, damping used or -1).
   m.def("gptq_solve(Tensor weight, Tensor hessian, Tensor perm, Tensor scale, Tensor zero_point, Tensor col_group, "

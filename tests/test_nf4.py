@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lowbit import functional as F
+from lowbit import ops
 from lowbit.reference import nf4 as R
 
 from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig
@@ -64,6 +65,48 @@ def test_all_zero_block_and_ties(quant_type):
     assert state.absmax.item() == 0 and torch.equal(packed, torch.full((32, 1), zero_code * 17, dtype=torch.uint8))
 
 
+def test_dynamic_map_is_bitsandbytes():
+    assert torch.equal(R.dynamic_map(), bnb_functional.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("n,blocksize", [(1_000_003, 256), (257, 256), (4096, 64), (7, 256), (300, 4096)])
+@pytest.mark.parametrize("scale", [1.0, 1e-3, 37.0])
+def test_blockwise8_is_bitsandbytes_cpu(gen, n, blocksize, scale):
+    """Its CPU library bins values instead of taking the nearest code; lowbit stores the same bytes."""
+    x = torch.randn(n, generator=gen) * scale
+    x[: min(n, blocksize)] = 0 if n > blocksize else x[: min(n, blocksize)]  # an all-zero block
+    code = R.dynamic_map()
+    q, absmax = ops.blockwise8_quantize(x, code, blocksize)
+    ref_q, ref_state = bnb_functional.quantize_blockwise(x, code=code, blocksize=blocksize)
+    assert torch.equal(q, ref_q) and torch.equal(absmax, ref_state.absmax)
+    ref_q2, ref_absmax2 = R.blockwise8_quantize(x, code, blocksize)
+    assert torch.equal(q, ref_q2) and torch.equal(absmax, ref_absmax2)
+    assert torch.equal(ops.blockwise8_dequantize(q, absmax, code, blocksize),
+                       bnb_functional.dequantize_blockwise(ref_q, ref_state).float())
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
+def test_double_quant_bit_exact_with_bitsandbytes(gen, quant_type, blocksize, dtype):
+    w = weight((256, 640), dtype, gen)
+    packed, state = F.nf4_quantize(w, blocksize, quant_type, double_quant=True)
+    ref_packed, ref_state = bnb_functional.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type,
+                                                         compress_statistics=True)
+    assert state.double_quant and ref_state.nested
+    assert torch.equal(packed, ref_packed)
+    assert state.absmax.dtype == torch.uint8 and torch.equal(state.absmax, ref_state.absmax)
+    assert torch.equal(state.nested_absmax, ref_state.state2.absmax) and torch.equal(state.offset, ref_state.offset)
+    ours = F.nf4_dequantize(packed, state)
+    if w.shape[-1] % blocksize == 0:  # see assert_same_as_bitsandbytes
+        assert torch.equal(ours, bnb_functional.dequantize_4bit(ref_packed, ref_state))
+    absmax = ops.blockwise8_dequantize(state.absmax, state.nested_absmax, R.dynamic_map(), 256) + state.offset
+    assert torch.equal(ours, R.dequantize(packed, absmax, blocksize, quant_type, w.shape, dtype))
+    # The reference, double-quantizing the plain absmax, stores the same codes.
+    q, nested, offset = R.double_quantize(F.nf4_quantize(w, blocksize, quant_type)[1].absmax)
+    assert torch.equal(q, state.absmax) and torch.equal(nested, state.nested_absmax)
+
+
 def test_real_weights_match_bitsandbytes(smollm2):
     model = smollm2[0]
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.15.mlp.down_proj", "model.layers.29.mlp.up_proj"):
@@ -71,6 +114,11 @@ def test_real_weights_match_bitsandbytes(smollm2):
         for quant_type in QUANT_TYPES:
             for dtype in (torch.float32, torch.bfloat16):
                 assert_same_as_bitsandbytes(w.to(dtype), 64, quant_type)
+            packed, state = F.nf4_quantize(w, 64, quant_type, double_quant=True)
+            ref_packed, ref_state = bnb_functional.quantize_4bit(w, blocksize=64, quant_type=quant_type,
+                                                                 compress_statistics=True)
+            assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref_state.absmax)
+            assert torch.equal(state.nested_absmax, ref_state.state2.absmax)
 
 
 @pytest.mark.parametrize("quant_type", QUANT_TYPES)
@@ -119,6 +167,14 @@ def test_non_finite_weights(bad):
     w[5] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         F.nf4_quantize(w)
+
+
+def test_corrupt_double_quant_state():
+    packed, state = F.nf4_quantize(torch.randn(64 * 300), double_quant=True)
+    with pytest.raises(ValueError, match="nested absmax has 1 entries, expected 2"):
+        F.nf4_dequantize(packed, state._replace(nested_absmax=state.nested_absmax[:1]))
+    with pytest.raises(ValueError, match="needs its offset"):
+        F.nf4_dequantize(packed, state._replace(offset=None))
 
 
 def test_corrupt_state():

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <numeric>
 #include <string>
+#include <vector>
 
 #include "lowbit/common.h"
 
@@ -132,9 +133,76 @@ at::Tensor nf4_dequantize(const at::Tensor& packed_in, const at::Tensor& absmax_
   return out;
 }
 
+// 8-bit blockwise quantization against a sorted 256-entry code (double quantization of the
+// absmax values), as bitsandbytes' CPU library does it: v = clamp(x * (1 / absmax), -1, 1) is
+// mapped to one of 65536 equal bins, round((v + 1) / 2 * 65535) with a single rounding, and
+// each bin holds the code whose midpoints lie below the bin's left edge. This is not always
+// the nearest code (a value within half a bin of a midpoint may take the neighbour), but it
+// is bit for bit what bitsandbytes stores. An all-zero block stores code 0 and absmax 0.
+std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_in, const at::Tensor& code_in,
+                                                       int64_t blocksize) {
+  check_float(x_in, "values");
+  TORCH_CHECK_VALUE(code_in.numel() == 256, "lowbit: the 8-bit code must have 256 entries");
+  TORCH_CHECK_VALUE(blocksize > 0, "lowbit: blocksize must be positive");
+  const at::Tensor x = x_in.reshape(-1).to(at::kFloat).contiguous();
+  const at::Tensor code = code_in.to(at::kFloat).contiguous();
+  const float* cp = code.data_ptr<float>();
+  std::array<float, 255> mid;
+  for (int j = 0; j < 255; ++j) mid[j] = (cp[j] + cp[j + 1]) * 0.5f;
+  std::vector<uint8_t> lut(65536);
+  for (int i = 0, j = 0; i < 65536; ++i) {
+    const float edge = static_cast<float>(i + i) / 65535.0f - 1.0f;
+    while (j < 255 && mid[j] < edge) ++j;
+    lut[i] = static_cast<uint8_t>(j);
+  }
+  const int64_t n = x.numel(), blocks = (n + blocksize - 1) / blocksize;
+  at::Tensor out = at::zeros({n}, x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  float* ap = absmax.data_ptr<float>();
+  at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t e0 = b * blocksize, e1 = std::min(n, e0 + blocksize);
+      float am = 0.0f;
+      for (int64_t e = e0; e < e1; ++e) am = std::max(am, std::fabs(xp[e]));
+      ap[b] = am;
+      if (am == 0.0f) continue;
+      const float inv = 1.0f / am;
+      for (int64_t e = e0; e < e1; ++e) {
+        const float t = (clampf(xp[e] * inv, -1.0f, 1.0f) + 1.0f) * 0.5f;
+        op[e] = lut[static_cast<uint16_t>(static_cast<int32_t>(std::fma(t, 65535.0f, 0.5f)))];
+      }
+    }
+  });
+  return {out, absmax};
+}
+
+// code[q] * absmax[block] in fp32.
+at::Tensor blockwise8_dequantize(const at::Tensor& q_in, const at::Tensor& absmax_in, const at::Tensor& code_in,
+                                 int64_t blocksize) {
+  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kByte, "lowbit: 8-bit codes must be uint8, got ", q_in.scalar_type());
+  TORCH_CHECK_VALUE(code_in.numel() == 256, "lowbit: the 8-bit code must have 256 entries");
+  TORCH_CHECK_VALUE(blocksize > 0, "lowbit: blocksize must be positive");
+  const at::Tensor q = q_in.reshape(-1).contiguous();
+  const int64_t n = q.numel(), blocks = (n + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(absmax_in.numel() == blocks, "lowbit: nested absmax has ", absmax_in.numel(),
+                    " entries, expected ", blocks, " for ", n, " codes in blocks of ", blocksize);
+  const at::Tensor absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
+  const at::Tensor code = code_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({n}, absmax.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float *ap = absmax.data_ptr<float>(), *cp = code.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t e = 0; e < n; ++e) op[e] = cp[qp[e]] * ap[e / blocksize];
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("blockwise8_quantize", &blockwise8_quantize);
+  m.impl("blockwise8_dequantize", &blockwise8_dequantize);
   m.impl("nf4_quantize", &nf4_quantize);
   m.impl("nf4_dequantize", &nf4_dequantize);
 }

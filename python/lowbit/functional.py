@@ -7,6 +7,7 @@ Codes are signed int8 on compressed-tensors' grid [-2^(b-1), 2^(b-1) - 1].
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -449,22 +450,34 @@ def awq_clip(weight: Tensor, gram: Tensor, *, bits: int = 4, group_size: Optiona
 
 
 class NF4QuantState(NamedTuple):
-    """What bitsandbytes keeps beside 4-bit codes (its QuantState, without double quantization)."""
+    """What bitsandbytes keeps beside 4-bit codes (its QuantState)."""
 
-    absmax: Tensor        # float32 [ceil(numel / blocksize)]
+    absmax: Tensor        # float32 [ceil(numel / blocksize)]; uint8 codes when double-quantized
     shape: torch.Size     # of the original tensor
     dtype: torch.dtype    # of the original tensor (dequantize casts back to it)
     blocksize: int
     quant_type: str       # "nf4" or "fp4"
+    nested_absmax: Optional[Tensor] = None  # double quantization: float32 [ceil(blocks / 256)]
+    offset: Optional[Tensor] = None         # double quantization: mean absmax, float32 0-d
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
 
 
-def nf4_quantize(w: Tensor, blocksize: int = 64, quant_type: str = "nf4") -> Tuple[Tensor, NF4QuantState]:
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the absmax values
+
+
+def nf4_quantize(w: Tensor, blocksize: int = 64, quant_type: str = "nf4",
+                 double_quant: bool = False) -> Tuple[Tensor, NF4QuantState]:
     """Blockwise NF4 / FP4 quantization, bit for bit as bitsandbytes' quantize_4bit: the
     tensor is flattened row-major, each block of `blocksize` (a power of two, 32..4096)
     elements scaled by its absmax and mapped to the nearest of 16 codes; two codes per byte,
     the first in the high nibble. Returns (packed uint8 [(numel + 1) // 2, 1], state).
     An all-zero block stores the code of 0 (NF4 7, FP4 0) and absmax 0 (1e-38 for a final
-    partial block), as bitsandbytes' CPU path does."""
+    partial block), as bitsandbytes' CPU path does. double_quant: the absmax values, less
+    their mean, are themselves quantized to 8 bits in blocks of 256 against bitsandbytes'
+    signed dynamic map, with its CPU library's binning (compress_statistics=True)."""
     _check_float(w, "w", dims=None)
     if w.numel() == 0:
         raise ValueError("w is empty: nothing to quantize")
@@ -474,15 +487,33 @@ def nf4_quantize(w: Tensor, blocksize: int = 64, quant_type: str = "nf4") -> Tup
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     _check_finite(w, "w")
     packed, absmax = ops.nf4_quantize(w, blocksize, quant_type)
-    return packed, NF4QuantState(absmax, w.shape, w.dtype, blocksize, quant_type)
+    if not double_quant:
+        return packed, NF4QuantState(absmax, w.shape, w.dtype, blocksize, quant_type)
+    offset = absmax.mean()
+    codes, nested = ops.blockwise8_quantize(absmax - offset, _dynamic_map(), NESTED_BLOCKSIZE)
+    return packed, NF4QuantState(codes, w.shape, w.dtype, blocksize, quant_type, nested, offset)
 
 
 def nf4_dequantize(packed: Tensor, state: NF4QuantState) -> Tensor:
-    """code[nibble] * absmax[block] in fp32, cast to state.dtype, in state.shape."""
+    """code[nibble] * absmax[block] in fp32, cast to state.dtype, in state.shape (the absmax
+    values decoded first when double-quantized)."""
     if not isinstance(state, NF4QuantState):
         raise TypeError(f"state must be the NF4QuantState that nf4_quantize returned, got {type(state).__name__}")
     numel = 1
     for d in state.shape:
         numel *= d
-    return ops.nf4_dequantize(packed, state.absmax, state.blocksize, state.quant_type, numel,
+    absmax = state.absmax
+    if state.double_quant:
+        if state.offset is None:
+            raise ValueError("a double-quantized state needs its offset (the mean absmax)")
+        absmax = ops.blockwise8_dequantize(absmax, state.nested_absmax, _dynamic_map(), NESTED_BLOCKSIZE) \
+            + state.offset
+    return ops.nf4_dequantize(packed, absmax, state.blocksize, state.quant_type, numel,
                               state.dtype).reshape(state.shape)
+
+
+@functools.lru_cache(maxsize=1)
+def _dynamic_map() -> Tensor:
+    from .reference.nf4 import dynamic_map  # the published map: data, not a kernel
+
+    return dynamic_map()

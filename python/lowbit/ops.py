@@ -88,6 +88,16 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: s
     return _ops.nf4_dequantize(packed, absmax, blocksize, quant_type, numel, dtype)
 
 
+def blockwise8_quantize(values: Tensor, code: Tensor, blocksize: int) -> Tuple[Tensor, Tensor]:
+    """bitsandbytes' CPU 8-bit blockwise quantization: (codes uint8 [n], absmax fp32 [blocks])."""
+    return _ops.blockwise8_quantize(values, code, blocksize)
+
+
+def blockwise8_dequantize(codes: Tensor, absmax: Tensor, code: Tensor, blocksize: int) -> Tensor:
+    """code[codes] * absmax[block], float32 [n]."""
+    return _ops.blockwise8_dequantize(codes, absmax, code, blocksize)
+
+
 def gptq_hessian_(hessian: Tensor, inputs: Tensor, num_samples: int, mirror: bool = True) -> int:
     """Update the fp32 [cols, cols] running average of 2 x^T x in place with inputs [..., cols]
     (upper triangle only unless mirror); returns the number of samples so far."""

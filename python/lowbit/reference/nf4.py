@@ -52,3 +52,42 @@ def dequantize(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, 
     values = code(quant_type)[q[:n]]
     scale = absmax.float().repeat_interleave(blocksize)[:n]
     return (values * scale).to(dtype).reshape(shape)
+
+
+def dynamic_map() -> Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (256 sorted values in [-0.99297, 1]): for each of
+    7 decades, the means of 2^i + 1 evenly spaced fractions in [0.1, 1], both signs, plus 0 and 1."""
+    data = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist() + (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def blockwise8_quantize(x: Tensor, code: Tensor, blocksize: int):
+    """bitsandbytes' CPU 8-bit blockwise rule: 65536 bins over [-1, 1], each holding the code
+    whose midpoints lie below the bin's left edge; (codes uint8 [n], absmax float32 [blocks])."""
+    c = code.float()
+    mid = (c[:-1] + c[1:]) * 0.5
+    i = torch.arange(65536, dtype=torch.float32)
+    lut = torch.searchsorted(mid, (i + i) / 65535.0 - 1.0).to(torch.uint8)
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    pad = (-n) % blocksize
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, blocksize)
+    absmax = blocks.abs().amax(1)
+    v = (blocks * (1.0 / absmax)[:, None]).clamp(-1, 1)
+    t = (v + 1.0) * 0.5
+    k = (t.double() * 65535.0 + 0.5).float().long() & 0xFFFF  # one rounding, as the FMA the library uses
+    q = torch.where(absmax[:, None] == 0, torch.zeros_like(k), lut[k].long()).to(torch.uint8)
+    return q.reshape(-1)[:n], absmax
+
+
+def double_quantize(absmax: Tensor, blocksize: int = 256):
+    """(uint8 codes of absmax - mean, nested absmax, the mean as a float32 0-d tensor)."""
+    offset = absmax.mean()
+    q, nested = blockwise8_quantize(absmax - offset, dynamic_map(), blocksize)
+    return q, nested, offset
