@@ -128,3 +128,21 @@ def smollm2():
     from lowbit import examples
 
     return examples.load_smollm2()
+
+
+def capture_inputs(smollm2, texts, names, max_length: int = 256):
+    """Each module in `names`: (its fp32 weight, the inputs it saw while the real model read
+    `texts`), the tokens of all texts concatenated."""
+    model, tokenizer = smollm2
+    modules = dict(model.named_modules())
+    inputs = {name: [] for name in names}
+    hooks = [modules[name].register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0][0]))
+             for name in names]
+    try:
+        with torch.inference_mode():
+            for text in texts:
+                model(tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length).input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: (modules[name].weight.detach().clone(), torch.cat(inputs[name])) for name in names}

@@ -15,6 +15,8 @@ from lowbit import functional as F
 from lowbit.eval import perplexity
 from lowbit.reference import awq as R
 
+from conftest import capture_inputs
+
 # The inputs of three balance groups: q/k/v (after input_layernorm), gate/up, down_proj.
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.7.mlp.gate_proj", "model.layers.20.mlp.down_proj"]
 W4_G64_ASYM = {"group_0": {"targets": ["Linear"], "weights": {
@@ -30,17 +32,7 @@ def texts():
 @pytest.fixture(scope="module")
 def captured(smollm2, texts):
     """Each layer in LAYERS: (its fp32 weight, the inputs it saw on the calibration paragraphs)."""
-    model, tokenizer = smollm2
-    modules = dict(model.named_modules())
-    inputs = {name: [] for name in LAYERS}
-    hooks = [modules[name].register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0][0]))
-             for name in LAYERS]
-    with torch.inference_mode():
-        for text in texts[0]:
-            model(tokenizer(text, return_tensors="pt", truncation=True, max_length=256).input_ids)
-    for h in hooks:
-        h.remove()
-    return {name: (modules[name].weight.detach().clone(), torch.cat(inputs[name])) for name in LAYERS}
+    return capture_inputs(smollm2, texts[0], LAYERS)
 
 
 @pytest.mark.parametrize("name", LAYERS)

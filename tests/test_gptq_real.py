@@ -15,6 +15,7 @@ from lowbit import examples
 from lowbit import functional as F
 from lowbit.reference import gptq as R
 
+from conftest import capture_inputs
 from test_gptq import assert_same_solve, processing_order
 
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.11.mlp.down_proj", "model.layers.29.self_attn.o_proj"]
@@ -29,17 +30,7 @@ def calibration():
 @pytest.fixture(scope="module")
 def captured(smollm2, calibration):
     """Each layer in LAYERS: (its fp32 weight, the inputs it saw on the calibration paragraphs)."""
-    model, tokenizer = smollm2
-    modules = dict(model.named_modules())
-    inputs = {name: [] for name in LAYERS}
-    hooks = [modules[name].register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0][0]))
-             for name in LAYERS]
-    with torch.inference_mode():
-        for text in calibration:
-            model(tokenizer(text, return_tensors="pt", truncation=True, max_length=256).input_ids)
-    for h in hooks:
-        h.remove()
-    return {name: (modules[name].weight.detach().clone(), torch.cat(inputs[name])) for name in LAYERS}
+    return capture_inputs(smollm2, calibration, LAYERS)
 
 
 @pytest.mark.parametrize("name", LAYERS)
