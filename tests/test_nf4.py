@@ -152,6 +152,53 @@ def test_known_bytes():
     assert packed.flatten().tolist() == [0xB3, 0x5E, 0x10]
 
 
+@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False)])
+def test_fused_linear_matches_dequantize_then_matmul(gen, tokens, dtype, quant_type, double_quant):
+    """GEMV path (<= 8 tokens) and tiled GEMM path, odd output count, bias, 3-D and
+    non-contiguous x, against F.linear on the dequantized weight (fp32 accumulation)."""
+    w = weight((77, 192), torch.float32, gen)
+    packed, state = F.nf4_quantize(w, 64, quant_type, double_quant=double_quant)
+    x = noncontig(torch.randn(tokens, 192, generator=gen)).to(dtype)
+    bias = torch.randn(77, generator=gen).to(dtype)
+    expected = torch.nn.functional.linear(x.float(), F.nf4_dequantize(packed, state), bias.float())
+    got = F.nf4_linear(x, packed, state, bias)
+    assert got.dtype == dtype and got.shape == (tokens, 77)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), expected.to(dtype).float(), rtol=tol, atol=tol)
+    got3 = F.nf4_linear(x.reshape(1, tokens, 192), packed, state)
+    torch.testing.assert_close(got3[0].float(), (expected - bias.float()).to(dtype).float(), rtol=tol, atol=tol)
+
+
+def test_fused_linear_on_real_weights(smollm2):
+    model, tokenizer = smollm2
+    layer = model.model.layers[3].mlp.down_proj
+    packed, state = F.nf4_quantize(layer.weight.detach(), 64, "nf4", double_quant=True)
+    with torch.inference_mode():
+        captured = []
+        handle = layer.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+        model(tokenizer("It is a truth universally acknowledged", return_tensors="pt").input_ids)
+        handle.remove()
+    x = captured[0]
+    expected = torch.nn.functional.linear(x, F.nf4_dequantize(packed, state))
+    torch.testing.assert_close(F.nf4_linear(x, packed, state), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(F.nf4_linear(x[:, :1], packed, state), expected[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linear_bad_inputs(gen):
+    packed, state = F.nf4_quantize(torch.randn(16, 128, generator=gen))
+    with pytest.raises(ValueError, match="128 features"):
+        F.nf4_linear(torch.randn(2, 64), packed, state)
+    with pytest.raises(ValueError, match="multiple of the blocksize"):
+        packed96, state96 = F.nf4_quantize(torch.randn(16, 96, generator=gen))
+        F.nf4_linear(torch.randn(2, 96), packed96, state96)
+    with pytest.raises(ValueError, match="2-D"):
+        F.nf4_linear(torch.randn(2, 128), *F.nf4_quantize(torch.randn(2, 16, 128, generator=gen)))
+    with pytest.raises(ValueError, match="bias must have 16"):
+        F.nf4_linear(torch.randn(2, 128), packed, state, torch.randn(3))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(blocksize=48), "power of two"), (dict(blocksize=16), "power of two"), (dict(blocksize=8192), "power of two"),
     (dict(quant_type="int4"), "quant_type must be"),

@@ -18,6 +18,12 @@
 
 #include "lowbit/common.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LOWBIT_HAVE_AVX512_KERNEL 1
+#define LOWBIT_AVX512 __attribute__((target("avx512f")))
+#endif
+
 namespace lowbit {
 namespace {
 
@@ -198,9 +204,145 @@ at::Tensor blockwise8_dequantize(const at::Tensor& q_in, const at::Tensor& absma
   return out;
 }
 
+// Weights of one block (blocksize codes from `bytes`, high nibble first) decoded through a
+// 16-entry table code * absmax.
+LOWBIT_MULTIVERSION void decode_block(const uint8_t* bytes, const float* table, float* out, int64_t blocksize) {
+  for (int64_t j = 0; j < blocksize / 2; ++j) {
+    out[2 * j] = table[bytes[j] >> 4];
+    out[2 * j + 1] = table[bytes[j] & 15];
+  }
+}
+
+// acc[0..16) += w[k] * x[k] over n (a multiple of 16) elements: 16 independent lanes, which the
+// compiler keeps in one vector register (no reordered float reduction needed).
+LOWBIT_MULTIVERSION void dot16(const float* w, const float* x, int64_t n, float* acc) {
+  for (int64_t k = 0; k < n; k += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += w[k + j] * x[k + j];
+}
+
+constexpr int64_t kGemvTokens = 8;  // up to this many tokens decode each block once for all
+
+#ifdef LOWBIT_HAVE_AVX512_KERNEL
+// x [M, K] reordered per 32-column chunk into [16 even columns, 16 odd columns]: byte j of a
+// chunk holds columns 2j (high nibble) and 2j + 1 (low nibble), so the two decoded halves of
+// 16 bytes meet contiguous x.
+at::Tensor deinterleave_chunks(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  return x.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous().view({M, K});
+}
+
+// Rows [begin, end) of y for up to kGemvTokens tokens: each 16-byte group of codes is decoded
+// with two permutes of a 16-entry table (code * absmax of its block) and used for every token.
+LOWBIT_AVX512 void nf4_gemv_avx512(const uint8_t* wp, const float* ap, const float* codes, const float* xr,
+                                   float* op, int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t begin,
+                                   int64_t end) {
+  const __m512 code_vec = _mm512_loadu_ps(codes);
+  const int64_t blocks_per_row = K / blocksize;
+  for (int64_t r = begin; r < end; ++r) {
+    __m512 acc[kGemvTokens];
+    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    const uint8_t* row = wp + r * K / 2;
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const __m512 table = _mm512_mul_ps(code_vec, _mm512_set1_ps(ap[r * blocks_per_row + b]));
+      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        const __m512 odd = _mm512_permutexvar_ps(v, table);  // vpermps reads the low 4 bits only
+        for (int64_t m = 0; m < M; ++m) {
+          acc[m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xr + m * K + k), acc[m]);
+          acc[m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xr + m * K + k + 16), acc[m]);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) op[m * N + r] = _mm512_reduce_add_ps(acc[m]);
+  }
+}
+#endif
+
+// y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] stored as 4-bit codes with per-block absmax
+// (blocks along K: K % blocksize == 0). Few tokens: every thread decodes its rows block by
+// block into L1 and multiplies all tokens with them (the weight is read once). More tokens:
+// tiles of rows are decoded into fp32 and multiplied with ATen's GEMM.
+at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax_in,
+                      int64_t blocksize, std::string quant_type, int64_t out_features,
+                      const c10::optional<at::Tensor>& bias) {
+  check_blocksize(blocksize);
+  const Codebook& c = codebook(quant_type);
+  check_float(x_in, "x");
+  const int64_t K = x_in.size(-1), N = out_features;
+  TORCH_CHECK_VALUE(K % blocksize == 0, "lowbit: in_features ", K, " must be a multiple of the blocksize ", blocksize,
+                    " for the fused 4-bit matmul");
+  TORCH_CHECK_VALUE(packed_in.scalar_type() == at::kByte && packed_in.numel() * 2 == N * K, "lowbit: packed codes (",
+                    packed_in.numel(), " bytes) do not hold a [", N, ", ", K, "] weight");
+  TORCH_CHECK_VALUE(absmax_in.numel() == N * K / blocksize, "lowbit: absmax has ", absmax_in.numel(),
+                    " entries, expected ", N * K / blocksize);
+  const at::Tensor x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
+  const at::Tensor packed = packed_in.reshape(-1).contiguous();
+  const at::Tensor absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), blocks_per_row = K / blocksize;
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  const float* ap = absmax.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  auto decode_row = [&](int64_t r, float* dst) {
+    float table[16];
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const float am = ap[r * blocks_per_row + b];
+      for (int i = 0; i < 16; ++i) table[i] = c.values[i] * am;
+      decode_block(wp + (r * K + b * blocksize) / 2, table, dst + b * blocksize, blocksize);
+    }
+  };
+  at::Tensor out = at::empty({M, N}, x.options());
+#ifdef LOWBIT_HAVE_AVX512_KERNEL
+  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
+  if (M <= kGemvTokens && have_avx512) {
+    const at::Tensor xr = deinterleave_chunks(x);
+    const float* xrp = xr.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      nf4_gemv_avx512(wp, ap, c.values, xrp, op, M, N, K, blocksize, begin, end);
+    });
+  } else
+#endif
+  if (M <= kGemvTokens) {
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(K);
+      for (int64_t r = begin; r < end; ++r) {
+        decode_row(r, row.data());
+        for (int64_t m = 0; m < M; ++m) {
+          float acc[16] = {0};
+          dot16(row.data(), xp + m * K, K, acc);
+          float sum = 0.0f;
+          for (float a : acc) sum += a;
+          op[m * N + r] = sum;
+        }
+      }
+    });
+  } else {
+    const int64_t tile = std::max<int64_t>(16, (1 << 20) / K);
+    at::Tensor buf = at::empty({std::min(tile, N), K}, x.options());
+    float* bp = buf.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < N; r0 += tile) {
+      const int64_t r1 = std::min(N, r0 + tile);
+      at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) decode_row(r, bp + (r - r0) * K);
+      });
+      out.narrow(1, r0, r1 - r0).copy_(at::mm(x, buf.narrow(0, 0, r1 - r0).t()));
+    }
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit: bias must have ", N, " entries");
+    out.add_(bias->to(at::kFloat).reshape({1, N}));
+  }
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
+  shape.back() = N;
+  return out.to(x_in.scalar_type()).reshape(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("nf4_linear", &nf4_linear);
   m.impl("blockwise8_quantize", &blockwise8_quantize);
   m.impl("blockwise8_dequantize", &blockwise8_dequantize);
   m.impl("nf4_quantize", &nf4_quantize);

@@ -23,6 +23,7 @@ __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
     "hessian", "mirror_hessian_", "gptq", "GPTQResult", "awq_channel_stats", "awq_grid", "awq_scales",
     "awq_search", "AWQSearchResult", "awq_clip", "NF4QuantState", "nf4_quantize", "nf4_dequantize",
+    "nf4_linear",
 ]
 
 
@@ -502,14 +503,30 @@ def nf4_dequantize(packed: Tensor, state: NF4QuantState) -> Tensor:
     numel = 1
     for d in state.shape:
         numel *= d
-    absmax = state.absmax
-    if state.double_quant:
-        if state.offset is None:
-            raise ValueError("a double-quantized state needs its offset (the mean absmax)")
-        absmax = ops.blockwise8_dequantize(absmax, state.nested_absmax, _dynamic_map(), NESTED_BLOCKSIZE) \
-            + state.offset
-    return ops.nf4_dequantize(packed, absmax, state.blocksize, state.quant_type, numel,
+    return ops.nf4_dequantize(packed, _plain_absmax(state), state.blocksize, state.quant_type, numel,
                               state.dtype).reshape(state.shape)
+
+
+def nf4_linear(x: Tensor, packed: Tensor, state: NF4QuantState, bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] @ W^T (+ bias) for a [out, in] weight quantized by nf4_quantize, with the
+    codes decoded inside the C++ loop (the weight is never materialised whole); in must be a
+    multiple of the blocksize (transformers' checkpoints always are). Returns x.dtype."""
+    if not isinstance(state, NF4QuantState):
+        raise TypeError(f"state must be the NF4QuantState that nf4_quantize returned, got {type(state).__name__}")
+    if len(state.shape) != 2:
+        raise ValueError(f"nf4_linear needs a 2-D [out, in] weight, the state holds shape {tuple(state.shape)}")
+    _check_float(x, "x", dims=None)
+    if x.dim() == 0 or x.shape[-1] != state.shape[1]:
+        raise ValueError(f"x must have {state.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
+    return ops.nf4_linear(x, packed, _plain_absmax(state), state.blocksize, state.quant_type, state.shape[0], bias)
+
+
+def _plain_absmax(state: NF4QuantState) -> Tensor:
+    if not state.double_quant:
+        return state.absmax
+    if state.offset is None:
+        raise ValueError("a double-quantized state needs its offset (the mean absmax)")
+    return ops.blockwise8_dequantize(state.absmax, state.nested_absmax, _dynamic_map(), NESTED_BLOCKSIZE) + state.offset
 
 
 @functools.lru_cache(maxsize=1)

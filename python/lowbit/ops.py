@@ -88,6 +88,12 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: s
     return _ops.nf4_dequantize(packed, absmax, blocksize, quant_type, numel, dtype)
 
 
+def nf4_linear(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, out_features: int,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] @ W^T (+ bias) for W [out_features, in] stored as NF4 / FP4 codes -> x.dtype."""
+    return _ops.nf4_linear(x, packed, absmax, blocksize, quant_type, out_features, bias)
+
+
 def blockwise8_quantize(values: Tensor, code: Tensor, blocksize: int) -> Tuple[Tensor, Tensor]:
     """bitsandbytes' CPU 8-bit blockwise quantization: (codes uint8 [n], absmax fp32 [blocks])."""
     return _ops.blockwise8_quantize(values, code, blocksize)
