@@ -11,13 +11,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define LOWBIT_HAVE_AVX512_KERNEL 1
-#endif
-
 #include <vector>
 
+#include "lowbit/avx512.h"
 #include "lowbit/bitpack.h"
 #include "lowbit/common.h"
 
@@ -72,7 +68,6 @@ void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& ou
 
 // ---------------------------------------------------------------- AVX-512 path
 #ifdef LOWBIT_HAVE_AVX512_KERNEL
-#define LOWBIT_AVX512 __attribute__((target("avx512f")))
 
 // For 4 bits, byte j of a 32-column chunk holds column 2j (low nibble) and 2j+1 (high):
 // x is reordered per chunk into [16 even columns, 16 odd columns] so both halves of a

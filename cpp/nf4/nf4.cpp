@@ -16,13 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "lowbit/avx512.h"
 #include "lowbit/common.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define LOWBIT_HAVE_AVX512_KERNEL 1
-#define LOWBIT_AVX512 __attribute__((target("avx512f")))
-#endif
 
 namespace lowbit {
 namespace {

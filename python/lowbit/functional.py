@@ -395,6 +395,20 @@ class AWQSearchResult(NamedTuple):
     identity_loss: float  # the loss without scaling (plain RTN)
 
 
+def _awq_group_size(weight: Tensor, gram: Tensor, bits: int, group_size: Optional[int]) -> int:
+    """Check an AWQ search's weight, Gram matrix and bits; the group size (None: whole rows)."""
+    _check_float(weight, "weight")
+    _check_finite(weight, "weight")
+    cols = weight.shape[1]
+    if not isinstance(gram, Tensor) or gram.shape != (cols, cols):
+        raise ValueError(f"gram must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
+    _check_bits(bits)
+    gs = group_size or cols
+    if cols % gs:
+        raise ValueError(f"group_size {gs} does not divide the {cols} input columns")
+    return gs
+
+
 def awq_search(weight: Tensor, gram: Tensor, x_mean: Tensor, *, bits: int = 4, group_size: Optional[int] = 128,
                symmetric: bool = False, duo_scaling: Union[bool, str] = True, n_grid: int = 20) -> AWQSearchResult:
     """AWQ's scale search for the layers that share one input (their weights concatenated
@@ -402,17 +416,10 @@ def awq_search(weight: Tensor, gram: Tensor, x_mean: Tensor, *, bits: int = 4, g
     to a constant factor); x_mean: mean |x| per channel. Each grid point is scored by the C++
     kernel on the output error of the group-quantized, scaled weight. If no point gives a
     finite loss the scales are 1 (identity), with a warning."""
-    _check_float(weight, "weight")
-    _check_finite(weight, "weight")
+    gs = _awq_group_size(weight, gram, bits, group_size)
     cols = weight.shape[1]
-    if not isinstance(gram, Tensor) or gram.shape != (cols, cols):
-        raise ValueError(f"gram must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
     if not isinstance(x_mean, Tensor) or x_mean.shape != (cols,):
         raise ValueError(f"x_mean must be a [{cols}] tensor, got {getattr(x_mean, 'shape', x_mean)!r}")
-    _check_bits(bits)
-    gs = group_size or cols
-    if cols % gs:
-        raise ValueError(f"group_size {gs} does not divide the {cols} input columns")
     grid = awq_grid(duo_scaling, n_grid)
     w_mean = awq_weight_mean(weight, gs) if any(duo for _, duo in grid) else None
     factor = ops.awq_gram_factor(gram)  # once: each grid point is then a triangular product
@@ -436,15 +443,7 @@ def awq_clip(weight: Tensor, gram: Tensor, *, bits: int = 4, group_size: Optiona
     i < max_shrink * n_grid, that minimises the group's output error once clamped and
     quantized, on all calibration tokens through gram = X^T X. Returns the bounds
     [rows, groups] (float32); clamp the weight's groups to +-bound before quantizing."""
-    _check_float(weight, "weight")
-    _check_finite(weight, "weight")
-    cols = weight.shape[1]
-    if not isinstance(gram, Tensor) or gram.shape != (cols, cols):
-        raise ValueError(f"gram must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
-    _check_bits(bits)
-    gs = group_size or cols
-    if cols % gs:
-        raise ValueError(f"group_size {gs} does not divide the {cols} input columns")
+    gs = _awq_group_size(weight, gram, bits, group_size)
     if not 0 <= max_shrink < 1 or n_grid <= 0:
         raise ValueError(f"clip search needs n_grid > 0 and 0 <= max_shrink < 1, got {n_grid}, {max_shrink}")
     return ops.awq_clip(weight, gram, bits, gs, symmetric, n_grid, max_shrink)
