@@ -152,12 +152,13 @@ def test_known_bytes():
     assert packed.flatten().tolist() == [0xB3, 0x5E, 0x10]
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("tokens", [1, 3, 5, 8, 9, 32, 40])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False)])
 def test_fused_linear_matches_dequantize_then_matmul(gen, tokens, dtype, quant_type, double_quant):
-    """GEMV path (<= 8 tokens) and tiled GEMM path, odd output count, bias, 3-D and
-    non-contiguous x, against F.linear on the dequantized weight (fp32 accumulation)."""
+    """Fused path (<= 32 tokens: groups of 8 tokens, 4 or 2 rows per pass, odd rows left over)
+    and tiled GEMM path, bias, 3-D and non-contiguous x, against F.linear on the dequantized
+    weight (fp32 accumulation)."""
     w = weight((77, 192), torch.float32, gen)
     packed, state = F.nf4_quantize(w, 64, quant_type, double_quant=double_quant)
     x = noncontig(torch.randn(tokens, 192, generator=gen)).to(dtype)
@@ -169,6 +170,17 @@ def test_fused_linear_matches_dequantize_then_matmul(gen, tokens, dtype, quant_t
     torch.testing.assert_close(got.float(), expected.to(dtype).float(), rtol=tol, atol=tol)
     got3 = F.nf4_linear(x.reshape(1, tokens, 192), packed, state)
     torch.testing.assert_close(got3[0].float(), (expected - bias.float()).to(dtype).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("tokens", [1, 12, 48])
+def test_fused_linear_decodes_double_quant_exactly(gen, tokens):
+    """The double-quantized absmax decoded inside the matmul equals nf4_dequantize's decode:
+    the same result, bit for bit, as the state with the decoded fp32 absmax (10 nested blocks)."""
+    w = weight((301, 256), torch.float32, gen)
+    packed, state = F.nf4_quantize(w, 32, "nf4", double_quant=True)
+    plain = state._replace(absmax=F._plain_absmax(state), nested_absmax=None, offset=None)
+    x = torch.randn(tokens, 256, generator=gen)
+    assert torch.equal(F.nf4_linear(x, packed, state), F.nf4_linear(x, packed, plain))
 
 
 def test_fused_linear_on_real_weights(smollm2):

@@ -199,6 +199,19 @@ at::Tensor blockwise8_dequantize(const at::Tensor& q_in, const at::Tensor& absma
   return out;
 }
 
+// The absmax of block b: stored as fp32, or double-quantized (an 8-bit code into the dynamic
+// map times the nested absmax of its 256 blocks, plus the offset), decoded here on the fly so
+// the fp32 absmax is never materialised. The file is built with -ffp-contract=off: the multiply
+// and the add round separately, as nf4_dequantize's decode does.
+struct BlockScales {
+  const float* plain = nullptr;
+  const uint8_t* codes = nullptr;
+  const float* nested = nullptr;
+  const float* dyn = nullptr;
+  float offset = 0.0f;
+  float operator()(int64_t b) const { return plain ? plain[b] : dyn[codes[b]] * nested[b / 256] + offset; }
+};
+
 // Weights of one block (blocksize codes from `bytes`, high nibble first) decoded through a
 // 16-entry table code * absmax.
 LOWBIT_MULTIVERSION void decode_block(const uint8_t* bytes, const float* table, float* out, int64_t blocksize) {
@@ -215,7 +228,10 @@ LOWBIT_MULTIVERSION void dot16(const float* w, const float* x, int64_t n, float*
     for (int j = 0; j < 16; ++j) acc[j] += w[k + j] * x[k + j];
 }
 
-constexpr int64_t kGemvTokens = 8;  // up to this many tokens decode each block once for all
+// Up to this many tokens the AVX-512 kernel multiplies straight from the codes; beyond, rows are
+// decoded once into fp32 tiles for ATen's GEMM (which then reuses each weight enough).
+constexpr int64_t kFusedTokens = 32;
+constexpr int64_t kTokenGroup = 8;  // tokens sharing one pass over a group of rows
 
 #ifdef LOWBIT_HAVE_AVX512_KERNEL
 // x [M, K] reordered per 32-column chunk into [16 even columns, 16 odd columns]: byte j of a
@@ -226,41 +242,100 @@ at::Tensor deinterleave_chunks(const at::Tensor& x) {
   return x.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous().view({M, K});
 }
 
-// Rows [begin, end) of y for up to kGemvTokens tokens: each 16-byte group of codes is decoded
-// with two permutes of a 16-entry table (code * absmax of its block) and used for every token.
-LOWBIT_AVX512 void nf4_gemv_avx512(const uint8_t* wp, const float* ap, const float* codes, const float* xr,
-                                   float* op, int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t begin,
-                                   int64_t end) {
-  const __m512 code_vec = _mm512_loadu_ps(codes);
+// y[m0 + t, r0 + i] for R rows and T tokens, accumulated in R x T registers: each 16 bytes of
+// codes are decoded with two permutes of a 16-entry table (code * absmax of the block), and
+// every x vector loaded serves all R rows. R * T <= 16 keeps everything in the 32 registers.
+template <int R, int T>
+LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const BlockScales& scales, const __m512 code_vec,
+                                   const float* xr, float* op, int64_t N, int64_t K, int64_t blocksize, int64_t r0,
+                                   int64_t m0) {
+  __m512 acc[R][T];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
   const int64_t blocks_per_row = K / blocksize;
-  for (int64_t r = begin; r < end; ++r) {
-    __m512 acc[kGemvTokens];
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    const uint8_t* row = wp + r * K / 2;
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const __m512 table = _mm512_mul_ps(code_vec, _mm512_set1_ps(ap[r * blocks_per_row + b]));
-      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-        const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
-        const __m512 odd = _mm512_permutexvar_ps(v, table);  // vpermps reads the low 4 bits only
-        for (int64_t m = 0; m < M; ++m) {
-          acc[m] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xr + m * K + k), acc[m]);
-          acc[m] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xr + m * K + k + 16), acc[m]);
-        }
+  const float* x0 = xr + m0 * K;
+  for (int64_t b = 0; b < blocks_per_row; ++b) {
+    __m512 table[R];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i)
+      table[i] = _mm512_mul_ps(code_vec, _mm512_set1_ps(scales((r0 + i) * blocks_per_row + b)));
+    for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
+      __m512 even[R], odd[R];
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + ((r0 + i) * K + k) / 2)));
+        even[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[i]);
+        odd[i] = _mm512_permutexvar_ps(v, table[i]);  // vpermps reads the low 4 bits only
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        const __m512 xe = _mm512_loadu_ps(x0 + t * K + k), xo = _mm512_loadu_ps(x0 + t * K + k + 16);
+#pragma GCC unroll 16
+        for (int i = 0; i < R; ++i) acc[i][t] = _mm512_fmadd_ps(odd[i], xo, _mm512_fmadd_ps(even[i], xe, acc[i][t]));
       }
     }
-    for (int64_t m = 0; m < M; ++m) op[m * N + r] = _mm512_reduce_add_ps(acc[m]);
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) op[(m0 + t) * N + r0 + i] = _mm512_reduce_add_ps(acc[i][t]);
+}
+
+// Rows [begin, end) for T tokens from m0: 4 rows per pass for up to 4 tokens, 2 beyond (16
+// accumulators either way), the last odd rows one at a time.
+template <int T>
+void nf4_rows_avx512(const uint8_t* wp, const BlockScales& scales, const __m512 code_vec, const float* xr, float* op,
+                     int64_t N, int64_t K, int64_t blocksize, int64_t begin, int64_t end, int64_t m0) {
+  constexpr int R = T <= 4 ? 4 : 2;
+  int64_t r = begin;
+  for (; r + R <= end; r += R) nf4_tile_avx512<R, T>(wp, scales, code_vec, xr, op, N, K, blocksize, r, m0);
+  for (; r < end; ++r) nf4_tile_avx512<1, T>(wp, scales, code_vec, xr, op, N, K, blocksize, r, m0);
+}
+
+LOWBIT_AVX512 void nf4_fused_avx512(const uint8_t* wp, const BlockScales& scales, const float* codes,
+                                    const float* xr, float* op, int64_t M, int64_t N, int64_t K, int64_t blocksize,
+                                    int64_t begin, int64_t end) {
+  const __m512 code_vec = _mm512_loadu_ps(codes);
+  for (int64_t m0 = 0; m0 < M; m0 += kTokenGroup) {
+    switch (std::min(kTokenGroup, M - m0)) {
+      case 1: nf4_rows_avx512<1>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+      case 2: nf4_rows_avx512<2>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+      case 3: nf4_rows_avx512<3>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+      case 4: nf4_rows_avx512<4>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+      case 5: nf4_rows_avx512<5>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+      case 6: nf4_rows_avx512<6>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+      case 7: nf4_rows_avx512<7>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+      default: nf4_rows_avx512<8>(wp, scales, code_vec, xr, op, N, K, blocksize, begin, end, m0); break;
+    }
+  }
+}
+
+// One row decoded into fp32 in the deinterleaved column order of deinterleave_chunks.
+LOWBIT_AVX512 void decode_row_avx512(const uint8_t* row, const BlockScales& scales, const float* codes, float* dst,
+                                     int64_t K, int64_t blocksize, int64_t first_block) {
+  const __m512 code_vec = _mm512_loadu_ps(codes);
+  for (int64_t b = 0; b < K / blocksize; ++b) {
+    const __m512 table = _mm512_mul_ps(code_vec, _mm512_set1_ps(scales(first_block + b)));
+    for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+      _mm512_storeu_ps(dst + k, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
+      _mm512_storeu_ps(dst + k + 16, _mm512_permutexvar_ps(v, table));
+    }
   }
 }
 #endif
 
 // y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] stored as 4-bit codes with per-block absmax
-// (blocks along K: K % blocksize == 0). Few tokens: every thread decodes its rows block by
-// block into L1 and multiplies all tokens with them (the weight is read once). More tokens:
-// tiles of rows are decoded into fp32 and multiplied with ATen's GEMM.
+// (blocks along K: K % blocksize == 0), fp32 or double-quantized (absmax uint8 with
+// nested_absmax, nested_code and offset). Up to kFusedTokens tokens, every thread multiplies
+// its rows straight from the codes (the weight is read once per 8 tokens). More tokens: tiles
+// of rows are decoded into fp32 and multiplied with ATen's GEMM.
 at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax_in,
                       int64_t blocksize, std::string quant_type, int64_t out_features,
-                      const c10::optional<at::Tensor>& bias) {
+                      const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& nested_absmax_in,
+                      const c10::optional<at::Tensor>& nested_code_in, double offset) {
   check_blocksize(blocksize);
   const Codebook& c = codebook(quant_type);
   check_float(x_in, "x");
@@ -269,37 +344,60 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
                     " for the fused 4-bit matmul");
   TORCH_CHECK_VALUE(packed_in.scalar_type() == at::kByte && packed_in.numel() * 2 == N * K, "lowbit: packed codes (",
                     packed_in.numel(), " bytes) do not hold a [", N, ", ", K, "] weight");
-  TORCH_CHECK_VALUE(absmax_in.numel() == N * K / blocksize, "lowbit: absmax has ", absmax_in.numel(),
-                    " entries, expected ", N * K / blocksize);
+  const int64_t blocks = N * K / blocksize;
+  TORCH_CHECK_VALUE(absmax_in.numel() == blocks, "lowbit: absmax has ", absmax_in.numel(), " entries, expected ",
+                    blocks);
+  const bool nested = absmax_in.scalar_type() == at::kByte;
+  at::Tensor absmax, nested_absmax, nested_code;
+  BlockScales scales;
+  if (nested) {
+    TORCH_CHECK_VALUE(nested_absmax_in.has_value() && nested_code_in.has_value(),
+                      "lowbit: uint8 (double-quantized) absmax needs nested_absmax and nested_code");
+    TORCH_CHECK_VALUE(nested_absmax_in->numel() == (blocks + 255) / 256 && nested_code_in->numel() == 256,
+                      "lowbit: nested_absmax must have ", (blocks + 255) / 256, " entries and nested_code 256");
+    absmax = absmax_in.reshape(-1).contiguous();
+    nested_absmax = nested_absmax_in->reshape(-1).to(at::kFloat).contiguous();
+    nested_code = nested_code_in->reshape(-1).to(at::kFloat).contiguous();
+    scales.codes = absmax.data_ptr<uint8_t>();
+    scales.nested = nested_absmax.data_ptr<float>();
+    scales.dyn = nested_code.data_ptr<float>();
+    scales.offset = static_cast<float>(offset);
+  } else {
+    absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
+    scales.plain = absmax.data_ptr<float>();
+  }
   const at::Tensor x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
   const at::Tensor packed = packed_in.reshape(-1).contiguous();
-  const at::Tensor absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
   const int64_t M = x.size(0), blocks_per_row = K / blocksize;
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  const float* ap = absmax.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
+  at::Tensor out = at::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+#ifdef LOWBIT_HAVE_AVX512_KERNEL
+  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
+#else
+  constexpr bool have_avx512 = false;
+#endif
+  // Rows decoded in natural column order (portable) or in deinterleave_chunks' order (AVX-512).
   auto decode_row = [&](int64_t r, float* dst) {
+#ifdef LOWBIT_HAVE_AVX512_KERNEL
+    if (have_avx512) return decode_row_avx512(wp + r * K / 2, scales, c.values, dst, K, blocksize, r * blocks_per_row);
+#endif
     float table[16];
     for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const float am = ap[r * blocks_per_row + b];
+      const float am = scales(r * blocks_per_row + b);
       for (int i = 0; i < 16; ++i) table[i] = c.values[i] * am;
       decode_block(wp + (r * K + b * blocksize) / 2, table, dst + b * blocksize, blocksize);
     }
   };
-  at::Tensor out = at::empty({M, N}, x.options());
+  const at::Tensor xs = have_avx512 ? deinterleave_chunks(x) : x;
+  const float* xp = xs.data_ptr<float>();
+  if (M <= kFusedTokens && have_avx512) {
 #ifdef LOWBIT_HAVE_AVX512_KERNEL
-  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
-  if (M <= kGemvTokens && have_avx512) {
-    const at::Tensor xr = deinterleave_chunks(x);
-    const float* xrp = xr.data_ptr<float>();
-    float* op = out.data_ptr<float>();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      nf4_gemv_avx512(wp, ap, c.values, xrp, op, M, N, K, blocksize, begin, end);
+      nf4_fused_avx512(wp, scales, c.values, xp, op, M, N, K, blocksize, begin, end);
     });
-  } else
 #endif
-  if (M <= kGemvTokens) {
-    float* op = out.data_ptr<float>();
+  } else if (M <= kTokenGroup) {
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> row(K);
       for (int64_t r = begin; r < end; ++r) {
@@ -322,7 +420,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
       at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) decode_row(r, bp + (r - r0) * K);
       });
-      out.narrow(1, r0, r1 - r0).copy_(at::mm(x, buf.narrow(0, 0, r1 - r0).t()));
+      out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
     }
   }
   if (bias.has_value() && bias->defined()) {

@@ -517,7 +517,12 @@ def nf4_linear(x: Tensor, packed: Tensor, state: NF4QuantState, bias: Optional[T
     _check_float(x, "x", dims=None)
     if x.dim() == 0 or x.shape[-1] != state.shape[1]:
         raise ValueError(f"x must have {state.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
-    return ops.nf4_linear(x, packed, _plain_absmax(state), state.blocksize, state.quant_type, state.shape[0], bias)
+    if not state.double_quant:
+        return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0], bias)
+    if state.offset is None:
+        raise ValueError("a double-quantized state needs its offset (the mean absmax)")
+    return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0], bias,
+                          state.nested_absmax, _dynamic_map(), float(state.offset))
 
 
 def _plain_absmax(state: NF4QuantState) -> Tensor:

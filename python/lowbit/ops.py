@@ -89,9 +89,13 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: s
 
 
 def nf4_linear(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, out_features: int,
-               bias: Optional[Tensor] = None) -> Tensor:
-    """x [..., in] @ W^T (+ bias) for W [out_features, in] stored as NF4 / FP4 codes -> x.dtype."""
-    return _ops.nf4_linear(x, packed, absmax, blocksize, quant_type, out_features, bias)
+               bias: Optional[Tensor] = None, nested_absmax: Optional[Tensor] = None,
+               nested_code: Optional[Tensor] = None, offset: float = 0.0) -> Tensor:
+    """x [..., in] @ W^T (+ bias) for W [out_features, in] stored as NF4 / FP4 codes -> x.dtype.
+    absmax: fp32, or uint8 codes into nested_code (double quantization) decoded in the loop as
+    nested_code[q] * nested_absmax[block // 256] + offset."""
+    return _ops.nf4_linear(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax, nested_code,
+                           offset)
 
 
 def blockwise8_quantize(values: Tensor, code: Tensor, blocksize: int) -> Tuple[Tensor, Tensor]:
