@@ -227,7 +227,7 @@ def test_packed_linear_module_errors():
         m(torch.randn(2, 64))
     with pytest.raises(TypeError, match=r"x must be float32, float16 or bfloat16, got torch.float64"):
         m(torch.randn(2, 128, dtype=torch.float64))
-    with pytest.raises(TypeError, match=r"from_linear expects an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match=r"from_linear expects a float nn.Linear, got Conv1d"):
         PackedLinear.from_linear(nn.Conv1d(4, 4, 1), "W4A16")
     with pytest.raises(ValueError, match=r"group_size 128 does not divide the 96 input columns"):
         PackedLinear.from_linear(nn.Linear(96, 4), "W4A16")

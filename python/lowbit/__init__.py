@@ -5,7 +5,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import eval, functional, nn, ops
 from .formats import load, save_compressed
-from .modifiers import AWQMapping, AWQModifier, GPTQModifier, Modifier, QuantizationModifier
+from .modifiers import AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, Modifier, QuantizationModifier
 from .pipeline import oneshot
 from .recipe import parse_recipe
 from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AWQMapping",
     "AWQModifier",
+    "BnB4bitModifier",
     "GPTQModifier",
     "PRESET_SCHEMES",
     "Modifier",

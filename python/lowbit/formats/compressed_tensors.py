@@ -14,9 +14,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import functional as F
+from . import bitsandbytes
 from ..modifiers.base import matches
 from ..nn.convert import replace_module
 from ..nn.int8_dynamic import Int8DynamicLinear
+from ..nn.nf4_linear import NF4Linear
 from ..nn.packed_linear import PackedLinear
 from ..schemes import QuantizationArgs, QuantizationScheme, args_from_dict
 
@@ -77,8 +79,11 @@ def check_output_dir(output_dir, overwrite: bool) -> None:
 
 
 def _quantized_tensors(module: nn.Module):
-    """compressed-tensors' tensors for a PackedLinear, or None for every other module
-    (Int8DynamicLinear's own state dict already is the int-quantized layout)."""
+    """The checkpoint tensors of a PackedLinear (compressed-tensors) or NF4Linear
+    (bitsandbytes), or None for every other module (Int8DynamicLinear's own state dict
+    already is the int-quantized layout)."""
+    if isinstance(module, NF4Linear):
+        return bitsandbytes.nf4_tensors(module)
     if not isinstance(module, PackedLinear):
         return None
     out = {"weight_packed": module.weight_packed, "weight_scale": module.weight_scale,
@@ -91,7 +96,7 @@ def _quantized_tensors(module: nn.Module):
 
 
 def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's tensors in compressed-tensors' names and layouts, sorted by name; tied
+    """The model's tensors in the checkpoint's names and layouts, sorted by name; tied
     duplicates (an lm_head sharing the embedding) are dropped, transformers re-ties them."""
     replaced = {name: t for name, m in model.named_modules() if (t := _quantized_tensors(m)) is not None}
     state, seen = {}, set()
@@ -205,11 +210,37 @@ def _to_module_layout(model: nn.Module, plan, state: Dict[str, torch.Tensor]) ->
     return state
 
 
+def _load_compressed_tensors(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype) -> None:
+    if qc.get("quantization_status", "compressed") != "compressed" or qc.get("format") not in (
+            "pack-quantized", "int-quantized", "mixed-precision"):
+        raise ValueError(f"unsupported compressed-tensors format {qc.get('format')!r} "
+                         f"(status {qc.get('quantization_status')!r}); lowbit reads pack-quantized and int-quantized")
+    plan = _plan_from_config(model, qc)
+    if not plan:
+        raise ValueError("the quantization_config's config_groups match no module of the model")
+    for name, (module, scheme) in plan.items():
+        replace_module(model, name, _empty_quantized(module, scheme, dtype))
+    _to_module_layout(model, plan, state)
+
+
+def _load_bitsandbytes(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype) -> None:
+    if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
+        raise ValueError("lowbit.load reads bitsandbytes 4-bit checkpoints (load_in_4bit); this one is "
+                         f"load_in_8bit={qc.get('load_in_8bit')!r}, load_in_4bit={qc.get('load_in_4bit')!r}")
+    if not bitsandbytes.load_into(model, state, qc):
+        raise ValueError("the bitsandbytes checkpoint holds no 4-bit weight (no *.weight.quant_state.bitsandbytes__* "
+                         "entry)")
+
+
+LOADERS = {"compressed-tensors": _load_compressed_tensors, "bitsandbytes": _load_bitsandbytes}
+
+
 def load(path, dtype: torch.dtype = None) -> nn.Module:
     """Load a checkpoint directory into lowbit modules: compressed-tensors checkpoints (from
-    lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear layers running lowbit's
-    kernels; an unquantized directory loads as transformers would load it. A tensor the
-    model does not expect, or one it lacks, is an error."""
+    lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear layers, bitsandbytes 4-bit
+    checkpoints (from lowbit or transformers) NF4Linear layers, all running lowbit's kernels;
+    an unquantized directory loads as transformers would load it. A tensor the model does not
+    expect, or one it lacks, is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = os.fspath(path)
@@ -220,22 +251,15 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
     if qc is None:
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype).eval()
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    if qc.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"lowbit.load reads compressed-tensors checkpoints, not quant_method={qc.get('quant_method')!r}")
-    if qc.get("quantization_status", "compressed") != "compressed" or qc.get("format") not in (
-            "pack-quantized", "int-quantized", "mixed-precision"):
-        raise ValueError(f"unsupported compressed-tensors format {qc.get('format')!r} "
-                         f"(status {qc.get('quantization_status')!r}); lowbit reads pack-quantized and int-quantized")
+    if qc.get("quant_method") not in LOADERS:
+        raise ValueError(f"lowbit.load reads compressed-tensors and bitsandbytes checkpoints, not "
+                         f"quant_method={qc.get('quant_method')!r}")
     del config.quantization_config
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    plan = _plan_from_config(model, qc)
-    if not plan:
-        raise ValueError("the quantization_config's config_groups match no module of the model")
-    for name, (module, scheme) in plan.items():
-        replace_module(model, name, _empty_quantized(module, scheme, dtype))
-    state = _to_module_layout(model, plan, _read_safetensors(path))
+    state = _read_safetensors(path)
+    LOADERS[qc["quant_method"]](model, qc, state, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]

@@ -8,6 +8,7 @@ from typing import Dict, Iterable, List, Sequence, Union
 
 from torch import nn
 
+from ..nn import QUANTIZED_LINEAR_TYPES
 from ..nn.convert import Conv1D, quantize_module
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -55,7 +56,8 @@ class Modifier:
         """The Linear-like modules of `model` matched by `targets` (default: self.targets) and
         not by `ignore`. A target that matches nothing is an error; an unused ignore warns."""
         targets = list(targets) if targets is not None else self.targets
-        linear = [(n, m) for n, m in model.named_modules() if isinstance(m, LINEAR_TYPES)]
+        linear = [(n, m) for n, m in model.named_modules()
+                  if isinstance(m, LINEAR_TYPES) and not isinstance(m, QUANTIZED_LINEAR_TYPES)]
         for pattern in targets:
             if not any(matches(pattern, n, m) for n, m in linear):
                 raise ValueError(

@@ -2,6 +2,11 @@
 
 from .convert import quantize_module, replace_module
 from .int8_dynamic import Int8DynamicLinear
+from .nf4_linear import NF4Linear
 from .packed_linear import PackedLinear
 
-__all__ = ["Int8DynamicLinear", "PackedLinear", "quantize_module", "replace_module"]
+# lowbit's quantized layers: already quantized, never a target of a modifier again.
+QUANTIZED_LINEAR_TYPES = (Int8DynamicLinear, NF4Linear, PackedLinear)
+
+__all__ = ["Int8DynamicLinear", "NF4Linear", "PackedLinear", "QUANTIZED_LINEAR_TYPES", "quantize_module",
+           "replace_module"]

@@ -10,10 +10,12 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
+from .frozen import check_input, frozen_linear
 
 
-class PackedLinear(nn.Module):
-    """Integer-quantized Linear; forward runs lowbit's fused unpack + matmul kernel.
+class PackedLinear(nn.Linear):
+    """Integer-quantized drop-in nn.Linear; forward runs lowbit's fused unpack + matmul kernel,
+    and passes gradients to its input (the weight is frozen: LoRA adapters train on top).
 
     Buffers use compressed-tensors' names and shapes, so the state dict is what the
     pack-quantized format stores: ``weight_packed`` int32 [out, ceil(in*b/32)],
@@ -25,7 +27,7 @@ class PackedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16",
                  dtype: torch.dtype = torch.float32):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
         resolved = resolve_scheme(scheme)
         if resolved.input_activations is not None:
             raise ValueError("PackedLinear keeps activations in floating point (WnA16); "
@@ -55,8 +57,8 @@ class PackedLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear,
                     scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16") -> "PackedLinear":
         """Quantize an nn.Linear (round-to-nearest with the scheme's observer) and pack it."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) or isinstance(linear, PackedLinear):
+            raise TypeError(f"from_linear expects a float nn.Linear, got {type(linear).__name__}")
         a = resolve_scheme(scheme).weights
         codes, scale, zero = F.quantize(linear.weight.detach(), a.num_bits, a.symmetric, a.strategy, a.group_size,
                                         a.observer)
@@ -78,6 +80,12 @@ class PackedLinear(nn.Module):
             module.bias.data.copy_(linear.bias.detach())
         return module.to(w.device)
 
+    @property
+    def weight(self) -> Tensor:
+        """The packed codes, as bitsandbytes' Linear4bit.weight is: tools that read a Linear's
+        weight (PEFT) find its device, and an integer dtype that marks it quantized."""
+        return self.weight_packed
+
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         codes = F.unpack(self.weight_packed, self.args.num_bits, (self.out_features, self.in_features))
         if self.weight_g_idx is None:
@@ -88,18 +96,15 @@ class PackedLinear(nn.Module):
         return ((codes.float() - zero) * self.weight_scale[:, g].float()).to(dtype or self.weight_scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The buffers were shaped at construction: only x needs checking, with cheap attribute
-        # tests rather than functional.packed_linear's full validation (this is the hot path).
-        if x.device.type != "cpu":
-            raise ValueError(f"x is on {x.device}, but lowbit's kernels run on the CPU: pass x.cpu()")
-        if x.dtype not in F.FLOAT_DTYPES:
-            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have {self.in_features} features in its last dimension, got shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
+        return frozen_linear(self, x)
+
+    def quantized_matmul(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        """x @ W^T (+ bias) in x's dtype."""
         if self.weight_g_idx is not None:  # scattered groups: no fused kernel, a dense matmul
-            return nn.functional.linear(x, self.dequantized_weight(x.dtype), self.bias)
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
         return ops.packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
-                                 self.args.num_bits, self.in_features // self.weight_scale.shape[1], self.bias)
+                                 self.args.num_bits, self.in_features // self.weight_scale.shape[1], bias)
 
     def extra_repr(self) -> str:
         s = self.args

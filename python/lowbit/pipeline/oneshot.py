@@ -12,7 +12,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.compressed_tensors import check_output_dir, quantization_config, save_compressed
-from ..modifiers import Modifier
+from ..formats import bitsandbytes
+from ..modifiers import BnB4bitScheme, Modifier
 from ..modifiers.base import in_features
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
@@ -72,7 +73,8 @@ def _plan(model: nn.Module, modifiers) -> Tuple[Plan, Dict[str, Modifier]]:
             plan[name], owners[name] = entry, modifier
     bad = [f"{name} ({in_features(module)} columns, group_size {scheme.weights.group_size})"
            for name, (module, scheme) in plan.items()
-           if scheme.weights.strategy == "group" and in_features(module) % scheme.weights.group_size]
+           if isinstance(scheme, QuantizationScheme) and scheme.weights.strategy == "group"
+           and in_features(module) % scheme.weights.group_size]
     if bad:
         raise ValueError(f"the group size does not divide the input columns of {', '.join(bad[:4])}"
                          f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; choose a group size that divides "
@@ -141,11 +143,15 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
 
 
 def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
-    """Record the quantization in model.config, as compressed-tensors describes it."""
+    """Record the quantization in model.config, as compressed-tensors (or, for NF4 / FP4,
+    transformers' bitsandbytes integration) describes it."""
     if any(module is output_embeddings for module, _ in plan.values()):
         # lm_head now holds its own quantized weight; the embedding stays float.
         model.config.tie_word_embeddings = False
-    config = quantization_config(model, plan)
+    if any(isinstance(scheme, BnB4bitScheme) for _, scheme in plan.values()):
+        config = bitsandbytes.quantization_config(model, plan)
+    else:
+        config = quantization_config(model, plan)
     if config is not None:
         model.config.quantization_config = config
     if any(not isinstance(module, nn.Linear) for module, _ in plan.values()):

@@ -13,11 +13,16 @@ NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
        0.7229568362236023, 1.0]
-FP4 = [v / 12 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3)] + [-v / 12 for v in (0, 0.0625, 8, 12, 4, 6, 2, 3)]
+# FP4: sign bit 3, then 2 exponent bits and 1 mantissa bit, divided by 12 in float32; code 8
+# is +0 (bitsandbytes' table, which its checkpoints store as quant_map).
+FP4_TIMES_12 = [0, 0.0625, 8, 12, 4, 6, 2, 3, 0, -0.0625, -8, -12, -4, -6, -2, -3]
 
 
 def code(quant_type: str) -> Tensor:
-    return torch.tensor(NF4 if quant_type == "nf4" else FP4, dtype=torch.float32)
+    """The 16 code values (bitsandbytes' quant_map), float32."""
+    if quant_type == "nf4":
+        return torch.tensor(NF4, dtype=torch.float32)
+    return torch.tensor(FP4_TIMES_12, dtype=torch.float32) / 12
 
 
 def quantize(w: Tensor, blocksize: int, quant_type: str):

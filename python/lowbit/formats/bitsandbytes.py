@@ -1,0 +1,133 @@
+"""bitsandbytes 4-bit checkpoints, the layout transformers saves and loads for
+BitsAndBytesConfig(load_in_4bit=True): for a Linear X, ``X.weight`` (packed uint8 codes),
+``X.weight.absmax``, ``X.weight.quant_map`` and, with double quantization,
+``X.weight.nested_absmax`` / ``X.weight.nested_quant_map``, plus
+``X.weight.quant_state.bitsandbytes__<nf4|fp4>``: the UTF-8 JSON of the rest of the state."""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from ..nn.nf4_linear import NF4Linear, as_dtype
+from ..reference.nf4 import code as code_values
+
+QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def nf4_tensors(module: NF4Linear) -> Dict[str, torch.Tensor]:
+    """The checkpoint tensors of one NF4Linear, named relative to the module, exactly as
+    bitsandbytes' QuantState.as_dict(packed=True) writes them (the same JSON, key for key)."""
+    state = {"quant_type": module.quant_type, "blocksize": module.blocksize,
+             "dtype": _dtype_name(module.weight_dtype), "shape": [module.out_features, module.in_features]}
+    out = {"weight": module.weight, "weight.absmax": module.absmax, "weight.quant_map": code_values(module.quant_type)}
+    if module.double_quant:
+        state.update(nested_blocksize=F.NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=module.offset.item())
+        out["weight.nested_absmax"] = module.nested_absmax
+        out["weight.nested_quant_map"] = F._dynamic_map().clone()  # cached: each entry needs its own storage
+    packed_state = json.dumps(state).encode("utf-8")
+    out[f"weight.{QUANT_STATE_PREFIX}{module.quant_type}"] = torch.frombuffer(bytearray(packed_state), dtype=torch.uint8)
+    return out
+
+
+def quantization_config(model: nn.Module, plan: dict) -> dict:
+    """config.json's quantization_config for NF4Linear layers, as transformers'
+    BitsAndBytesConfig(load_in_4bit=True).to_dict() writes it. llm_int8_skip_modules lists
+    every Linear left in floating point, so transformers converts exactly the quantized ones."""
+    settings = {(s.quant_type, s.double_quant, s.compute_dtype) for _, s in plan.values()}
+    if len(settings) > 1:
+        raise ValueError("a bitsandbytes checkpoint has one quant_type, double_quant and compute_dtype for all "
+                         f"layers; the recipe asks for {sorted(settings, key=str)}")
+    quant_type, double_quant, compute_dtype = settings.pop()
+    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in plan)
+    dtype = compute_dtype or next(m.weight.dtype for m, _ in plan.values())
+    return {
+        "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": _dtype_name(dtype),
+        "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+        "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip,
+        "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+    }
+
+
+def _bad(name: str, why: str) -> ValueError:
+    return ValueError(f"bitsandbytes checkpoint: {name}: {why}; re-save the model with transformers or lowbit")
+
+
+def _quant_state(state: Dict[str, torch.Tensor], name: str, module: nn.Linear) -> dict:
+    keys = [k for k in state if k.startswith(f"{name}.weight.{QUANT_STATE_PREFIX}")]
+    if len(keys) != 1:
+        raise _bad(name, f"expected one weight.{QUANT_STATE_PREFIX}<nf4|fp4> entry, found {len(keys)}")
+    try:
+        meta = json.loads(bytes(state.pop(keys[0]).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(name, f"the packed quant state is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _bad(name, "the packed quant state is not a JSON object")
+    missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
+    if missing:
+        raise _bad(name, f"the packed quant state lacks {missing}")
+    if meta["quant_type"] not in ("nf4", "fp4") or keys[0].rsplit("__", 1)[1] != meta["quant_type"]:
+        raise _bad(name, f"quant_type {meta['quant_type']!r} (key {keys[0]!r}) is not nf4 or fp4")
+    if list(meta["shape"]) != [module.out_features, module.in_features]:
+        raise _bad(name, f"shape {meta['shape']} does not match the model's "
+                         f"[{module.out_features}, {module.in_features}] Linear")
+    return meta
+
+
+def _take(state: Dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
+    if key not in state:
+        raise _bad(name, f"{key!r} is missing")
+    return state.pop(key)
+
+
+def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict) -> List[str]:
+    """Replace every Linear whose weight the checkpoint stores in 4 bits by an NF4Linear and
+    rewrite its entries of `state` into the module's buffer names (checked for presence, dtype
+    and size); returns the replaced module names."""
+    from ..nn.convert import replace_module
+
+    compute_dtype = qc.get("bnb_4bit_compute_dtype")
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not any(k.startswith(f"{name}.weight.{QUANT_STATE_PREFIX}")
+                                                        for k in state):
+            continue
+        meta = _quant_state(state, name, module)
+        nested = "nested_offset" in meta
+        try:
+            new = NF4Linear(module.in_features, module.out_features, module.bias is not None, meta["quant_type"],
+                            meta["blocksize"], nested, compute_dtype, dtype=as_dtype(meta["dtype"], "dtype"))
+        except (ValueError, TypeError) as e:
+            raise _bad(name, f"bad quant state {meta}: {e}") from None
+        quant_map = _take(state, f"{name}.weight.quant_map", name)
+        if not torch.equal(quant_map.float(), code_values(meta["quant_type"])):
+            raise _bad(name, f"quant_map is not bitsandbytes' {meta['quant_type']} code (custom codes are not supported)")
+        tensors = {"weight": _take(state, f"{name}.weight", name), "absmax": _take(state, f"{name}.weight.absmax", name)}
+        if nested:
+            if meta.get("nested_blocksize") != F.NESTED_BLOCKSIZE:
+                raise _bad(name, f"nested_blocksize {meta.get('nested_blocksize')} is not {F.NESTED_BLOCKSIZE}")
+            if not torch.equal(_take(state, f"{name}.weight.nested_quant_map", name).float(), F._dynamic_map()):
+                raise _bad(name, "nested_quant_map is not bitsandbytes' signed dynamic map")
+            tensors["nested_absmax"] = _take(state, f"{name}.weight.nested_absmax", name)
+            tensors["offset"] = torch.tensor(float(meta["nested_offset"]))
+        for what, tensor in tensors.items():
+            buffer = getattr(new, what)
+            if tensor.dtype != buffer.dtype or tensor.numel() != buffer.numel():
+                raise _bad(name, f"{what} is {tensor.dtype} with {tensor.numel()} entries, expected {buffer.dtype} "
+                                 f"with {buffer.numel()} (quant_type {meta['quant_type']}, blocksize {meta['blocksize']})")
+            state[f"{name}.{what}"] = tensor.reshape(buffer.shape)
+        replace_module(model, name, new)
+        replaced.append(name)
+    orphans = [k[:-len(".weight")] for k, t in state.items()
+               if k.endswith(".weight") and t.dtype == torch.uint8 and k[:-len(".weight")] not in replaced]
+    if orphans:
+        raise _bad(orphans[0], f"the weight is packed uint8 but weight.{QUANT_STATE_PREFIX}<nf4|fp4> is missing")
+    return replaced
