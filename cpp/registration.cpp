@@ -44,9 +44,9 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("nf4_dequantize(Tensor packed, Tensor absmax, int blocksize, str quant_type, int numel, "
         "ScalarType dtype) -> Tensor");
   // x @ W^T (+ bias) with W [out_features, in] in NF4 / FP4 codes, decoded inside the loop;
-  // absmax fp32, or uint8 codes into nested_code scaled by nested_absmax (256 blocks each) + offset.
+  // absmax fp32, or uint8 codes into nested_code scaled by nested_absmax (256 blocks each) + offset (0-d).
   m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int out_features, "
-        "Tensor? bias, Tensor? nested_absmax=None, Tensor? nested_code=None, float offset=0.0) -> Tensor");
+        "Tensor? bias, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None) -> Tensor");
   // 8-bit blockwise quantization against a 256-entry code, as bitsandbytes' CPU library does it
   // (double quantization) -> (codes uint8 [n], absmax float32 [blocks]); and its inverse (fp32).
   m.def("blockwise8_quantize(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)");

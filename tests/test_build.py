@@ -11,9 +11,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lowbit
+from lowbit import functional as F
 from lowbit import ops
 
-OP_NAMES = ["quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear"]
+OP_NAMES = ["quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear", "nf4_linear"]
 
 
 def test_import_prints_nothing():
@@ -47,6 +48,8 @@ def _cases():
     codes = ops.quantize(w, s, z, 4, 32)
     packed = ops.pack(codes, 4)
     x = torch.randn(3, 64, generator=gen)
+    nf4_packed, nf4_absmax = ops.nf4_quantize(w, 32, "nf4")
+    nf4_codes, nf4_nested = ops.blockwise8_quantize(nf4_absmax - 0.25, F.DYNAMIC_MAP, 256)
     return {
         "quant_params": (w, 4, False, 32, "minmax", 0.8, 100, 2.4),
         "quant_params_mse": (w.half(), 3, True, 16, "mse", 0.5, 20, 2.0),
@@ -59,6 +62,9 @@ def _cases():
         "unpack": (packed, 4, 64),
         "packed_linear": (x, packed, s, z, 4, 32, torch.randn(5, generator=gen)),
         "packed_linear_3d_no_bias": (x.reshape(3, 1, 64).half(), packed, s, None, 4, 32, None),
+        "nf4_linear": (x, *ops.nf4_quantize(w, 32, "nf4"), 32, "nf4", 5, torch.randn(5, generator=gen), None, None, None),
+        "nf4_linear_double_quant_3d": (x.reshape(3, 1, 64).bfloat16(), nf4_packed, nf4_codes, 32, "nf4", 5, None,
+                                       nf4_nested, F.DYNAMIC_MAP, torch.tensor(0.25)),
     }
 
 
@@ -126,6 +132,13 @@ def test_meta_inputs(case):
 def test_meta_quant_params():
     s, z = ops.quant_params(torch.empty(6, 128, device="meta"), 4, True, 32)
     assert s.device.type == "meta" and s.shape == (6, 4) and z.dtype == torch.int8
+
+
+def test_torch_compile_nf4_linear():
+    m = lowbit.nn.NF4Linear.from_linear(torch.nn.Linear(128, 9), double_quant=True)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), m(x))
 
 
 def test_torch_compile_packed_linear():

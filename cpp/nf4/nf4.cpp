@@ -335,7 +335,7 @@ LOWBIT_AVX512 void decode_row_avx512(const uint8_t* row, const BlockScales& scal
 at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax_in,
                       int64_t blocksize, std::string quant_type, int64_t out_features,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& nested_absmax_in,
-                      const c10::optional<at::Tensor>& nested_code_in, double offset) {
+                      const c10::optional<at::Tensor>& nested_code_in, const c10::optional<at::Tensor>& offset) {
   check_blocksize(blocksize);
   const Codebook& c = codebook(quant_type);
   check_float(x_in, "x");
@@ -351,8 +351,9 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
   at::Tensor absmax, nested_absmax, nested_code;
   BlockScales scales;
   if (nested) {
-    TORCH_CHECK_VALUE(nested_absmax_in.has_value() && nested_code_in.has_value(),
-                      "lowbit: uint8 (double-quantized) absmax needs nested_absmax and nested_code");
+    TORCH_CHECK_VALUE(nested_absmax_in.has_value() && nested_code_in.has_value() && offset.has_value(),
+                      "lowbit: uint8 (double-quantized) absmax needs nested_absmax, nested_code and offset");
+    TORCH_CHECK_VALUE(offset->numel() == 1, "lowbit: offset must hold one value");
     TORCH_CHECK_VALUE(nested_absmax_in->numel() == (blocks + 255) / 256 && nested_code_in->numel() == 256,
                       "lowbit: nested_absmax must have ", (blocks + 255) / 256, " entries and nested_code 256");
     absmax = absmax_in.reshape(-1).contiguous();
@@ -361,7 +362,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
     scales.codes = absmax.data_ptr<uint8_t>();
     scales.nested = nested_absmax.data_ptr<float>();
     scales.dyn = nested_code.data_ptr<float>();
-    scales.offset = static_cast<float>(offset);
+    scales.offset = offset->to(at::kFloat).item<float>();
   } else {
     absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
     scales.plain = absmax.data_ptr<float>();

@@ -7,7 +7,6 @@ Codes are signed int8 on compressed-tensors' grid [-2^(b-1), 2^(b-1) - 1].
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -15,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .reference import nf4 as _reference_nf4
 from .schemes import ACTORDERS, QuantizationArgs
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -490,7 +490,7 @@ def nf4_quantize(w: Tensor, blocksize: int = 64, quant_type: str = "nf4",
     if not double_quant:
         return packed, NF4QuantState(absmax, w.shape, w.dtype, blocksize, quant_type)
     offset = absmax.mean()
-    codes, nested = ops.blockwise8_quantize(absmax - offset, _dynamic_map(), NESTED_BLOCKSIZE)
+    codes, nested = ops.blockwise8_quantize(absmax - offset, DYNAMIC_MAP, NESTED_BLOCKSIZE)
     return packed, NF4QuantState(codes, w.shape, w.dtype, blocksize, quant_type, nested, offset)
 
 
@@ -522,7 +522,7 @@ def nf4_linear(x: Tensor, packed: Tensor, state: NF4QuantState, bias: Optional[T
     if state.offset is None:
         raise ValueError("a double-quantized state needs its offset (the mean absmax)")
     return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0], bias,
-                          state.nested_absmax, _dynamic_map(), float(state.offset))
+                          state.nested_absmax, DYNAMIC_MAP, state.offset)
 
 
 def _plain_absmax(state: NF4QuantState) -> Tensor:
@@ -530,11 +530,9 @@ def _plain_absmax(state: NF4QuantState) -> Tensor:
         return state.absmax
     if state.offset is None:
         raise ValueError("a double-quantized state needs its offset (the mean absmax)")
-    return ops.blockwise8_dequantize(state.absmax, state.nested_absmax, _dynamic_map(), NESTED_BLOCKSIZE) + state.offset
+    return ops.blockwise8_dequantize(state.absmax, state.nested_absmax, DYNAMIC_MAP, NESTED_BLOCKSIZE) + state.offset
 
 
-@functools.lru_cache(maxsize=1)
-def _dynamic_map() -> Tensor:
-    from .reference.nf4 import dynamic_map  # the published map: data, not a kernel
-
-    return dynamic_map()
+# bitsandbytes' signed 8-bit dynamic map, the code of double-quantized absmax values (the
+# published map is data, not a kernel: built once by the reference's transcription).
+DYNAMIC_MAP = _reference_nf4.dynamic_map()

@@ -90,7 +90,7 @@ def nf4_dequantize(packed: Tensor, absmax: Tensor, blocksize: int, quant_type: s
 
 def nf4_linear(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, out_features: int,
                bias: Optional[Tensor] = None, nested_absmax: Optional[Tensor] = None,
-               nested_code: Optional[Tensor] = None, offset: float = 0.0) -> Tensor:
+               nested_code: Optional[Tensor] = None, offset: Optional[Tensor] = None) -> Tensor:
     """x [..., in] @ W^T (+ bias) for W [out_features, in] stored as NF4 / FP4 codes -> x.dtype.
     absmax: fp32, or uint8 codes into nested_code (double quantization) decoded in the loop as
     nested_code[q] * nested_absmax[block // 256] + offset."""
@@ -161,3 +161,8 @@ def _(packed, bits, cols):
 @torch.library.register_fake("lowbit::packed_linear")
 def _(x, packed, scale, zero_point, bits, group_size, bias):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@torch.library.register_fake("lowbit::nf4_linear")
+def _(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None, nested_code=None, offset=None):
+    return x.new_empty((*x.shape[:-1], out_features))

@@ -32,7 +32,7 @@ def nf4_tensors(module: NF4Linear) -> Dict[str, torch.Tensor]:
     if module.double_quant:
         state.update(nested_blocksize=F.NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=module.offset.item())
         out["weight.nested_absmax"] = module.nested_absmax
-        out["weight.nested_quant_map"] = F._dynamic_map().clone()  # cached: each entry needs its own storage
+        out["weight.nested_quant_map"] = F.DYNAMIC_MAP.clone()  # cached: each entry needs its own storage
     packed_state = json.dumps(state).encode("utf-8")
     out[f"weight.{QUANT_STATE_PREFIX}{module.quant_type}"] = torch.frombuffer(bytearray(packed_state), dtype=torch.uint8)
     return out
@@ -114,7 +114,7 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict) -> Lis
         if nested:
             if meta.get("nested_blocksize") != F.NESTED_BLOCKSIZE:
                 raise _bad(name, f"nested_blocksize {meta.get('nested_blocksize')} is not {F.NESTED_BLOCKSIZE}")
-            if not torch.equal(_take(state, f"{name}.weight.nested_quant_map", name).float(), F._dynamic_map()):
+            if not torch.equal(_take(state, f"{name}.weight.nested_quant_map", name).float(), F.DYNAMIC_MAP):
                 raise _bad(name, "nested_quant_map is not bitsandbytes' signed dynamic map")
             tensors["nested_absmax"] = _take(state, f"{name}.weight.nested_absmax", name)
             tensors["offset"] = torch.tensor(float(meta["nested_offset"]))
