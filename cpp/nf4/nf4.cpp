@@ -256,6 +256,12 @@ LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const BlockScales& scales,
     for (int t = 0; t < T; ++t) acc[i][t] = _mm512_setzero_ps();
   const int64_t blocks_per_row = K / blocksize;
   const float* x0 = xr + m0 * K;
+  // Byte pointers per row, advanced 16 bytes per 32 columns: no per-load index arithmetic,
+  // which would compete with the vector work for the same execution ports.
+  const uint8_t* rows[R];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i) rows[i] = wp + (r0 + i) * (K / 2);
+  const int64_t next_tile = R * (K / 2);  // the same bytes of the next R rows, fetched while these run
   for (int64_t b = 0; b < blocks_per_row; ++b) {
     __m512 table[R];
 #pragma GCC unroll 16
@@ -265,7 +271,9 @@ LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const BlockScales& scales,
       __m512 even[R], odd[R];
 #pragma GCC unroll 16
       for (int i = 0; i < R; ++i) {
-        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + ((r0 + i) * K + k) / 2)));
+        _mm_prefetch(reinterpret_cast<const char*>(rows[i]) + next_tile, _MM_HINT_T0);
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i])));
+        rows[i] += 16;
         even[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[i]);
         odd[i] = _mm512_permutexvar_ps(v, table[i]);  // vpermps reads the low 4 bits only
       }
@@ -318,8 +326,8 @@ LOWBIT_AVX512 void decode_row_avx512(const uint8_t* row, const BlockScales& scal
   const __m512 code_vec = _mm512_loadu_ps(codes);
   for (int64_t b = 0; b < K / blocksize; ++b) {
     const __m512 table = _mm512_mul_ps(code_vec, _mm512_set1_ps(scales(first_block + b)));
-    for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+    for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32, row += 16) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
       _mm512_storeu_ps(dst + k, _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table));
       _mm512_storeu_ps(dst + k + 16, _mm512_permutexvar_ps(v, table));
     }
