@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -245,8 +246,9 @@ at::Tensor deinterleave_chunks(const at::Tensor& x) {
 // y[m0 + t, r0 + i] for R rows and T tokens, accumulated in R x T registers: each 16 bytes of
 // codes are decoded with two permutes of a 16-entry table (code * absmax of the block), and
 // every x vector loaded serves all R rows. R * T <= 16 keeps everything in the 32 registers.
+// tile_scales: the R rows' block scales, [R, K / blocksize].
 template <int R, int T>
-LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const BlockScales& scales, const __m512 code_vec,
+LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const float* tile_scales, const __m512 code_vec,
                                    const float* xr, float* op, int64_t N, int64_t K, int64_t blocksize, int64_t r0,
                                    int64_t m0) {
   __m512 acc[R][T];
@@ -266,7 +268,7 @@ LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const BlockScales& scales,
     __m512 table[R];
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i)
-      table[i] = _mm512_mul_ps(code_vec, _mm512_set1_ps(scales((r0 + i) * blocks_per_row + b)));
+      table[i] = _mm512_mul_ps(code_vec, _mm512_set1_ps(tile_scales[i * blocks_per_row + b]));
     for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 32) {
       __m512 even[R], odd[R];
 #pragma GCC unroll 16
@@ -291,15 +293,39 @@ LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const BlockScales& scales,
     for (int t = 0; t < T; ++t) op[(m0 + t) * N + r0 + i] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
+// Scales of blocks [first, first + count): a view of the fp32 absmax, or decoded into buf 16
+// at a time (gathers from the dynamic map and the nested absmax; the same multiply, then add).
+LOWBIT_AVX512 const float* scale_span_avx512(const BlockScales& s, int64_t first, int64_t count, float* buf) {
+  if (s.plain) return s.plain + first;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t b = 0;
+  for (; b + 16 <= count && first + b + 16 <= INT32_MAX; b += 16) {
+    const int64_t g = first + b;
+    const __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s.codes + g)));
+    const __m512i group = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(g)), lane), 8);
+    const __m512 scaled = _mm512_mul_ps(_mm512_i32gather_ps(code, s.dyn, 4), _mm512_i32gather_ps(group, s.nested, 4));
+    _mm512_storeu_ps(buf + b, _mm512_add_ps(scaled, _mm512_set1_ps(s.offset)));
+  }
+  for (; b < count; ++b) buf[b] = s(first + b);
+  return buf;
+}
+
 // Rows [begin, end) for T tokens from m0: 4 rows per pass for up to 4 tokens, 2 beyond (16
-// accumulators either way), the last odd rows one at a time.
+// accumulators either way), the last odd rows one at a time. Double-quantized scales are
+// decoded once per row tile, outside the hot loop.
 template <int T>
 void nf4_rows_avx512(const uint8_t* wp, const BlockScales& scales, const __m512 code_vec, const float* xr, float* op,
                      int64_t N, int64_t K, int64_t blocksize, int64_t begin, int64_t end, int64_t m0) {
   constexpr int R = T <= 4 ? 4 : 2;
+  const int64_t bpr = K / blocksize;
+  std::vector<float> buf(scales.plain ? 0 : R * bpr);
   int64_t r = begin;
-  for (; r + R <= end; r += R) nf4_tile_avx512<R, T>(wp, scales, code_vec, xr, op, N, K, blocksize, r, m0);
-  for (; r < end; ++r) nf4_tile_avx512<1, T>(wp, scales, code_vec, xr, op, N, K, blocksize, r, m0);
+  for (; r + R <= end; r += R)
+    nf4_tile_avx512<R, T>(wp, scale_span_avx512(scales, r * bpr, R * bpr, buf.data()), code_vec, xr, op, N, K,
+                          blocksize, r, m0);
+  for (; r < end; ++r)
+    nf4_tile_avx512<1, T>(wp, scale_span_avx512(scales, r * bpr, bpr, buf.data()), code_vec, xr, op, N, K,
+                          blocksize, r, m0);
 }
 
 LOWBIT_AVX512 void nf4_fused_avx512(const uint8_t* wp, const BlockScales& scales, const float* codes,
