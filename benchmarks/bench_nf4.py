@@ -99,7 +99,9 @@ def bnb_linear(w, quant_type="nf4"):
 
     layer = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float32, quant_type=quant_type)
     layer.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=quant_type, blocksize=64)
-    return layer.to("cpu")  # quantizes
+    # .to() quantizes; in eval mode the first call repacks the weight for bitsandbytes' own
+    # CPU kernel (bfloat16 activations on AVX512-BF16 CPUs), as in transformers' inference
+    return layer.to("cpu").eval()
 
 
 def speed():
@@ -119,7 +121,7 @@ def speed():
         for m in BATCHES:
             x = torch.randn(m, k)
             with torch.inference_mode():
-                bnb(x)  # first call may repack the weight for bitsandbytes' CPU kernel
+                bnb(x)  # the first call repacks
                 t = {"lowbit": best_time(lambda: F.nf4_linear(x, packed, state)),
                      "lowbit_dq": best_time(lambda: F.nf4_linear(x, packed_dq, state_dq)),
                      "dense": best_time(lambda: torch.nn.functional.linear(x, w)),
