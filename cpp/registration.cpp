@@ -51,6 +51,12 @@ TORCH_LIBRARY(lowbit, m) {
   // (double quantization) -> (codes uint8 [n], absmax float32 [blocks]); and its inverse (fp32).
   m.def("blockwise8_quantize(Tensor values, Tensor code, int blocksize) -> (Tensor, Tensor)");
   m.def("blockwise8_dequantize(Tensor codes, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // LLM.int8(): row-wise int8 codes of float16 values (outlier columns, |x| >= threshold, left
+  // out) -> (codes int8, absmax float32 [rows], outlier columns int64); the int8 x int8 -> int32
+  // product a @ b^T; and the decomposed matmul, returned in x's dtype.
+  m.def("int8_quantize_rowwise(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
+  m.def("int8_matmul(Tensor a, Tensor b) -> Tensor");
+  m.def("int8_outlier_matmul(Tensor x, Tensor w, Tensor w_scale, float threshold, Tensor? bias) -> Tensor");
   // GPTQ blocked solve on the weight's columns in processing order perm (the hessian in the
   // original order) -> (codes, updated weight, loss, damping used or -1).
   m.def("gptq_solve(Tensor weight, Tensor hessian, Tensor perm, Tensor scale, Tensor zero_point, Tensor col_group, "

@@ -29,7 +29,7 @@ from lowbit.nn import NF4Linear, PackedLinear
 
 from conftest import DTYPE_IDS, FLOAT_DTYPES
 from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, rel_err, run_python, save_float,
-                         w4_group_modifier)
+                         transformers_quantized, w4_group_modifier)
 
 BNB_TOL = 1e-2
 EXACT_TOL = 1e-5
@@ -216,7 +216,7 @@ def test_modifier_bad_arguments(kwargs, match):
 
 
 def test_modifier_refuses_mixing_and_conv1d():
-    with pytest.raises(ValueError, match="one kind per recipe"):
+    with pytest.raises(ValueError, match="one kind of modifier per recipe"):
         lowbit.oneshot(make_model("llama"), [lowbit.BnB4bitModifier(targets=["re:.*mlp.*"]),
                                              lowbit.QuantizationModifier(scheme="W8A16", targets=["re:.*self_attn.*"])])
     with pytest.raises(ValueError, match="Conv1D"):
@@ -246,18 +246,6 @@ CASES = {
 # bitsandbytes 0.50.2's CPU dequantize_4bit decodes blocks that cross rows wrongly, so stock
 # transformers only runs the cases whose rows hold whole blocks.
 STOCK_CASES = ["llama-nf4-dq", "qwen2-fp4", "llama-nf4-bf16"]
-
-
-def transformers_quantized(arch, bnb_kwargs, dtype, path):
-    """The float tiny model quantized by transformers + bitsandbytes, saved to `path`."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    float_dir = os.path.join(path, "float")
-    make_model(arch, dtype=dtype).save_pretrained(float_dir)
-    config = BitsAndBytesConfig(load_in_4bit=True, **{"bnb_4bit_compute_dtype": dtype, **bnb_kwargs})
-    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, device_map="cpu", dtype=dtype)
-    model.save_pretrained(os.path.join(path, "transformers"))
-    return os.path.join(path, "transformers")
 
 
 STOCK_CODE = r"""
@@ -318,7 +306,8 @@ def checkpoints(tmp_path_factory):
                                output_dir=root / name / "lowbit")
         out[name] = {"dir": root / name / "lowbit", "model": model, "memory": logits(model, ids),
                      "exact": exact_logits(model, ids),
-                     "transformers_dir": transformers_quantized(arch, bnb_kwargs, dtype, str(root / name))}
+                     "transformers_dir": transformers_quantized(arch, dict(load_in_4bit=True, **bnb_kwargs), dtype,
+                                                                 str(root / name))}
     run_python(STOCK_CODE, json.dumps([{n: str(out[n]["dir"]) for n in STOCK_CASES}, str(root / "ids.pt"),
                                        str(root / "stock.pt")]), timeout=300)
     stock = torch.load(root / "stock.pt")
@@ -400,7 +389,7 @@ LAYER = "model.layers.0.self_attn.q_proj.weight"
 def _edit(state):
     return {
         "missing quant state": (lambda s: s.pop(f"{LAYER}.quant_state.bitsandbytes__nf4"),
-                                "packed uint8 but weight.quant_state.bitsandbytes__<nf4|fp4> is missing"),
+                                "stored as torch.uint8 codes but its quant state"),
         "corrupt JSON": (lambda s: s.update({f"{LAYER}.quant_state.bitsandbytes__nf4": torch.tensor(
             list(b'{"quant_type": "nf4", "blocksize"'), dtype=torch.uint8)}), "not valid JSON"),
         "JSON lacks fields": (lambda s: s.update({f"{LAYER}.quant_state.bitsandbytes__nf4": torch.tensor(
@@ -435,16 +424,20 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, edit):
         lowbit.load(path)
 
 
-def test_eight_bit_config_is_refused_clearly(tmp_path):
+@pytest.mark.parametrize("flags,match", [
+    (dict(load_in_4bit=False, load_in_8bit=True), "stored as torch.uint8 codes but its quant state"),
+    (dict(load_in_4bit=True, load_in_8bit=True), "exactly one of load_in_4bit / load_in_8bit"),
+    (dict(load_in_4bit=False, load_in_8bit=False), "exactly one of load_in_4bit / load_in_8bit"),
+])
+def test_config_that_contradicts_the_tensors(tmp_path, flags, match):
     path = tmp_path / "ckpt"
     lowbit.oneshot(make_model("llama"), "NF4", output_dir=path)
     with open(path / "config.json") as f:
         config = json.load(f)
-    config["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False, load_in_8bit=True,
-                                         _load_in_8bit=True)
+    config["quantization_config"].update(flags, **{f"_{k}": v for k, v in flags.items()})
     with open(path / "config.json", "w") as f:
         json.dump(config, f)
-    with pytest.raises(ValueError, match="reads bitsandbytes 4-bit checkpoints"):
+    with pytest.raises(ValueError, match=match):
         lowbit.load(path)
 
 

@@ -157,3 +157,19 @@ def run_python(code: str, *args: str, timeout: float = 120):
         raise AssertionError(f"subprocess failed (rc {proc.returncode}):\n--- stdout\n{proc.stdout[-4000:]}"
                              f"\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def transformers_quantized(arch: str, bnb_kwargs: dict, dtype: torch.dtype, path) -> str:
+    """The float tiny model quantized by transformers + bitsandbytes
+    (BitsAndBytesConfig(**bnb_kwargs), e.g. load_in_4bit=True or load_in_8bit=True), saved to
+    `path`/transformers; returns that directory."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = os.fspath(path)
+    float_dir = os.path.join(path, "float")
+    make_model(arch, dtype=dtype).save_pretrained(float_dir)
+    compute = {"bnb_4bit_compute_dtype": dtype} if bnb_kwargs.get("load_in_4bit") else {}
+    config = BitsAndBytesConfig(**{**compute, **bnb_kwargs})
+    model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, device_map="cpu", dtype=dtype)
+    model.save_pretrained(os.path.join(path, "transformers"))
+    return os.path.join(path, "transformers")

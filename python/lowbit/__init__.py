@@ -5,7 +5,8 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import eval, functional, nn, ops
 from .formats import load, save_compressed
-from .modifiers import AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, Modifier, QuantizationModifier
+from .modifiers import (AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, LLMInt8Modifier, Modifier,
+                        QuantizationModifier)
 from .pipeline import oneshot
 from .recipe import parse_recipe
 from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
@@ -17,6 +18,7 @@ __all__ = [
     "AWQModifier",
     "BnB4bitModifier",
     "GPTQModifier",
+    "LLMInt8Modifier",
     "PRESET_SCHEMES",
     "Modifier",
     "QuantizationArgs",

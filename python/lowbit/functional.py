@@ -23,7 +23,7 @@ __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
     "hessian", "mirror_hessian_", "gptq", "GPTQResult", "awq_channel_stats", "awq_grid", "awq_scales",
     "awq_search", "AWQSearchResult", "awq_clip", "NF4QuantState", "nf4_quantize", "nf4_dequantize",
-    "nf4_linear",
+    "nf4_linear", "Int8Rowwise", "int8_quantize_rowwise", "int8_outlier_matmul",
 ]
 
 
@@ -536,3 +536,52 @@ def _plain_absmax(state: NF4QuantState) -> Tensor:
 # bitsandbytes' signed 8-bit dynamic map, the code of double-quantized absmax values (the
 # published map is data, not a kernel: built once by the reference's transcription).
 DYNAMIC_MAP = _reference_nf4.dynamic_map()
+
+
+class Int8Rowwise(NamedTuple):
+    """LLM.int8()'s vector-wise quantization of a matrix's rows."""
+
+    codes: Tensor         # int8, the input's shape; outlier columns 0
+    absmax: Tensor        # float32 [rows] (bitsandbytes' row stats; SCB for a weight)
+    outlier_cols: Tensor  # int64 indices of the input columns holding any |x| >= threshold
+
+
+def _check_threshold(threshold) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+        raise ValueError(f"threshold must be a number >= 0 (0 disables the outlier decomposition), got {threshold!r}")
+    return float(threshold)
+
+
+def int8_quantize_rowwise(x: Tensor, threshold: float = 0.0) -> Int8Rowwise:
+    """bitsandbytes' int8_vectorwise_quant: each row of x (cast to float16 first) scaled by its
+    absmax to round(v * 127 / absmax). With threshold > 0, values with |v| >= threshold are left
+    out of the absmax and every column holding one is coded 0 (it runs in floating point).
+    A weight's absmax is bitsandbytes' SCB."""
+    _check_float(x, "x", dims=None)
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty tensor with at least one dimension, got shape {tuple(x.shape)}")
+    return Int8Rowwise(*ops.int8_quantize_rowwise(x, _check_threshold(threshold)))
+
+
+def int8_outlier_matmul(x: Tensor, w_int8: Tensor, w_scale: Tensor, threshold: float = 6.0,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """LLM.int8(): x [..., in] @ W^T (+ bias) for W stored as int8 codes [out, in] with row
+    scales w_scale [out] (bitsandbytes' SCB; W = codes * SCB / 127). x is quantized per token;
+    the input columns holding any |x| >= threshold are multiplied in floating point against the
+    dequantized weight columns, the rest as int8 x int8 -> int32 (AVX512-VNNI where present),
+    rescaled by absmax(token) * SCB / 127^2. Returns x.dtype."""
+    _check_float(x, "x", dims=None)
+    if not isinstance(w_int8, Tensor) or w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise TypeError(f"w_int8 must be a 2-D int8 tensor of codes [out, in], got "
+                        f"{getattr(w_int8, 'dtype', type(w_int8).__name__)} {tuple(getattr(w_int8, 'shape', ()))}")
+    if w_scale is None:
+        raise ValueError("w_scale (the weight's SCB, one absmax per output row) is missing")
+    _check_float(w_scale, "w_scale", dims=None)
+    if w_scale.numel() != w_int8.shape[0]:
+        raise ValueError(f"w_scale (SCB) must have one entry per output row ({w_int8.shape[0]}), "
+                         f"got shape {tuple(w_scale.shape)}")
+    if x.dim() == 0 or x.shape[-1] != w_int8.shape[1]:
+        raise ValueError(f"x must have {w_int8.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
+    if bias is not None and bias.numel() != w_int8.shape[0]:
+        raise ValueError(f"bias must have {w_int8.shape[0]} entries, got shape {tuple(bias.shape)}")
+    return ops.int8_outlier_matmul(x, w_int8, w_scale, _check_threshold(threshold), bias)

@@ -108,6 +108,25 @@ def blockwise8_dequantize(codes: Tensor, absmax: Tensor, code: Tensor, blocksize
     return _ops.blockwise8_dequantize(codes, absmax, code, blocksize)
 
 
+def int8_quantize_rowwise(x: Tensor, threshold: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """LLM.int8()'s vector-wise quantization of x's rows (from float16 values): (codes int8 in
+    x's shape, absmax float32 [rows], outlier column indices int64), outlier columns (any
+    |x| >= threshold, threshold > 0) left out of the absmax and coded 0."""
+    return _ops.int8_quantize_rowwise(x, threshold)
+
+
+def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a [M, K] @ b [N, K]^T for int8 a, b -> int32 [M, N] (AVX512-VNNI where present)."""
+    return _ops.int8_matmul(a, b)
+
+
+def int8_outlier_matmul(x: Tensor, w: Tensor, w_scale: Tensor, threshold: float,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """LLM.int8()'s decomposed x @ dequant(w)^T (+ bias) for int8 w [out, in] with row scales
+    w_scale [out] (bitsandbytes' SCB) -> x.dtype."""
+    return _ops.int8_outlier_matmul(x, w, w_scale, threshold, bias)
+
+
 def gptq_hessian_(hessian: Tensor, inputs: Tensor, num_samples: int, mirror: bool = True) -> int:
     """Update the fp32 [cols, cols] running average of 2 x^T x in place with inputs [..., cols]
     (upper triangle only unless mirror); returns the number of samples so far."""
@@ -166,3 +185,21 @@ def _(x, packed, scale, zero_point, bits, group_size, bias):
 @torch.library.register_fake("lowbit::nf4_linear")
 def _(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None, nested_code=None, offset=None):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("lowbit::int8_quantize_rowwise")
+def _(x, threshold):
+    rows = x.numel() // x.shape[-1]
+    cols = torch.library.get_ctx().new_dynamic_size()
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
+            x.new_empty((cols,), dtype=torch.int64))
+
+
+@torch.library.register_fake("lowbit::int8_matmul")
+def _(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+@torch.library.register_fake("lowbit::int8_outlier_matmul")
+def _(x, w, w_scale, threshold, bias):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))

@@ -8,8 +8,12 @@ from typing import List, Union
 
 import yaml
 
-from .modifiers import BNB_PRESETS, MODIFIERS, AWQModifier, BnB4bitModifier, GPTQModifier, Modifier, QuantizationModifier
+from .modifiers import (BNB_PRESETS, MODIFIERS, AWQModifier, BnB4bitModifier, GPTQModifier, LLMInt8Modifier, Modifier,
+                        QuantizationModifier)
 from .schemes import PRESET_SCHEMES
+
+# LLM.int8() with bitsandbytes' default threshold 6.0 (transformers' load_in_8bit).
+INT8_OUTLIER_PRESET = "INT8_OUTLIER"
 
 Recipe = Union[None, str, os.PathLike, Modifier, List[Modifier]]
 
@@ -19,10 +23,10 @@ def parse_recipe(recipe: Recipe) -> List[Modifier]:
     QuantizationModifier); a recipe that only transforms gets llmcompressor's AWQ default
     quantization, W4A16_ASYM on every Linear but lm_head."""
     modifiers = [e for m in _parse(recipe) for e in m.expand()]
-    if any(isinstance(m, BnB4bitModifier) for m in modifiers) \
-            and not all(isinstance(m, BnB4bitModifier) for m in modifiers):
-        raise ValueError("BnB4bitModifier (NF4 / FP4) writes a bitsandbytes checkpoint, which cannot also hold the "
-                         "integer layers of QuantizationModifier, GPTQModifier or AWQModifier: use one kind per recipe")
+    bnb = [m for m in modifiers if isinstance(m, (BnB4bitModifier, LLMInt8Modifier))]
+    if bnb and (len(bnb) != len(modifiers) or len({type(m) for m in bnb}) > 1):
+        raise ValueError(f"{type(bnb[0]).__name__} writes a bitsandbytes checkpoint, which holds one kind of layer "
+                         "(4-bit or 8-bit) and no compressed-tensors layers: use one kind of modifier per recipe")
     if any(isinstance(m, AWQModifier) for m in modifiers) \
             and not any(isinstance(m, QuantizationModifier) for m in modifiers):
         modifiers.append(QuantizationModifier(scheme="W4A16_ASYM", targets="Linear", ignore=["lm_head"]))
@@ -52,10 +56,12 @@ def _parse(recipe: Recipe) -> List[Modifier]:
         if recipe.upper() in BNB_PRESETS:
             s = BNB_PRESETS[recipe.upper()]
             return [BnB4bitModifier(s.quant_type, s.blocksize, s.double_quant, targets="Linear", ignore=["lm_head"])]
+        if recipe.upper() == INT8_OUTLIER_PRESET:
+            return [LLMInt8Modifier(threshold=6.0, targets="Linear", ignore=["lm_head"])]
         if ":" in recipe:
             return _from_yaml(recipe)
         raise ValueError(f"unknown recipe {recipe!r}: valid preset schemes are "
-                         f"{', '.join([*PRESET_SCHEMES, *BNB_PRESETS])}; "
+                         f"{', '.join([*PRESET_SCHEMES, *BNB_PRESETS, INT8_OUTLIER_PRESET])}; "
                          "or pass YAML, a .yaml file, or modifiers")
     raise TypeError(f"recipe must be a preset name, YAML, a path, a modifier or a list of them, got {type(recipe).__name__}")
 

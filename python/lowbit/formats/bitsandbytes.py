@@ -1,8 +1,9 @@
-"""bitsandbytes 4-bit checkpoints, the layout transformers saves and loads for
-BitsAndBytesConfig(load_in_4bit=True): for a Linear X, ``X.weight`` (packed uint8 codes),
-``X.weight.absmax``, ``X.weight.quant_map`` and, with double quantization,
-``X.weight.nested_absmax`` / ``X.weight.nested_quant_map``, plus
-``X.weight.quant_state.bitsandbytes__<nf4|fp4>``: the UTF-8 JSON of the rest of the state."""
+"""bitsandbytes checkpoints, the layouts transformers saves and loads for BitsAndBytesConfig.
+load_in_4bit, for a Linear X: ``X.weight`` (packed uint8 codes), ``X.weight.absmax``,
+``X.weight.quant_map`` and, with double quantization, ``X.weight.nested_absmax`` /
+``X.weight.nested_quant_map``, plus ``X.weight.quant_state.bitsandbytes__<nf4|fp4>``: the UTF-8
+JSON of the rest of the state. load_in_8bit (LLM.int8()): ``X.weight`` (int8 codes), ``X.SCB``
+(fp32 row scales) and ``X.weight_format`` (uint8 0: row-major)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from ..nn.int8_outlier import Int8OutlierLinear
 from ..nn.nf4_linear import NF4Linear, as_dtype
 from ..reference.nf4 import code as code_values
 
@@ -38,16 +40,34 @@ def nf4_tensors(module: NF4Linear) -> Dict[str, torch.Tensor]:
     return out
 
 
+def int8_tensors(module: Int8OutlierLinear) -> Dict[str, torch.Tensor]:
+    """The checkpoint tensors of one Int8OutlierLinear, as bitsandbytes' Linear8bitLt saves them."""
+    return {"weight": module.weight, "SCB": module.SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
+
 def quantization_config(model: nn.Module, plan: dict) -> dict:
-    """config.json's quantization_config for NF4Linear layers, as transformers'
-    BitsAndBytesConfig(load_in_4bit=True).to_dict() writes it. llm_int8_skip_modules lists
-    every Linear left in floating point, so transformers converts exactly the quantized ones."""
+    """config.json's quantization_config, as transformers' BitsAndBytesConfig(load_in_4bit=True)
+    (NF4Linear layers) or (load_in_8bit=True) (Int8OutlierLinear layers) .to_dict() writes it.
+    llm_int8_skip_modules lists every Linear left in floating point, so transformers converts
+    exactly the quantized ones."""
+    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in plan)
+    thresholds = {s.threshold for _, s in plan.values() if hasattr(s, "threshold")}
+    if thresholds:
+        if len(thresholds) > 1:
+            raise ValueError(f"a bitsandbytes 8-bit checkpoint has one threshold for all layers, the recipe asks "
+                             f"for {sorted(thresholds)}")
+        return {
+            "_load_in_4bit": False, "_load_in_8bit": True, "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": skip, "llm_int8_threshold": thresholds.pop(), "load_in_4bit": False,
+            "load_in_8bit": True, "quant_method": "bitsandbytes",
+        }
     settings = {(s.quant_type, s.double_quant, s.compute_dtype) for _, s in plan.values()}
     if len(settings) > 1:
         raise ValueError("a bitsandbytes checkpoint has one quant_type, double_quant and compute_dtype for all "
                          f"layers; the recipe asks for {sorted(settings, key=str)}")
     quant_type, double_quant, compute_dtype = settings.pop()
-    skip = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in plan)
     dtype = compute_dtype or next(m.weight.dtype for m, _ in plan.values())
     return {
         "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": _dtype_name(dtype),
@@ -89,11 +109,51 @@ def _take(state: Dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
 
 
 def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict) -> List[str]:
-    """Replace every Linear whose weight the checkpoint stores in 4 bits by an NF4Linear and
-    rewrite its entries of `state` into the module's buffer names (checked for presence, dtype
-    and size); returns the replaced module names."""
+    """Replace every Linear the checkpoint stores quantized (4-bit: a packed quant state; 8-bit:
+    an SCB) by an NF4Linear / Int8OutlierLinear and rewrite its entries of `state` into the
+    module's buffer names (checked for presence, dtype and size); returns the replaced names."""
     from ..nn.convert import replace_module
 
+    if qc.get("load_in_8bit"):
+        replaced = _load_int8(model, state, qc, replace_module)
+    else:
+        replaced = _load_4bit(model, state, qc, replace_module)
+    orphans = [k[:-len(".weight")] for k, t in state.items()
+               if k.endswith(".weight") and t.dtype in (torch.uint8, torch.int8) and k[:-len(".weight")] not in replaced]
+    if orphans:
+        raise _bad(orphans[0], f"the weight is stored as {state[orphans[0] + '.weight'].dtype} codes but its quant "
+                               f"state (weight.{QUANT_STATE_PREFIX}<nf4|fp4> for 4-bit, SCB for 8-bit) is missing")
+    return replaced
+
+
+def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module) -> List[str]:
+    threshold = qc.get("llm_int8_threshold", 6.0)
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or f"{name}.SCB" not in state:
+            continue
+        weight, scb = _take(state, f"{name}.weight", name), state[f"{name}.SCB"]
+        if weight.dtype != torch.int8 or tuple(weight.shape) != (module.out_features, module.in_features):
+            raise _bad(name, f"weight is {weight.dtype} {tuple(weight.shape)}, expected int8 "
+                             f"({module.out_features}, {module.in_features})")
+        if scb.dtype != torch.float32 or scb.numel() != module.out_features:
+            raise _bad(name, f"SCB is {scb.dtype} with {scb.numel()} entries, expected float32 with "
+                             f"{module.out_features} (one per output row)")
+        layout = state.pop(f"{name}.weight_format", None)
+        if layout is not None and int(layout) != 0:
+            raise _bad(name, f"weight_format {int(layout)} is not 0 (row-major); only row-major int8 weights are read")
+        try:
+            new = Int8OutlierLinear(module.in_features, module.out_features, module.bias is not None, threshold,
+                                    dtype=module.weight.dtype)
+        except ValueError as e:
+            raise _bad(name, str(e)) from None
+        state[f"{name}.weight"] = weight
+        replace_module(model, name, new)
+        replaced.append(name)
+    return replaced
+
+
+def _load_4bit(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module) -> List[str]:
     compute_dtype = qc.get("bnb_4bit_compute_dtype")
     replaced = []
     for name, module in list(model.named_modules()):
@@ -126,8 +186,4 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict) -> Lis
             state[f"{name}.{what}"] = tensor.reshape(buffer.shape)
         replace_module(model, name, new)
         replaced.append(name)
-    orphans = [k[:-len(".weight")] for k, t in state.items()
-               if k.endswith(".weight") and t.dtype == torch.uint8 and k[:-len(".weight")] not in replaced]
-    if orphans:
-        raise _bad(orphans[0], f"the weight is packed uint8 but weight.{QUANT_STATE_PREFIX}<nf4|fp4> is missing")
     return replaced

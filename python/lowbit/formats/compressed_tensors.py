@@ -18,6 +18,7 @@ from . import bitsandbytes
 from ..modifiers.base import matches
 from ..nn.convert import replace_module
 from ..nn.int8_dynamic import Int8DynamicLinear
+from ..nn.int8_outlier import Int8OutlierLinear
 from ..nn.nf4_linear import NF4Linear
 from ..nn.packed_linear import PackedLinear
 from ..schemes import QuantizationArgs, QuantizationScheme, args_from_dict
@@ -79,11 +80,13 @@ def check_output_dir(output_dir, overwrite: bool) -> None:
 
 
 def _quantized_tensors(module: nn.Module):
-    """The checkpoint tensors of a PackedLinear (compressed-tensors) or NF4Linear
-    (bitsandbytes), or None for every other module (Int8DynamicLinear's own state dict
+    """The checkpoint tensors of a PackedLinear (compressed-tensors), NF4Linear or
+    Int8OutlierLinear (bitsandbytes), or None for every other module (Int8DynamicLinear's own state dict
     already is the int-quantized layout)."""
     if isinstance(module, NF4Linear):
         return bitsandbytes.nf4_tensors(module)
+    if isinstance(module, Int8OutlierLinear):
+        return bitsandbytes.int8_tensors(module)
     if not isinstance(module, PackedLinear):
         return None
     out = {"weight_packed": module.weight_packed, "weight_scale": module.weight_scale,
@@ -224,12 +227,12 @@ def _load_compressed_tensors(model: nn.Module, qc: dict, state: Dict[str, torch.
 
 
 def _load_bitsandbytes(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype) -> None:
-    if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
-        raise ValueError("lowbit.load reads bitsandbytes 4-bit checkpoints (load_in_4bit); this one is "
-                         f"load_in_8bit={qc.get('load_in_8bit')!r}, load_in_4bit={qc.get('load_in_4bit')!r}")
+    if bool(qc.get("load_in_8bit")) == bool(qc.get("load_in_4bit")):
+        raise ValueError("a bitsandbytes quantization_config needs exactly one of load_in_4bit / load_in_8bit, got "
+                         f"load_in_4bit={qc.get('load_in_4bit')!r}, load_in_8bit={qc.get('load_in_8bit')!r}")
     if not bitsandbytes.load_into(model, state, qc):
-        raise ValueError("the bitsandbytes checkpoint holds no 4-bit weight (no *.weight.quant_state.bitsandbytes__* "
-                         "entry)")
+        raise ValueError("the bitsandbytes checkpoint holds no quantized weight (no *.weight.quant_state.bitsandbytes__* "
+                         "or *.SCB entry)")
 
 
 LOADERS = {"compressed-tensors": _load_compressed_tensors, "bitsandbytes": _load_bitsandbytes}
@@ -237,8 +240,9 @@ LOADERS = {"compressed-tensors": _load_compressed_tensors, "bitsandbytes": _load
 
 def load(path, dtype: torch.dtype = None) -> nn.Module:
     """Load a checkpoint directory into lowbit modules: compressed-tensors checkpoints (from
-    lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear layers, bitsandbytes 4-bit
-    checkpoints (from lowbit or transformers) NF4Linear layers, all running lowbit's kernels;
+    lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear layers, bitsandbytes
+    checkpoints (from lowbit or transformers) NF4Linear (4-bit) or Int8OutlierLinear (8-bit)
+    layers, all running lowbit's kernels;
     an unquantized directory loads as transformers would load it. A tensor the model does not
     expect, or one it lacks, is an error."""
     from transformers import AutoConfig, AutoModelForCausalLM

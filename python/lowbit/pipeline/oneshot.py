@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..formats.compressed_tensors import check_output_dir, quantization_config, save_compressed
 from ..formats import bitsandbytes
-from ..modifiers import BnB4bitScheme, Modifier
+from ..modifiers import BnB4bitScheme, LLMInt8Scheme, Modifier
 from ..modifiers.base import in_features
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
@@ -143,12 +143,12 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
 
 
 def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
-    """Record the quantization in model.config, as compressed-tensors (or, for NF4 / FP4,
-    transformers' bitsandbytes integration) describes it."""
+    """Record the quantization in model.config, as compressed-tensors (or, for NF4 / FP4 and
+    LLM.int8(), transformers' bitsandbytes integration) describes it."""
     if any(module is output_embeddings for module, _ in plan.values()):
         # lm_head now holds its own quantized weight; the embedding stays float.
         model.config.tie_word_embeddings = False
-    if any(isinstance(scheme, BnB4bitScheme) for _, scheme in plan.values()):
+    if any(isinstance(scheme, (BnB4bitScheme, LLMInt8Scheme)) for _, scheme in plan.values()):
         config = bitsandbytes.quantization_config(model, plan)
     else:
         config = quantization_config(model, plan)

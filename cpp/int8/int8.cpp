@@ -1,0 +1,226 @@
+// LLM.int8() (Dettmers et al., 2022) as bitsandbytes computes it: vector-wise int8 quantization
+// (per row absmax, codes round(v * (127 / absmax)) from float16 values), outlier decomposition
+// (input columns holding any |x| >= threshold run in floating point), and a real int8 x int8 ->
+// int32 matmul rescaled by the outer product of the row scales / 127^2.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "lowbit/avx512.h"
+#include "lowbit/common.h"
+
+namespace lowbit {
+namespace {
+
+constexpr float kInvSquare127 = 6.200124e-05f;     // bitsandbytes' 1 / 127^2
+constexpr double kInv127 = 7.874015718698502e-3;  // and its 1 / 127
+
+// Row-wise int8 codes of a matrix of float16 values (held as fp32): outlier elements
+// (|v| >= threshold, threshold > 0) are left out of the row absmax, and the codes of every
+// outlier column are 0.
+LOWBIT_MULTIVERSION void quantize_row(const float* row, int64_t K, float threshold, const uint8_t* outlier,
+                                      int8_t* codes, float* absmax) {
+  float am = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(row[k]);
+    am = std::max(am, threshold > 0.0f && a >= threshold ? 0.0f : a);
+  }
+  *absmax = am;
+  // 127 / absmax as PyTorch evaluates a scalar over a tensor (bitsandbytes' expression):
+  // the reciprocal, then the product. An all-zero row stores codes 0.
+  const float inv = am > 0.0f ? (1.0f / am) * 127.0f : 0.0f;
+  for (int64_t k = 0; k < K; ++k)
+    codes[k] = outlier[k] ? 0 : static_cast<int8_t>(std::nearbyint(row[k] * inv));
+}
+
+struct Int8Rows {
+  at::Tensor codes, absmax, outlier;  // int8 [M, K], float32 [M], bool [K]
+};
+
+// x's rows rounded to float16 (LLM.int8() quantizes from float16), checked, and quantized.
+Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
+  check_float(x, "x");
+  const at::Tensor rounded = x.reshape({-1, K}).to(at::kHalf).to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(at::isfinite(rounded).all().item<bool>(), "lowbit: the input holds NaN or Inf (or values beyond "
+                    "float16's range, which LLM.int8() quantizes from): check the activations");
+  const int64_t M = rounded.size(0);
+  const at::Tensor outlier = threshold > 0.0f ? (rounded.abs() >= threshold).any(0).to(at::kByte).contiguous()
+                                              : at::zeros({K}, rounded.options().dtype(at::kByte));
+  Int8Rows out{at::empty({M, K}, rounded.options().dtype(at::kChar)), at::empty({M}, rounded.options()), outlier};
+  const float* xp = rounded.data_ptr<float>();
+  const uint8_t* op = outlier.data_ptr<uint8_t>();
+  int8_t* cp = out.codes.data_ptr<int8_t>();
+  float* ap = out.absmax.data_ptr<float>();
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, threshold, op, cp + m * K, ap + m);
+  });
+  return out;
+}
+
+// -> (codes int8 [rows, K], absmax float32 [rows], outlier column indices int64)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rowwise(const at::Tensor& x, double threshold) {
+  TORCH_CHECK_VALUE(threshold >= 0.0, "lowbit: threshold must be >= 0 (0 disables the outlier decomposition), got ",
+                    threshold);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "lowbit: cannot quantize an empty tensor");
+  Int8Rows q = quantize_rows(x, x.size(-1), static_cast<float>(threshold));
+  return {q.codes.view(x.sizes()), q.absmax, q.outlier.nonzero().view({-1})};
+}
+
+// acc[m, n] = sum_k a[m, k] * b[n, k] (int32), a [M, K], b [N, K] row-major int8.
+LOWBIT_MULTIVERSION void int8_dot_rows(const int8_t* a, const int8_t* b, int32_t* acc, int64_t M, int64_t N,
+                                       int64_t K, int64_t begin, int64_t end) {
+  for (int64_t n = begin; n < end; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      int32_t s = 0;
+      for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(a[m * K + k]) * b[n * K + k];
+      acc[m * N + n] = s;
+    }
+}
+
+#ifdef LOWBIT_HAVE_AVX512_KERNEL
+#define LOWBIT_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+// R weight rows x T tokens of int32 dot products with vpdpbusd (unsigned x signed bytes): the
+// weight bytes are flipped to unsigned (w + 128, an xor) and each token's 128 * sum(a) is
+// subtracted afterwards. A tail of K % 64 columns is loaded masked (zeros add nothing).
+template <int R, int T>
+LOWBIT_AVX512_VNNI void int8_tile_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc,
+                                       int64_t N, int64_t K, int64_t n0, int64_t m0) {
+  __m512i sums[R][T];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) sums[i][t] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+    __m512i w[R];
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) w[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, b + (n0 + i) * K + k), flip);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      const __m512i x = _mm512_maskz_loadu_epi8(mask, a + (m0 + t) * K + k);
+#pragma GCC unroll 16
+      for (int i = 0; i < R; ++i) sums[i][t] = _mm512_dpbusd_epi32(sums[i][t], w[i], x);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t)
+      acc[(m0 + t) * N + n0 + i] = _mm512_reduce_add_epi32(sums[i][t]) - 128 * a_sum[m0 + t];
+}
+
+// Rows [begin, end) for all M tokens: for each tile of R weight rows (kept in cache), every
+// group of up to 8 tokens; R x T <= 16 accumulators.
+template <int T>
+void int8_rows_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t N, int64_t K,
+                    int64_t n0, int64_t rows, int64_t m0) {
+  constexpr int R = T <= 2 ? 8 : T <= 4 ? 4 : 2;
+  int64_t n = n0;
+  for (; n + R <= n0 + rows; n += R) int8_tile_vnni<R, T>(a, b, a_sum, acc, N, K, n, m0);
+  for (; n < n0 + rows; ++n) int8_tile_vnni<1, T>(a, b, a_sum, acc, N, K, n, m0);
+}
+
+void int8_gemm_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t M, int64_t N,
+                    int64_t K, int64_t begin, int64_t end) {
+  constexpr int64_t kRowTile = 8;
+  for (int64_t n0 = begin; n0 < end; n0 += kRowTile) {
+    const int64_t rows = std::min(kRowTile, end - n0);
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      switch (std::min<int64_t>(8, M - m0)) {
+        case 1: int8_rows_vnni<1>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 2: int8_rows_vnni<2>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 3: int8_rows_vnni<3>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 4: int8_rows_vnni<4>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 5: int8_rows_vnni<5>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 6: int8_rows_vnni<6>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 7: int8_rows_vnni<7>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        default: int8_rows_vnni<8>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+      }
+    }
+  }
+}
+#endif
+
+// From this many tokens on, ATen's int8 GEMM (oneDNN, with AMX tiles on CPUs that have them)
+// beats register tiles that re-read the activations for every few weight rows.
+constexpr int64_t kOneDnnTokens = 17;
+
+// a [M, K] @ b [N, K]^T in int32: lowbit's VNNI tiles for few tokens, torch._int_mm for more
+// (it needs K and N multiples of 8), a portable loop on CPUs without VNNI.
+at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  if (M >= kOneDnnTokens && K % 8 == 0 && N % 8 == 0) return at::_int_mm(a, b.t());
+  at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
+  const int8_t *ap = a.data_ptr<int8_t>(), *bp = b.data_ptr<int8_t>();
+  int32_t* cp = acc.data_ptr<int32_t>();
+#ifdef LOWBIT_HAVE_AVX512_KERNEL
+  static const bool have_vnni = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  if (have_vnni) {
+    const at::Tensor a_sum = a.to(at::kInt).sum(1, false, at::kInt).contiguous();
+    const int32_t* sp = a_sum.data_ptr<int32_t>();
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { int8_gemm_vnni(ap, bp, sp, cp, M, N, K, begin, end); });
+    return acc;
+  }
+#endif
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { int8_dot_rows(ap, bp, cp, M, N, K, begin, end); });
+  return acc;
+}
+
+// LLM.int8(): y = dequant(int8(x) @ w^T) + x[:, outliers] @ dequant(w[:, outliers])^T (+ bias),
+// where int8(x) leaves the outlier columns out; returned in x's dtype.
+at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, double threshold,
+                               const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(threshold >= 0.0, "lowbit: threshold must be >= 0 (0 disables the outlier decomposition), got ",
+                    threshold);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, "lowbit: the weight must be int8 codes, got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: the weight must be 2-D [out, in], got ", w.dim(), " dims");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "lowbit: x must have ", K, " features in its last dimension, got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(w_scale.numel() == N, "lowbit: the weight scale (SCB) must have one entry per output row (", N,
+                    "), got ", w_scale.numel());
+  TORCH_CHECK_VALUE(K <= 65536, "lowbit: in_features ", K, " exceeds 65536 (the int32 accumulator could overflow)");
+  const Int8Rows q = quantize_rows(x, K, static_cast<float>(threshold));
+  const int64_t M = q.codes.size(0);
+  const at::Tensor wc = w.contiguous();
+  const at::Tensor acc = int8_matmul(q.codes, wc);
+  const at::Tensor scb = w_scale.reshape(-1).to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, q.absmax.options());
+  const int32_t* cp = acc.data_ptr<int32_t>();
+  const float *rp = q.absmax.data_ptr<float>(), *sp = scb.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)  // bitsandbytes' order: acc * (row * col) * 1/127^2
+      for (int64_t n = 0; n < N; ++n) op[m * N + n] = static_cast<float>(cp[m * N + n]) * (rp[m] * sp[n]) * kInvSquare127;
+  });
+  const at::Tensor idx = q.outlier.nonzero().view({-1});
+  if (idx.numel() > 0) {  // the outlier columns in floating point, against the int8-dequantized weight
+    const at::Tensor sub_x = x.reshape({M, K}).index_select(1, idx).to(at::kFloat);
+    const at::Tensor sub_w = wc.index_select(1, idx).to(at::kFloat) * scb.unsqueeze(1) * kInv127;
+    out.addmm_(sub_x, sub_w.t());
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit: bias must have ", N, " entries");
+    out.add_(bias->to(at::kFloat).reshape({1, N}));
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.to(x.scalar_type()).reshape(shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("int8_quantize_rowwise", &int8_quantize_rowwise);
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_outlier_matmul", &int8_outlier_matmul);
+}
+
+}  // namespace lowbit
