@@ -87,8 +87,8 @@ def test_real_weights_are_bitsandbytes_cb_and_scb(smollm2):
 @pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 16, 17, 40])
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 300, 512])
 def test_int8_matmul_is_exact(gen, m, k):
-    """Register tiles (up to 16 tokens; masked tails of K % 64), ATen's int8 GEMM beyond (when
-    K and N are multiples of 8), and odd N: the exact integer product."""
+    """Register tiles (fewer than 12 tokens, or any count when K or N is not a multiple of 8;
+    masked tails of K % 64), ATen's int8 GEMM otherwise, odd N: the exact integer product."""
     n = 24 if k % 8 == 0 else 37
     a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
     b = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)

@@ -149,10 +149,11 @@ void int8_gemm_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int3
 #endif
 
 // From this many tokens on, ATen's int8 GEMM (oneDNN, with AMX tiles on CPUs that have them)
-// beats register tiles that re-read the activations for every few weight rows.
-constexpr int64_t kOneDnnTokens = 17;
+// beats register tiles that re-read the activations for every few weight rows (measured
+// crossover: 12 tokens on 4096x4096 and 11008x4096; below it these tiles take half its time).
+constexpr int64_t kOneDnnTokens = 12;
 
-// a [M, K] @ b [N, K]^T in int32: lowbit's VNNI tiles for few tokens, torch._int_mm for more
+// a [M, K] @ b [N, K]^T in int32: lowbit's VNNI tiles for few tokens, at::_int_mm for more
 // (it needs K and N multiples of 8), a portable loop on CPUs without VNNI.
 at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);

@@ -43,6 +43,9 @@ class Modifier:
     `transform_layer`, which the layer-by-layer runner calls around each decoder layer."""
 
     requires_calibration = False
+    # True: without requiring data, it reports statistics of all the data it is given (oneshot
+    # then does not cut the data down to the few samples its error log needs).
+    collects_statistics = False
     # True: the next decoder layer is fed the float outputs of this one, not the quantized ones.
     propagates_float_outputs = False
 

@@ -34,6 +34,7 @@ class LLMInt8Modifier(Modifier):
                  ignore: Union[None, str, Sequence[str]] = None):
         super().__init__(targets, ignore)
         self.scheme = LLMInt8Scheme(F._check_threshold(threshold))
+        self.collects_statistics = self.scheme.threshold > 0
         self.outlier_fractions: Dict[str, float] = {}
         self._seen: Dict[str, torch.Tensor] = {}
 

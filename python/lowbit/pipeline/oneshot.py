@@ -93,13 +93,15 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
             shuffle: bool = True, seed: int = 0, tokenizer=None, overwrite: bool = False):
     """Quantize `model` (a PreTrainedModel or a local path) in place with `recipe` and return it.
 
-    recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", ...), a modifier, a list of
-    modifiers, or llmcompressor YAML (string or file). dataset: calibration data for modifiers
-    that need it (list of strings, datasets.Dataset, .txt/.jsonl/.json path, DataLoader or
-    token ids); with RTN it is optional and, given, each layer's output error is logged
-    (measured on the first ERROR_LOG_SAMPLES samples, ERROR_LOG_TOKENS tokens each).
-    output_dir: save there in compressed-tensors format (written to a temporary directory,
-    then renamed); an existing non-empty directory is refused unless overwrite=True.
+    recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "NF4", "INT8_OUTLIER", ...), a
+    modifier, a list of modifiers, or llmcompressor YAML (string or file). dataset: calibration
+    data for modifiers that need it (list of strings, datasets.Dataset, .txt/.jsonl/.json path,
+    DataLoader or token ids); with RTN, NF4 or LLM.int8() it is optional and, given, each
+    layer's output error is logged (measured on the first ERROR_LOG_SAMPLES samples,
+    ERROR_LOG_TOKENS tokens each; LLM.int8() uses all of it to report its outlier dimensions).
+    output_dir: save there in compressed-tensors format (bitsandbytes' for NF4 / FP4 and
+    LLM.int8()), written to a temporary directory, then renamed; an existing non-empty
+    directory is refused unless overwrite=True.
     """
     if max_seq_length is not None and max_seq_length <= 0:
         raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
@@ -116,7 +118,7 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
         samples = prepare_calibration(dataset, tokenizer, num_calibration_samples=num_calibration_samples,
                                       max_seq_length=max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
                                       text_column=text_column, shuffle=shuffle, seed=seed)
-        if not needs_data:
+        if not needs_data and not any(m.collects_statistics for m in modifiers):
             samples = [{k: v[:, :ERROR_LOG_TOKENS] for k, v in s.items()} for s in samples[:ERROR_LOG_SAMPLES]]
 
     output_embeddings = model.get_output_embeddings()
