@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 #include <vector>
 
 #include "lowbit/avx512.h"
@@ -20,17 +21,24 @@ namespace {
 constexpr float kInvSquare127 = 6.200124e-05f;     // bitsandbytes' 1 / 127^2
 constexpr double kInv127 = 7.874015718698502e-3;  // and its 1 / 127
 
-// Row-wise int8 codes of a matrix of float16 values (held as fp32): outlier elements
-// (|v| >= threshold, threshold > 0) are left out of the row absmax, and the codes of every
-// outlier column are 0.
-LOWBIT_MULTIVERSION void quantize_row(const float* row, int64_t K, float threshold, const uint8_t* outlier,
-                                      int8_t* codes, float* absmax) {
-  float am = 0.0f;
+// One row of float16 values (held as fp32): its absmax over the non-outlier elements
+// (|v| >= threshold, threshold > 0, are outliers), the outlier columns it marks, and whether
+// every value is finite (v - v is 0 only for finite v).
+LOWBIT_MULTIVERSION float row_absmax(const float* row, int64_t K, float threshold, uint8_t* outlier, bool* finite) {
+  float am = 0.0f, nonfinite = 0.0f;
   for (int64_t k = 0; k < K; ++k) {
     const float a = std::fabs(row[k]);
-    am = std::max(am, threshold > 0.0f && a >= threshold ? 0.0f : a);
+    const bool out = threshold > 0.0f && a >= threshold;
+    outlier[k] |= out;
+    am = std::max(am, out ? 0.0f : a);
+    nonfinite += row[k] - row[k];
   }
-  *absmax = am;
+  *finite = nonfinite == 0.0f;
+  return am;
+}
+
+// Its int8 codes; the codes of every outlier column are 0.
+LOWBIT_MULTIVERSION void quantize_row(const float* row, int64_t K, float am, const uint8_t* outlier, int8_t* codes) {
   // 127 / absmax as PyTorch evaluates a scalar over a tensor (bitsandbytes' expression):
   // the reciprocal, then the product. An all-zero row stores codes 0.
   const float inv = am > 0.0f ? (1.0f / am) * 127.0f : 0.0f;
@@ -39,25 +47,40 @@ LOWBIT_MULTIVERSION void quantize_row(const float* row, int64_t K, float thresho
 }
 
 struct Int8Rows {
-  at::Tensor codes, absmax, outlier;  // int8 [M, K], float32 [M], bool [K]
+  at::Tensor codes, absmax, outlier;  // int8 [M, K], float32 [M], uint8 [K]
 };
 
-// x's rows rounded to float16 (LLM.int8() quantizes from float16), checked, and quantized.
+// x's rows rounded to float16 (LLM.int8() quantizes from float16), checked, and quantized:
+// a first pass over the rows finds their absmax and the outlier columns (each thread marks its
+// own copy, merged after), a second writes the codes.
 Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
   check_float(x, "x");
   const at::Tensor rounded = x.reshape({-1, K}).to(at::kHalf).to(at::kFloat).contiguous();
-  TORCH_CHECK_VALUE(at::isfinite(rounded).all().item<bool>(), "lowbit: the input holds NaN or Inf (or values beyond "
-                    "float16's range, which LLM.int8() quantizes from): check the activations");
   const int64_t M = rounded.size(0);
-  const at::Tensor outlier = threshold > 0.0f ? (rounded.abs() >= threshold).any(0).to(at::kByte).contiguous()
-                                              : at::zeros({K}, rounded.options().dtype(at::kByte));
-  Int8Rows out{at::empty({M, K}, rounded.options().dtype(at::kChar)), at::empty({M}, rounded.options()), outlier};
+  Int8Rows out{at::empty({M, K}, rounded.options().dtype(at::kChar)), at::empty({M}, rounded.options()),
+               at::zeros({K}, rounded.options().dtype(at::kByte))};
   const float* xp = rounded.data_ptr<float>();
-  const uint8_t* op = outlier.data_ptr<uint8_t>();
+  uint8_t* op = out.outlier.data_ptr<uint8_t>();
   int8_t* cp = out.codes.data_ptr<int8_t>();
   float* ap = out.absmax.data_ptr<float>();
+  std::mutex merge;
+  bool all_finite = true;
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, threshold, op, cp + m * K, ap + m);
+    std::vector<uint8_t> marks(K, 0);
+    bool finite = true;
+    for (int64_t m = begin; m < end; ++m) {
+      bool row_finite = true;
+      ap[m] = row_absmax(xp + m * K, K, threshold, marks.data(), &row_finite);
+      finite = finite && row_finite;
+    }
+    std::lock_guard<std::mutex> lock(merge);
+    all_finite = all_finite && finite;
+    for (int64_t k = 0; k < K; ++k) op[k] |= marks[k];
+  });
+  TORCH_CHECK_VALUE(all_finite, "lowbit: the input holds NaN or Inf (or values beyond float16's range, which "
+                    "LLM.int8() quantizes from): check the activations");
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, ap[m], op, cp + m * K);
   });
   return out;
 }
