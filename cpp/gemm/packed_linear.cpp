@@ -251,10 +251,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
                reinterpret_cast<const uint8_t*>(wp.data_ptr<int32_t>()), sf.data_ptr<float>(),
                zero_point ? zf.data_ptr<float>() : nullptr, out.data_ptr<float>()};
   if (M > 0 && N > 0 && !avx512_linear(a, xf, out)) tiled_linear(a, xf, out, &dequantize_rows);
-  if (bias) out.add_(bias->to(at::kFloat).reshape({1, N}));
-  auto sizes = x.sizes().vec();
-  sizes.back() = N;
-  return out.to(x.scalar_type()).reshape(sizes);
+  return finish_linear(out, bias, x);
 }
 
 }  // namespace

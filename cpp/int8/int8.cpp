@@ -230,13 +230,7 @@ at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const a
     const at::Tensor sub_w = wc.index_select(1, idx).to(at::kFloat) * scb.unsqueeze(1) * kInv127;
     out.addmm_(sub_x, sub_w.t());
   }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit: bias must have ", N, " entries");
-    out.add_(bias->to(at::kFloat).reshape({1, N}));
-  }
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  return out.to(x.scalar_type()).reshape(shape);
+  return finish_linear(out, bias, x);
 }
 
 }  // namespace

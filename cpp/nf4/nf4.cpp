@@ -458,13 +458,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
       out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
     }
   }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit: bias must have ", N, " entries");
-    out.add_(bias->to(at::kFloat).reshape({1, N}));
-  }
-  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end());
-  shape.back() = N;
-  return out.to(x_in.scalar_type()).reshape(shape);
+  return finish_linear(out, bias, x_in);
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best
 // clone the CPU supports, so no -march flag is needed and the binary runs anywhere.
@@ -27,6 +28,18 @@ struct IntRange {
 // Argument errors surface in Python as ValueError / TypeError (TORCH_CHECK_VALUE / _TYPE).
 inline void check_bits(int64_t bits) {
   TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "lowbit: bits must be in 2..8, got ", bits);
+}
+
+// A linear kernel's fp32 product [M, N], plus bias, in x's dtype and leading dimensions.
+inline at::Tensor finish_linear(at::Tensor out, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
+  const int64_t N = out.size(1);
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit: bias must have ", N, " entries");
+    out.add_(bias->to(at::kFloat).reshape({1, N}));
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return out.to(x.scalar_type()).reshape(shape);
 }
 
 inline void check_float(const at::Tensor& t, const char* name) {

@@ -76,6 +76,16 @@ class Modifier:
             if any(matches(p, n, m) for p in targets) and not any(matches(p, n, m) for p in self.ignore)
         }
 
+    def select_linear(self, model: nn.Module) -> Dict[str, nn.Module]:
+        """select(), for modifiers whose layers exist for nn.Linear only (bitsandbytes' formats
+        have no layout for transformers' Conv1D): a Conv1D among the targets is an error."""
+        selected = self.select(model)
+        conv = [n for n, m in selected.items() if not isinstance(m, nn.Linear)]
+        if conv:
+            raise ValueError(f"{type(self).__name__} quantizes nn.Linear layers; {conv[:3]} are transformers Conv1D "
+                             "(GPT-2 style): add them to ignore")
+        return selected
+
     def expand(self) -> List["Modifier"]:
         """The modifiers this one stands for in a recipe (itself, plus any it implies)."""
         return [self]

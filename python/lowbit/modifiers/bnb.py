@@ -51,12 +51,7 @@ class BnB4bitModifier(Modifier):
                                     None if dtype is None else str(dtype).replace("torch.", ""))
 
     def plan(self, model: nn.Module) -> Dict[str, Tuple[nn.Module, BnB4bitScheme]]:
-        selected = self.select(model)
-        conv = [n for n, m in selected.items() if not isinstance(m, nn.Linear)]
-        if conv:
-            raise ValueError(f"BnB4bitModifier quantizes nn.Linear layers; {conv[:3]} are transformers Conv1D "
-                             "(GPT-2 style): add them to ignore")
-        return {n: (m, self.scheme) for n, m in selected.items()}
+        return {n: (m, self.scheme) for n, m in self.select_linear(model).items()}
 
     def quantize_module(self, name: str, module: nn.Module, scheme: BnB4bitScheme) -> nn.Module:
         return NF4Linear.from_linear(module, scheme.quant_type, scheme.blocksize, scheme.double_quant,

@@ -39,12 +39,7 @@ class LLMInt8Modifier(Modifier):
         self._seen: Dict[str, torch.Tensor] = {}
 
     def plan(self, model: nn.Module) -> Dict[str, Tuple[nn.Module, LLMInt8Scheme]]:
-        selected = self.select(model)
-        conv = [n for n, m in selected.items() if not isinstance(m, nn.Linear)]
-        if conv:
-            raise ValueError(f"LLMInt8Modifier quantizes nn.Linear layers; {conv[:3]} are transformers Conv1D "
-                             "(GPT-2 style): add them to ignore")
-        return {n: (m, self.scheme) for n, m in selected.items()}
+        return {n: (m, self.scheme) for n, m in self.select_linear(model).items()}
 
     def calibration_hook(self, name: str, module: nn.Module):
         if self.scheme.threshold == 0:
