@@ -105,7 +105,8 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("quantize", help="oneshot a local model directory and save it")
     p.add_argument("--model", required=True, help="local model directory")
-    p.add_argument("--recipe", required=True, help="preset scheme (W4A16, W4A16_ASYM, W8A16, W8A8, ...) or a YAML file")
+    p.add_argument("--recipe", required=True,
+                   help="preset scheme (W4A16, W4A16_ASYM, W8A16, W8A8, NF4, FP4, INT8_OUTLIER, ...) or a YAML file")
     p.add_argument("--dataset", help="calibration data: .txt, .jsonl or .json")
     p.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--samples", type=int, default=512, help="number of calibration samples")
