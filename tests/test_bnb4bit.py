@@ -28,8 +28,8 @@ from lowbit import functional as F
 from lowbit.nn import NF4Linear, PackedLinear
 
 from conftest import DTYPE_IDS, FLOAT_DTYPES
-from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, rel_err, run_python, save_float,
-                         transformers_quantized, w4_group_modifier)
+from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, read_with_stock_bitsandbytes, rel_err,
+                         save_float, transformers_quantized, w4_group_modifier)
 
 BNB_TOL = 1e-2
 EXACT_TOL = 1e-5
@@ -248,35 +248,6 @@ CASES = {
 STOCK_CASES = ["llama-nf4-dq", "qwen2-fp4", "llama-nf4-bf16"]
 
 
-STOCK_CODE = r"""
-import json, sys, traceback
-import torch
-torch.set_num_threads(1)
-import transformers, bitsandbytes
-import bitsandbytes.functional as bnb_functional
-from transformers import AutoModelForCausalLM
-transformers.logging.set_verbosity_error()
-cases, ids_path, out_path = json.loads(sys.argv[1])
-ids = torch.load(ids_path)
-results = {}
-for name, path in cases.items():
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, device_map="cpu")
-        model.eval()
-        weights = {}
-        with torch.inference_mode():
-            # before the forward: bitsandbytes' CPU forward repacks the weight for its own kernel
-            for n, m in model.named_modules():
-                if isinstance(m, bitsandbytes.nn.Linear4bit):
-                    weights[n] = bnb_functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
-            out = model(input_ids=ids).logits.float()
-        results[name] = {"logits": out, "missing": sorted(info["missing_keys"]), "weights": weights,
-                         "unexpected": sorted(info["unexpected_keys"])}
-    except Exception:
-        results[name] = {"error": traceback.format_exc()}
-assert "lowbit" not in sys.modules, "the stock reader imported lowbit"
-torch.save(results, out_path)
-"""
 
 
 def exact_logits(model, ids):
@@ -299,7 +270,6 @@ def exact_logits(model, ids):
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("bnb")
     ids = fixed_ids()
-    torch.save(ids, root / "ids.pt")
     out = {}
     for name, (arch, recipe, bnb_kwargs, dtype) in CASES.items():
         model = lowbit.oneshot(make_model(arch, dtype=dtype), recipe() if callable(recipe) else recipe,
@@ -308,9 +278,7 @@ def checkpoints(tmp_path_factory):
                      "exact": exact_logits(model, ids),
                      "transformers_dir": transformers_quantized(arch, dict(load_in_4bit=True, **bnb_kwargs), dtype,
                                                                  str(root / name))}
-    run_python(STOCK_CODE, json.dumps([{n: str(out[n]["dir"]) for n in STOCK_CASES}, str(root / "ids.pt"),
-                                       str(root / "stock.pt")]), timeout=300)
-    stock = torch.load(root / "stock.pt")
+    stock = read_with_stock_bitsandbytes({n: out[n]["dir"] for n in STOCK_CASES}, ids, root)
     for name in STOCK_CASES:
         out[name]["stock"] = stock[name]
     return out

@@ -27,7 +27,8 @@ from lowbit.nn import Int8OutlierLinear
 from lowbit.reference import int8 as R
 
 from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig
-from tiny_models import fixed_ids, logits, make_model, make_tokenizer, rel_err, run_python, transformers_quantized
+from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, read_with_stock_bitsandbytes, rel_err,
+                         transformers_quantized)
 
 OUTLIER_TOL = 1e-5
 
@@ -204,38 +205,12 @@ def test_recipe_mixing_is_refused():
 CASES = {"llama": ("llama", torch.float32, 6.0), "qwen2": ("qwen2", torch.float32, 6.0),
          "llama-bf16": ("llama", torch.bfloat16, 6.0), "llama-pure-int8": ("llama", torch.float32, 0.0)}
 
-STOCK_CODE = r"""
-import json, sys, traceback
-import torch
-torch.set_num_threads(1)
-import transformers, bitsandbytes
-from transformers import AutoModelForCausalLM
-transformers.logging.set_verbosity_error()
-cases, ids_path, out_path = json.loads(sys.argv[1])
-ids = torch.load(ids_path)
-results = {}
-for name, path in cases.items():
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, device_map="cpu")
-        model.eval()
-        quantized = {n: (m.weight.data.clone(), m.weight.SCB.clone()) for n, m in model.named_modules()
-                     if isinstance(m, bitsandbytes.nn.Linear8bitLt)}
-        with torch.inference_mode():
-            out = model(input_ids=ids).logits.float()
-        results[name] = {"logits": out, "missing": sorted(info["missing_keys"]), "quantized": quantized,
-                         "unexpected": sorted(info["unexpected_keys"])}
-    except Exception:
-        results[name] = {"error": traceback.format_exc()}
-assert "lowbit" not in sys.modules, "the stock reader imported lowbit"
-torch.save(results, out_path)
-"""
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
     ids = fixed_ids()
-    torch.save(ids, root / "ids.pt")
     out = {}
     for name, (arch, dtype, threshold) in CASES.items():
         model = lowbit.oneshot(make_model(arch, dtype=dtype), lowbit.LLMInt8Modifier(threshold, ignore=["lm_head"]),
@@ -243,9 +218,7 @@ def checkpoints(tmp_path_factory):
         out[name] = {"dir": root / name / "lowbit", "model": model, "memory": logits(model, ids),
                      "transformers_dir": transformers_quantized(
                          arch, dict(load_in_8bit=True, llm_int8_threshold=threshold), dtype, root / name)}
-    run_python(STOCK_CODE, json.dumps([{n: str(c["dir"]) for n, c in out.items()}, str(root / "ids.pt"),
-                                       str(root / "stock.pt")]), timeout=300)
-    stock = torch.load(root / "stock.pt")
+    stock = read_with_stock_bitsandbytes({n: c["dir"] for n, c in out.items()}, ids, root)
     for name in out:
         out[name]["stock"] = stock[name]
     return out
@@ -276,9 +249,9 @@ def test_stock_transformers_reads_lowbit_checkpoint(checkpoints, case):
     assert "error" not in stock, stock.get("error")
     assert stock["missing"] == [] and stock["unexpected"] == []
     modules = {n: m for n, m in c["model"].named_modules() if isinstance(m, Int8OutlierLinear)}
-    assert sorted(stock["quantized"]) == sorted(modules) and len(modules) == 14
+    assert sorted(stock["weights"]) == sorted(modules) and len(modules) == 14
     for n, m in modules.items():
-        assert torch.equal(stock["quantized"][n][0], m.weight) and torch.equal(stock["quantized"][n][1], m.SCB)
+        assert torch.equal(stock["weights"][n][0], m.weight) and torch.equal(stock["weights"][n][1], m.SCB)
     tol = OUTLIER_TOL if CASES[case][1] == torch.float32 else 2e-2
     assert rel_err(stock["logits"], c["memory"]) <= tol
 

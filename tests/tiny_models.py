@@ -173,3 +173,51 @@ def transformers_quantized(arch: str, bnb_kwargs: dict, dtype: torch.dtype, path
     model = AutoModelForCausalLM.from_pretrained(float_dir, quantization_config=config, device_map="cpu", dtype=dtype)
     model.save_pretrained(os.path.join(path, "transformers"))
     return os.path.join(path, "transformers")
+
+
+# Runs in a fresh interpreter that never imports lowbit: stock transformers + bitsandbytes load
+# each directory; for every Linear4bit its dequantized weight (taken before the forward pass:
+# bitsandbytes' CPU forward repacks the weight in place), for every Linear8bitLt its CB and SCB,
+# and the logits on the given ids.
+BNB_STOCK_READER = r"""
+import json, sys, traceback
+import torch
+torch.set_num_threads(1)
+import transformers, bitsandbytes
+import bitsandbytes.functional as bnb_functional
+from transformers import AutoModelForCausalLM
+transformers.logging.set_verbosity_error()
+cases, ids_path, out_path = json.loads(sys.argv[1])
+ids = torch.load(ids_path)
+results = {}
+for name, path in cases.items():
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, device_map="cpu")
+        model.eval()
+        weights = {}
+        with torch.inference_mode():
+            for n, m in model.named_modules():
+                if isinstance(m, bitsandbytes.nn.Linear4bit):
+                    weights[n] = bnb_functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+                elif isinstance(m, bitsandbytes.nn.Linear8bitLt):
+                    weights[n] = (m.weight.data.clone(), m.weight.SCB.clone())
+            out = model(input_ids=ids).logits.float()
+        results[name] = {"logits": out, "missing": sorted(info["missing_keys"]), "weights": weights,
+                         "unexpected": sorted(info["unexpected_keys"])}
+    except Exception:
+        results[name] = {"error": traceback.format_exc()}
+assert "lowbit" not in sys.modules, "the stock reader imported lowbit"
+torch.save(results, out_path)
+"""
+
+
+def read_with_stock_bitsandbytes(dirs: dict, ids: torch.Tensor, workdir) -> dict:
+    """name -> what BNB_STOCK_READER found in directory dirs[name] (or {"error": traceback})."""
+    import json
+
+    workdir = os.fspath(workdir)
+    torch.save(ids, os.path.join(workdir, "stock_ids.pt"))
+    out = os.path.join(workdir, "stock.pt")
+    run_python(BNB_STOCK_READER, json.dumps([{n: os.fspath(d) for n, d in dirs.items()},
+                                             os.path.join(workdir, "stock_ids.pt"), out]), timeout=300)
+    return torch.load(out)
