@@ -221,3 +221,14 @@ def read_with_stock_bitsandbytes(dirs: dict, ids: torch.Tensor, workdir) -> dict
     run_python(BNB_STOCK_READER, json.dumps([{n: os.fspath(d) for n, d in dirs.items()},
                                              os.path.join(workdir, "stock_ids.pt"), out]), timeout=300)
     return torch.load(out)
+
+
+def stock_quantized_layers(stock: dict, model, kind) -> dict:
+    """name -> the `kind` layers of lowbit's `model`, once checked that the stock reader loaded
+    the directory without error, missing or unexpected keys, and quantized the same layers
+    (all 14 Linears but lm_head of a tiny model)."""
+    assert "error" not in stock, stock.get("error")
+    assert stock["missing"] == [] and stock["unexpected"] == []
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
+    assert sorted(stock["weights"]) == sorted(layers) and len(layers) == 14
+    return layers

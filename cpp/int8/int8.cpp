@@ -46,6 +46,11 @@ LOWBIT_MULTIVERSION void quantize_row(const float* row, int64_t K, float am, con
     codes[k] = outlier[k] ? 0 : static_cast<int8_t>(std::nearbyint(row[k] * inv));
 }
 
+void check_threshold(double threshold) {
+  TORCH_CHECK_VALUE(threshold >= 0.0, "lowbit: threshold must be >= 0 (0 disables the outlier decomposition), got ",
+                    threshold);
+}
+
 struct Int8Rows {
   at::Tensor codes, absmax, outlier;  // int8 [M, K], float32 [M], uint8 [K]
 };
@@ -87,8 +92,7 @@ Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
 
 // -> (codes int8 [rows, K], absmax float32 [rows], outlier column indices int64)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rowwise(const at::Tensor& x, double threshold) {
-  TORCH_CHECK_VALUE(threshold >= 0.0, "lowbit: threshold must be >= 0 (0 disables the outlier decomposition), got ",
-                    threshold);
+  check_threshold(threshold);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "lowbit: cannot quantize an empty tensor");
   Int8Rows q = quantize_rows(x, x.size(-1), static_cast<float>(threshold));
   return {q.codes.view(x.sizes()), q.absmax, q.outlier.nonzero().view({-1})};
@@ -201,8 +205,7 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
 // where int8(x) leaves the outlier columns out; returned in x's dtype.
 at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, double threshold,
                                const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(threshold >= 0.0, "lowbit: threshold must be >= 0 (0 disables the outlier decomposition), got ",
-                    threshold);
+  check_threshold(threshold);
   TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, "lowbit: the weight must be int8 codes, got ", w.scalar_type());
   TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: the weight must be 2-D [out, in], got ", w.dim(), " dims");
   const int64_t N = w.size(0), K = w.size(1);

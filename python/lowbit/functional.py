@@ -519,17 +519,20 @@ def nf4_linear(x: Tensor, packed: Tensor, state: NF4QuantState, bias: Optional[T
         raise ValueError(f"x must have {state.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
     if not state.double_quant:
         return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0], bias)
-    if state.offset is None:
-        raise ValueError("a double-quantized state needs its offset (the mean absmax)")
+    _check_offset(state)
     return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0], bias,
                           state.nested_absmax, DYNAMIC_MAP, state.offset)
+
+
+def _check_offset(state: NF4QuantState) -> None:
+    if state.offset is None:
+        raise ValueError("a double-quantized state needs its offset (the mean absmax)")
 
 
 def _plain_absmax(state: NF4QuantState) -> Tensor:
     if not state.double_quant:
         return state.absmax
-    if state.offset is None:
-        raise ValueError("a double-quantized state needs its offset (the mean absmax)")
+    _check_offset(state)
     return ops.blockwise8_dequantize(state.absmax, state.nested_absmax, DYNAMIC_MAP, NESTED_BLOCKSIZE) + state.offset
 
 

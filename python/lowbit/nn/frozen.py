@@ -1,5 +1,6 @@
-"""Gradients through quantized Linears with frozen weights (QLoRA-style training): the forward
-runs the module's fused kernel, the backward multiplies by the dequantized weight."""
+"""What lowbit's quantized Linears share: input checks, gradients through a frozen quantized
+weight (QLoRA-style training: the forward runs the module's fused kernel, the backward
+multiplies by the dequantized weight), and scales that model casts must not round."""
 
 from __future__ import annotations
 
@@ -41,3 +42,18 @@ def frozen_linear(module: nn.Module, x: Tensor) -> Tensor:
         y = _FrozenWeightMatmul.apply(x, module)
         return y if bias is None else y + bias.to(y.dtype)
     return module.quantized_matmul(x, bias)
+
+
+class KeepsScalesFp32:
+    """Mixin for a quantized Linear whose SCALE_BUFFERS stay fp32 (as bitsandbytes keeps its
+    absmax / SCB): casting the model (model.to(torch.bfloat16), .half()) moves them to the new
+    device but never rounds them."""
+
+    SCALE_BUFFERS: tuple = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {n: self._buffers[n] for n in self.SCALE_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            self._buffers[name] = original.to(self._buffers[name].device)
+        return self

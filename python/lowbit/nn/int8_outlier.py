@@ -8,18 +8,20 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .frozen import check_input, frozen_linear
+from .frozen import KeepsScalesFp32, check_input, frozen_linear
 
 INV_127 = 7.874015718698502e-3  # bitsandbytes' 1 / 127
 
 
-class Int8OutlierLinear(nn.Linear):
+class Int8OutlierLinear(KeepsScalesFp32, nn.Linear):
     """Drop-in nn.Linear for LLM.int8(), as bitsandbytes' Linear8bitLt holds it: ``weight`` int8
     codes [out, in] (per-row absmax of the float16 weight, round(w * 127 / absmax)) and ``SCB``
     fp32 [out]. forward quantizes each token to int8, keeps the input columns holding any
     |x| >= threshold in floating point (threshold 0: pure int8) and runs lowbit's int8 x int8 ->
     int32 matmul; the result comes back in x's dtype. Gradients flow to x (the weight is frozen).
     """
+
+    SCALE_BUFFERS = ("SCB",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  dtype: torch.dtype = torch.float32):
@@ -54,13 +56,6 @@ class Int8OutlierLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.in_features)
         return frozen_linear(self, x)
-
-    def _apply(self, fn, recurse=True):
-        # Casting the model must not round the row scales (bitsandbytes keeps SCB fp32).
-        scb = self.SCB
-        super()._apply(fn, recurse)
-        self.SCB = scb.to(self.SCB.device)
-        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .frozen import check_input, frozen_linear
+from .frozen import KeepsScalesFp32, check_input, frozen_linear
 
 DType = Union[None, str, torch.dtype]
 
@@ -24,7 +24,7 @@ def as_dtype(dtype: DType, name: str) -> Optional[torch.dtype]:
     return resolved
 
 
-class NF4Linear(nn.Linear):
+class NF4Linear(KeepsScalesFp32, nn.Linear):
     """Drop-in nn.Linear with a 4-bit weight, as bitsandbytes' Linear4bit holds it: the weight
     flattened row-major into blocks of `blocksize`, each scaled by its absmax and mapped to the
     nearest NF4 (or FP4) code, two codes per byte (``weight`` uint8 [(out*in + 1) // 2, 1]).
@@ -38,7 +38,7 @@ class NF4Linear(nn.Linear):
     on top of it.
     """
 
-    _FP32_BUFFERS = ("absmax", "nested_absmax", "offset")
+    SCALE_BUFFERS = ("absmax", "nested_absmax", "offset")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, quant_type: str = "nf4",
                  blocksize: int = 64, double_quant: bool = False, compute_dtype: DType = None,
@@ -114,15 +114,6 @@ class NF4Linear(nn.Linear):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         return frozen_linear(self, x).to(input_dtype)
-
-    def _apply(self, fn, recurse=True):
-        # Casting the model (model.to(torch.bfloat16), .half()) must not round the block scales:
-        # they follow the device only, as bitsandbytes' QuantState does.
-        kept = {n: self._buffers[n] for n in self._FP32_BUFFERS if self._buffers.get(n) is not None}
-        super()._apply(fn, recurse)
-        for name, original in kept.items():
-            self._buffers[name] = original.to(self._buffers[name].device)
-        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
