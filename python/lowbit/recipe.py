@@ -67,7 +67,10 @@ def _parse(recipe: Recipe) -> List[Modifier]:
 
 
 def _from_yaml(text: str) -> List[Modifier]:
-    doc = yaml.safe_load(text)
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"the recipe is not valid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError("a YAML recipe must be a mapping: <stage>: {<group>_modifiers: {ModifierName: {...}}}")
     modifiers: List[Modifier] = []
@@ -75,7 +78,7 @@ def _from_yaml(text: str) -> List[Modifier]:
         if not isinstance(stage, dict):
             raise ValueError(f"recipe stage {stage_name!r} must be a mapping of *_modifiers groups")
         for group_name, group in stage.items():
-            if not group_name.endswith("_modifiers"):
+            if not str(group_name).endswith("_modifiers"):
                 continue  # stage-level settings such as run_type
             if not isinstance(group, dict):
                 raise ValueError(f"{stage_name}.{group_name} must map modifier names to their arguments")
@@ -83,6 +86,9 @@ def _from_yaml(text: str) -> List[Modifier]:
                 if name not in MODIFIERS:
                     raise ValueError(f"unknown modifier {name!r} in {stage_name}.{group_name}; "
                                      f"lowbit knows {', '.join(sorted(MODIFIERS))}")
+                if not isinstance(kwargs, (dict, type(None))):
+                    raise ValueError(f"{stage_name}.{group_name}.{name} must map argument names to values, got "
+                                     f"{kwargs!r}")
                 modifiers.append(MODIFIERS[name](**(kwargs or {})))
     if not modifiers:
         raise ValueError("the YAML recipe holds no modifiers (expected <stage>: {<group>_modifiers: {...}})")

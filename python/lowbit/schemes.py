@@ -35,6 +35,9 @@ class QuantizationArgs:
     def __post_init__(self):
         if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
             raise ValueError(f"num_bits must be an integer in 2..8, got {self.num_bits!r}")
+        for flag in ("symmetric", "dynamic"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         if self.type != "int":
             raise ValueError(f"only integer quantization (type 'int') is supported here, got {self.type!r}")
         valid = ACTIVATION_STRATEGIES if self.dynamic else WEIGHT_STRATEGIES
@@ -97,7 +100,7 @@ def resolve_scheme(scheme: Union[str, QuantizationScheme, QuantizationArgs, dict
         except KeyError:
             raise ValueError(f"unknown scheme {scheme!r}; valid presets: {', '.join(PRESET_SCHEMES)}") from None
     if isinstance(scheme, dict):
-        if "weights" not in scheme:
+        if not isinstance(scheme.get("weights"), (dict, QuantizationArgs)):
             raise ValueError(f"a scheme dict needs a 'weights' entry (and optionally 'input_activations'), got keys {sorted(scheme)}")
         acts = scheme.get("input_activations")
         return QuantizationScheme(args_from_dict(scheme["weights"]), args_from_dict(acts) if acts else None)
@@ -113,6 +116,9 @@ def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
     (block_structure, observer_kwargs ...) are accepted while unset."""
     if isinstance(d, QuantizationArgs):
         return d
+    if not isinstance(d, dict):
+        raise TypeError(f"quantization args must be a dict such as {{'num_bits': 4, 'strategy': 'group', "
+                        f"'group_size': 128}}, got {type(d).__name__} {d!r}")
     extra = {k: v for k, v in d.items() if k not in _ARG_FIELDS and v not in (None, {}, False)
              and not (k == "zp_dtype" and v in ("torch.int8", "int8"))}  # int8 zero points are lowbit's too
     if extra:

@@ -8,6 +8,7 @@ JSON of the rest of the state. load_in_8bit (LLM.int8()): ``X.weight`` (int8 cod
 from __future__ import annotations
 
 import json
+import math
 from typing import Dict, List
 
 import torch
@@ -87,8 +88,8 @@ def _quant_state(state: Dict[str, torch.Tensor], name: str, module: nn.Linear) -
         raise _bad(name, f"expected one weight.{QUANT_STATE_PREFIX}<nf4|fp4> entry, found {len(keys)}")
     try:
         meta = json.loads(bytes(state.pop(keys[0]).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(name, f"the packed quant state is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _bad(name, f"the packed quant state is not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict):
         raise _bad(name, "the packed quant state is not a JSON object")
     missing = [k for k in ("quant_type", "blocksize", "dtype", "shape") if k not in meta]
@@ -96,7 +97,11 @@ def _quant_state(state: Dict[str, torch.Tensor], name: str, module: nn.Linear) -
         raise _bad(name, f"the packed quant state lacks {missing}")
     if meta["quant_type"] not in ("nf4", "fp4") or keys[0].rsplit("__", 1)[1] != meta["quant_type"]:
         raise _bad(name, f"quant_type {meta['quant_type']!r} (key {keys[0]!r}) is not nf4 or fp4")
-    if list(meta["shape"]) != [module.out_features, module.in_features]:
+    if "nested_offset" in meta and (isinstance(meta["nested_offset"], bool)
+                                    or not isinstance(meta["nested_offset"], (int, float))
+                                    or not math.isfinite(meta["nested_offset"])):
+        raise _bad(name, f"nested_offset {meta['nested_offset']!r} is not a finite number")
+    if meta["shape"] != [module.out_features, module.in_features]:
         raise _bad(name, f"shape {meta['shape']} does not match the model's "
                          f"[{module.out_features}, {module.in_features}] Linear")
     return meta
@@ -108,16 +113,17 @@ def _take(state: Dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
     return state.pop(key)
 
 
-def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict) -> List[str]:
+def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, device="cpu") -> List[str]:
     """Replace every Linear the checkpoint stores quantized (4-bit: a packed quant state; 8-bit:
-    an SCB) by an NF4Linear / Int8OutlierLinear and rewrite its entries of `state` into the
-    module's buffer names (checked for presence, dtype and size); returns the replaced names."""
+    an SCB) by an NF4Linear / Int8OutlierLinear made on `device` ("meta" for a skeleton) and
+    rewrite its entries of `state` into the module's buffer names (checked for presence, dtype
+    and size); returns the replaced names."""
     from ..nn.convert import replace_module
 
     if qc.get("load_in_8bit"):
-        replaced = _load_int8(model, state, qc, replace_module)
+        replaced = _load_int8(model, state, qc, replace_module, device)
     else:
-        replaced = _load_4bit(model, state, qc, replace_module)
+        replaced = _load_4bit(model, state, qc, replace_module, device)
     orphans = [k[:-len(".weight")] for k, t in state.items()
                if k.endswith(".weight") and t.dtype in (torch.uint8, torch.int8) and k[:-len(".weight")] not in replaced]
     if orphans:
@@ -126,7 +132,7 @@ def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict) -> Lis
     return replaced
 
 
-def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module) -> List[str]:
+def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module, device) -> List[str]:
     threshold = qc.get("llm_int8_threshold", 6.0)
     replaced = []
     for name, module in list(model.named_modules()):
@@ -143,8 +149,9 @@ def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, repla
         if layout is not None and int(layout) != 0:
             raise _bad(name, f"weight_format {int(layout)} is not 0 (row-major); only row-major int8 weights are read")
         try:
-            new = Int8OutlierLinear(module.in_features, module.out_features, module.bias is not None, threshold,
-                                    dtype=module.weight.dtype)
+            with torch.device(device):
+                new = Int8OutlierLinear(module.in_features, module.out_features, module.bias is not None, threshold,
+                                        dtype=module.weight.dtype)
         except ValueError as e:
             raise _bad(name, str(e)) from None
         state[f"{name}.weight"] = weight
@@ -153,7 +160,7 @@ def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, repla
     return replaced
 
 
-def _load_4bit(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module) -> List[str]:
+def _load_4bit(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module, device) -> List[str]:
     compute_dtype = qc.get("bnb_4bit_compute_dtype")
     replaced = []
     for name, module in list(model.named_modules()):
@@ -163,8 +170,9 @@ def _load_4bit(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, repla
         meta = _quant_state(state, name, module)
         nested = "nested_offset" in meta
         try:
-            new = NF4Linear(module.in_features, module.out_features, module.bias is not None, meta["quant_type"],
-                            meta["blocksize"], nested, compute_dtype, dtype=as_dtype(meta["dtype"], "dtype"))
+            with torch.device(device):
+                new = NF4Linear(module.in_features, module.out_features, module.bias is not None, meta["quant_type"],
+                                meta["blocksize"], nested, compute_dtype, dtype=as_dtype(meta["dtype"], "dtype"))
         except (ValueError, TypeError) as e:
             raise _bad(name, f"bad quant state {meta}: {e}") from None
         quant_map = _take(state, f"{name}.weight.quant_map", name)

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, Tuple
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .. import functional as F
 from . import bitsandbytes
+from .checkpoint import (check_against_skeleton, check_layer_count, check_loading_info, check_quantized_values,
+                         model_directories, read_config, read_headers, read_safetensors, resolve_dtype,
+                         write_directory)
 from ..modifiers.base import matches
 from ..nn.convert import replace_module
 from ..nn.int8_dynamic import Int8DynamicLinear
@@ -71,14 +72,6 @@ def quantization_config(model: nn.Module, plan: Dict[str, Tuple[nn.Module, Quant
     }
 
 
-def check_output_dir(output_dir, overwrite: bool) -> None:
-    path = os.fspath(output_dir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"output_dir {path!r} exists and is not a directory")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise ValueError(f"output_dir {path!r} is not empty; pass overwrite=True to replace it, or choose a new directory")
-
-
 def _quantized_tensors(module: nn.Module):
     """The checkpoint tensors of a PackedLinear (compressed-tensors), NF4Linear or
     Int8OutlierLinear (bitsandbytes), or None for every other module (Int8DynamicLinear's own state dict
@@ -131,17 +124,11 @@ def _write_safetensors(state: Dict[str, torch.Tensor], directory: str) -> None:
 def save_compressed(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: str = None,
                     overwrite: bool = False) -> None:
     """Write config.json (with quantization_config), safetensors, the tokenizer and
-    recipe.yaml to a temporary directory beside `output_dir`, then rename it into place, so
-    a failure never leaves a half-written output directory."""
-    check_output_dir(output_dir, overwrite)
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".lowbit-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
-    try:
+    recipe.yaml to a temporary directory beside `output_dir`, then swap it into place, so
+    that `output_dir` holds the old or the complete new checkpoint at every instant (see
+    checkpoint.write_directory for the paths it refuses)."""
+
+    def write(tmp: str) -> None:
         _write_safetensors(compressed_state_dict(model), tmp)
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
@@ -151,42 +138,48 @@ def save_compressed(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: s
         if recipe_yaml:
             with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as f:
                 f.write(recipe_yaml)
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_directory(output_dir, write, overwrite, protected=model_directories(model))
 
 
 # ---------------------------------------------------------------- loading
 
-def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"{path!r} holds no model.safetensors (lowbit loads safetensors only, never pickles)")
-    state = {}
-    for name in files:
-        state.update(load_file(os.path.join(path, name)))
-    return state
+def _string_list(value, where: str) -> list:
+    value = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"quantization_config.{where} must be a list of module names / class names / 're:' "
+                         f"patterns, got {value!r}")
+    return value
+
+
+def _group_scheme(group_name: str, group) -> QuantizationScheme:
+    where = f"quantization_config.config_groups.{group_name}"
+    if not isinstance(group, dict):
+        raise ValueError(f"{where} must be an object with 'targets' and 'weights', got {type(group).__name__}")
+    if group.get("output_activations"):
+        raise ValueError(f"{where} quantizes output activations, which lowbit does not run")
+    weights, acts = group.get("weights"), group.get("input_activations")
+    for what, args in (("weights", weights), ("input_activations", acts)):
+        if (what == "weights" or args is not None) and not isinstance(args, dict):
+            raise ValueError(f"{where}.{what} must be an object of quantization args, got {args!r}")
+    try:
+        return QuantizationScheme(args_from_dict(weights), args_from_dict(acts) if acts else None)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _plan_from_config(model: nn.Module, qc: dict) -> Dict[str, Tuple[nn.Module, QuantizationScheme]]:
-    ignore = qc.get("ignore") or []
+    ignore = _string_list(qc.get("ignore"), "ignore")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"quantization_config.config_groups must be a non-empty object of config groups, got {groups!r}")
     plan = {}
-    for group_name, group in (qc.get("config_groups") or {}).items():
-        if group.get("output_activations"):
-            raise ValueError(f"config group {group_name!r} quantizes output activations, which lowbit does not run")
-        acts = group.get("input_activations")
-        scheme = QuantizationScheme(args_from_dict(group["weights"]), args_from_dict(acts) if acts else None)
+    for group_name, group in groups.items():
+        scheme = _group_scheme(group_name, group)
+        targets = _string_list(group.get("targets"), f"config_groups.{group_name}.targets")
         for name, module in model.named_modules():
             if (isinstance(module, nn.Linear) and name not in plan
-                    and any(matches(t, name, module) for t in group.get("targets", []))
+                    and any(matches(t, name, module) for t in targets)
                     and not any(matches(p, name, module) for p in ignore)):
                 plan[name] = (module, scheme)
     return plan
@@ -201,19 +194,29 @@ def _empty_quantized(module: nn.Linear, scheme: QuantizationScheme, dtype: torch
 
 
 def _to_module_layout(model: nn.Module, plan, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Checkpoint tensors -> lowbit modules' state: zero points unpacked along dim 0."""
+    """Checkpoint tensors -> lowbit modules' state: zero points unpacked along dim 0, the
+    stored weight_shape checked against the module's."""
     for name, (_, scheme) in plan.items():
         module, args = model.get_submodule(name), scheme.weights
         if isinstance(module, Int8DynamicLinear):
             continue
+        shape = state.get(f"{name}.weight_shape")
+        if shape is not None and (shape.dtype.is_floating_point or shape.tolist() != [module.out_features,
+                                                                                        module.in_features]):
+            raise ValueError(f"{name}.weight_shape is {shape.tolist()} ({shape.dtype}), but the model's Linear is "
+                             f"[{module.out_features}, {module.in_features}]")
         zero = state.get(f"{name}.weight_zero_point")
         if zero is not None:
             groups = module.weight_scale.shape[1]
-            state[f"{name}.weight_zero_point"] = F.unpack(zero, args.num_bits, (module.out_features, groups), packed_dim=0)
+            try:
+                state[f"{name}.weight_zero_point"] = F.unpack(zero, args.num_bits, (module.out_features, groups),
+                                                              packed_dim=0)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{name}.weight_zero_point: {e}") from None
     return state
 
 
-def _load_compressed_tensors(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype) -> None:
+def _load_compressed_tensors(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype, device) -> None:
     if qc.get("quantization_status", "compressed") != "compressed" or qc.get("format") not in (
             "pack-quantized", "int-quantized", "mixed-precision"):
         raise ValueError(f"unsupported compressed-tensors format {qc.get('format')!r} "
@@ -222,15 +225,16 @@ def _load_compressed_tensors(model: nn.Module, qc: dict, state: Dict[str, torch.
     if not plan:
         raise ValueError("the quantization_config's config_groups match no module of the model")
     for name, (module, scheme) in plan.items():
-        replace_module(model, name, _empty_quantized(module, scheme, dtype))
+        with torch.device(device):
+            replace_module(model, name, _empty_quantized(module, scheme, dtype))
     _to_module_layout(model, plan, state)
 
 
-def _load_bitsandbytes(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype) -> None:
+def _load_bitsandbytes(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype, device) -> None:
     if bool(qc.get("load_in_8bit")) == bool(qc.get("load_in_4bit")):
         raise ValueError("a bitsandbytes quantization_config needs exactly one of load_in_4bit / load_in_8bit, got "
                          f"load_in_4bit={qc.get('load_in_4bit')!r}, load_in_8bit={qc.get('load_in_8bit')!r}")
-    if not bitsandbytes.load_into(model, state, qc):
+    if not bitsandbytes.load_into(model, state, qc, device):
         raise ValueError("the bitsandbytes checkpoint holds no quantized weight (no *.weight.quant_state.bitsandbytes__* "
                          "or *.SCB entry)")
 
@@ -242,33 +246,46 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
     """Load a checkpoint directory into lowbit modules: compressed-tensors checkpoints (from
     lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear layers, bitsandbytes
     checkpoints (from lowbit or transformers) NF4Linear (4-bit) or Int8OutlierLinear (8-bit)
-    layers, all running lowbit's kernels;
-    an unquantized directory loads as transformers would load it. A tensor the model does not
-    expect, or one it lacks, is an error."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    layers, all running lowbit's kernels; an unquantized directory loads as transformers
+    would load it. Nothing is allocated before the files are checked against config.json on
+    a meta-device skeleton: a tensor the model does not expect, one it lacks, or one of the
+    wrong shape, dtype or value range is a ValueError naming it, never random weights."""
+    from transformers import AutoModelForCausalLM
 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a checkpoint directory")
-    config = AutoConfig.from_pretrained(path)
-    qc = getattr(config, "quantization_config", None)
+    dtype = resolve_dtype(dtype, "dtype")
+    config, qc = read_config(path)
+    stored = read_headers(path)
+    check_layer_count(config, stored)
     if qc is None:
-        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype).eval()
-    qc = qc if isinstance(qc, dict) else qc.to_dict()
+        check_against_skeleton(_skeleton(config, dtype), stored, path, unquantized=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
+                                                           output_loading_info=True)
+        check_loading_info(info, path)
+        return model.eval()
     if qc.get("quant_method") not in LOADERS:
         raise ValueError(f"lowbit.load reads compressed-tensors and bitsandbytes checkpoints, not "
                          f"quant_method={qc.get('quant_method')!r}")
-    del config.quantization_config
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = dtype or config.dtype or torch.float32
+    state = read_safetensors(path)
+    skeleton = _skeleton(config, dtype)
+    meta_state = dict(state)
+    LOADERS[qc["quant_method"]](skeleton, qc, meta_state, dtype, "meta")
+    check_against_skeleton(skeleton, meta_state, path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = _read_safetensors(path)
-    LOADERS[qc["quant_method"]](model, qc, state, dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint and model disagree: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    LOADERS[qc["quant_method"]](model, qc, state, dtype, "cpu")
+    model.load_state_dict(state, strict=False)
+    check_quantized_values(model, path)
     model.tie_weights()
     model.config.quantization_config = qc
     return model.eval()
+
+
+def _skeleton(config, dtype) -> nn.Module:
+    """The model config.json describes, on the meta device: its shapes cost no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)

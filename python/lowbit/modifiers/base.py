@@ -14,11 +14,15 @@ from ..nn.convert import Conv1D, quantize_module
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
-def _as_list(value: Union[None, str, Sequence[str]]) -> List[str]:
+def _as_list(value: Union[None, str, Sequence[str]], what: str = "targets / ignore") -> List[str]:
+    """A pattern or a list of patterns (module names, class names, 're:' regexes) as a list."""
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{what} must be a string or a list of strings (a class name such as 'Linear', a module "
+                        f"name, or 're:<regex>'), got {value!r}")
     return list(value)
 
 
@@ -50,8 +54,8 @@ class Modifier:
     propagates_float_outputs = False
 
     def __init__(self, targets: Union[str, Sequence[str]] = "Linear", ignore: Union[None, str, Sequence[str]] = None):
-        self.targets = _as_list(targets)
-        self.ignore = _as_list(ignore)
+        self.targets = _as_list(targets, "targets")
+        self.ignore = _as_list(ignore, "ignore")
         if not self.targets:
             raise ValueError(f"{type(self).__name__} needs at least one target (for example targets='Linear')")
 

@@ -32,16 +32,29 @@ class QuantizationModifier(Modifier):
 
     def _groups(self) -> List[Tuple[List[str], QuantizationScheme]]:
         if self.config_groups is not None:
+            if not isinstance(self.config_groups, dict):
+                raise TypeError("config_groups must be a dict of {group name: {targets, weights, input_activations}}, "
+                                f"got {type(self.config_groups).__name__}")
+            if not self.config_groups:
+                raise ValueError("config_groups is empty: give at least one group, e.g. {'group_0': {'targets': "
+                                 "['Linear'], 'weights': {'num_bits': 4, 'strategy': 'group', 'group_size': 128}}}")
             groups = []
             for name, group in self.config_groups.items():
-                if not isinstance(group, dict) or "weights" not in group:
-                    raise ValueError(f"config_groups[{name!r}] needs 'targets' and 'weights', got {group!r}")
+                if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+                    raise ValueError(f"config_groups[{name!r}] needs 'targets' and a 'weights' dict of quantization "
+                                     f"args, got {group!r}")
                 acts = group.get("input_activations")
+                if acts is not None and not isinstance(acts, dict):
+                    raise ValueError(f"config_groups[{name!r}]['input_activations'] must be a dict or null, got {acts!r}")
                 scheme = QuantizationScheme(args_from_dict(group["weights"]), args_from_dict(acts) if acts else None)
-                groups.append((_as_list(group.get("targets", self.targets)), scheme))
+                groups.append((_as_list(group.get("targets", self.targets), f"config_groups[{name!r}]['targets']"),
+                               scheme))
             return groups
         if isinstance(self.scheme, dict) and "weights" not in self.scheme:  # {preset: targets}
-            return [(_as_list(targets), resolve_scheme(preset)) for preset, targets in self.scheme.items()]
+            if not self.scheme:
+                raise ValueError("scheme is an empty dict: give a preset name such as 'W4A16', or {preset: targets}")
+            return [(_as_list(targets, f"scheme[{preset!r}]"), resolve_scheme(preset))
+                    for preset, targets in self.scheme.items()]
         return [(self.targets, resolve_scheme(self.scheme))]
 
     def plan(self, model: nn.Module) -> Dict[str, Tuple[nn.Module, QuantizationScheme]]:

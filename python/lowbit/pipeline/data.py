@@ -75,6 +75,28 @@ def _record_sample(record, tokenizer, text_column: str, max_seq_length: int):
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def check_calibration_args(num_calibration_samples, max_seq_length) -> None:
+    for name, value, optional in (("num_calibration_samples", num_calibration_samples, False),
+                                  ("max_seq_length", max_seq_length, True)):
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def check_token_ids(samples: List[Sample], vocab_size: int) -> None:
+    """Token ids index the embedding: a negative one or one past the vocabulary would read
+    outside it (or fail deep inside the model)."""
+    for i, sample in enumerate(samples):
+        ids = sample["input_ids"]
+        if ids.numel() and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"calibration sample {i} holds token id {int(ids.min() if ids.min() < 0 else ids.max())}, "
+                             f"outside the model's vocabulary [0, {vocab_size}); tokenize with the model's own "
+                             "tokenizer")
+
+
 def prepare_calibration(dataset, tokenizer=None, *, num_calibration_samples: int = 512,
                         max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, text_column: str = "text",
                         shuffle: bool = True, seed: int = 0) -> List[Sample]:
@@ -82,8 +104,7 @@ def prepare_calibration(dataset, tokenizer=None, *, num_calibration_samples: int
     column, chat messages, or input_ids), a .txt / .jsonl / .json path, a DataLoader
     (batches of dicts or tensors), or token id tensors. Records are visited in a seeded
     random order (shuffle=True) until num_calibration_samples non-empty samples are found."""
-    if num_calibration_samples <= 0:
-        raise ValueError(f"num_calibration_samples must be positive, got {num_calibration_samples}")
+    check_calibration_args(num_calibration_samples, max_seq_length)
     if isinstance(dataset, (str, os.PathLike)):
         if not os.path.isfile(dataset):
             raise ValueError(f"dataset path {os.fspath(dataset)!r} does not exist")

@@ -11,14 +11,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats.compressed_tensors import check_output_dir, quantization_config, save_compressed
+from ..formats.checkpoint import check_output_dir, model_directories
+from ..formats.compressed_tensors import quantization_config, save_compressed
 from ..formats import bitsandbytes
 from ..modifiers import BnB4bitScheme, LLMInt8Scheme, Modifier
 from ..modifiers.base import in_features
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
 from ..schemes import QuantizationScheme
-from .data import DEFAULT_MAX_SEQ_LENGTH, prepare_calibration
+from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
 
 logger = logging.getLogger("lowbit")
@@ -71,6 +72,10 @@ def _plan(model: nn.Module, modifiers) -> Tuple[Plan, Dict[str, Modifier]]:
             if name in plan:
                 raise ValueError(f"module {name!r} is targeted by two modifiers; give it to one of them")
             plan[name], owners[name] = entry, modifier
+    if not plan:
+        asked = "; ".join(f"{type(m).__name__}(targets={m.targets}, ignore={m.ignore})" for m in modifiers)
+        raise ValueError(f"the recipe quantizes no layer of {type(model).__name__}: {asked} leave nothing to "
+                         "quantize (every target is ignored or already quantized); fix targets / ignore")
     bad = [f"{name} ({in_features(module)} columns, group_size {scheme.weights.group_size})"
            for name, (module, scheme) in plan.items()
            if isinstance(scheme, QuantizationScheme) and scheme.weights.strategy == "group"
@@ -103,11 +108,11 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
     LLM.int8()), written to a temporary directory, then renamed; an existing non-empty
     directory is refused unless overwrite=True.
     """
-    if max_seq_length is not None and max_seq_length <= 0:
-        raise ValueError(f"max_seq_length must be positive, got {max_seq_length}")
+    check_calibration_args(num_calibration_samples, max_seq_length)
     modifiers = parse_recipe(recipe)
-    if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
+    if output_dir is not None:  # refused before any work; checked again when the checkpoint is written
+        check_output_dir(output_dir, overwrite, [model] if isinstance(model, (str, os.PathLike))
+                         else model_directories(model))
     model, tokenizer = _load(model, tokenizer)
     plan, owners = _plan(model, modifiers)
     needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
@@ -118,6 +123,7 @@ def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_sampl
         samples = prepare_calibration(dataset, tokenizer, num_calibration_samples=num_calibration_samples,
                                       max_seq_length=max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
                                       text_column=text_column, shuffle=shuffle, seed=seed)
+        check_token_ids(samples, model.get_input_embeddings().num_embeddings)
         if not needs_data and not any(m.collects_statistics for m in modifiers):
             samples = [{k: v[:, :ERROR_LOG_TOKENS] for k, v in s.items()} for s in samples[:ERROR_LOG_SAMPLES]]
 
