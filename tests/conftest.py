@@ -146,3 +146,30 @@ def capture_inputs(smollm2, texts, names, max_length: int = 256):
         for h in hooks:
             h.remove()
     return {name: (modules[name].weight.detach().clone(), torch.cat(inputs[name])) for name in names}
+
+
+# ---------------------------------------------------------------- property-based fuzzing
+# tests/test_fuzz.py. "ci" (the default) is deterministic (derandomize) and sized for about
+# two minutes on two cores; `pytest --hypothesis-profile=thorough` runs ten times as many
+# cases with fresh random seeds. No deadline: a busy CI machine must not make a test flaky.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:  # the fuzz suite is skipped without hypothesis (the `test` extra has it)
+    pass
+else:
+    _FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    _hypothesis_settings.register_profile("ci", max_examples=300, derandomize=True, deadline=None, database=None,
+                                          print_blob=True, suppress_health_check=_FUZZ_HEALTH)
+    _hypothesis_settings.register_profile("thorough", max_examples=3000, deadline=None, database=None,
+                                          print_blob=True, suppress_health_check=_FUZZ_HEALTH)
+    _hypothesis_settings.load_profile(os.environ.get("LOWBIT_HYPOTHESIS_PROFILE", "ci"))
+
+# Generated cases, by kind, counted by test_fuzz.py and reported in the terminal summary.
+FUZZ_COUNTS = {"valid": 0, "invalid": 0}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_COUNTS["valid"] or FUZZ_COUNTS["invalid"]:
+        terminalreporter.write_line(
+            f"lowbit fuzz: {FUZZ_COUNTS['valid'] + FUZZ_COUNTS['invalid']} generated cases "
+            f"({FUZZ_COUNTS['valid']} valid, {FUZZ_COUNTS['invalid']} invalid)")

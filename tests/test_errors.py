@@ -293,3 +293,176 @@ def test_raw_ops_raise_value_and_type_errors():
         lowbit.ops.pack(torch.full((2, 8), 9, dtype=torch.int8), 4)
     with pytest.raises(TypeError, match="packed weight must be a 2-D int32"):
         lowbit.ops.packed_linear(torch.randn(1, 64), torch.zeros(4, 8, dtype=torch.int64), scale, None, 4, 32, None)
+
+
+# ------------------------------------------- issue 13: devices, parameters, module state
+
+def _module(kind):
+    from lowbit.nn import Int8DynamicLinear, Int8OutlierLinear, NF4Linear
+    lin = nn.Linear(64, 8)
+    return {"PackedLinear": lambda: PackedLinear.from_linear(lin, {"weights": {"num_bits": 4, "group_size": 32}}),
+            "NF4Linear": lambda: NF4Linear.from_linear(lin), "Int8OutlierLinear": lambda: Int8OutlierLinear.from_linear(lin),
+            "Int8DynamicLinear": lambda: Int8DynamicLinear.from_linear(lin)}[kind]()
+
+
+@pytest.mark.parametrize("kind", ["PackedLinear", "NF4Linear", "Int8OutlierLinear", "Int8DynamicLinear"])
+def test_meta_module_raises_instead_of_returning_garbage(kind):
+    with pytest.raises(ValueError, match=r"x is on meta"):
+        _module(kind)(torch.randn(2, 64, device="meta"))
+    meta = _module(kind).to("meta")
+    with pytest.raises(ValueError, match=rf"{kind} weights are on meta .*load real weights first "
+                                         r"\(module\.to_empty"):
+        meta(torch.randn(2, 64))
+    with pytest.raises(ValueError, match=r"is on meta"):
+        meta.check_state()
+
+
+def test_meta_tensors_in_functional_ops():
+    packed, state = F.nf4_quantize(torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"packed is on meta"):
+        F.nf4_linear(torch.randn(2, 64), packed.to("meta"), state)
+    with pytest.raises(ValueError, match=r"absmax is on meta"):
+        F.nf4_dequantize(packed, state._replace(absmax=state.absmax.to("meta")))
+    codes, scb, _ = F.int8_quantize_rowwise(torch.randn(8, 64))
+    with pytest.raises(ValueError, match=r"bias is on meta"):
+        F.int8_outlier_matmul(torch.randn(2, 64), codes, scb, 6.0, torch.zeros(8, device="meta"))
+    with pytest.raises(ValueError, match=r"w_int8 is on meta"):
+        F.int8_outlier_matmul(torch.randn(2, 64), codes.to("meta"), scb)
+
+
+CODES_A, SCALE_A, ZERO_A = F.quantize(torch.randn(8, 64), 4, False, "group", 32)
+
+
+@pytest.mark.parametrize("call,exc,match", _params([
+    ("zero-transposed", lambda: F.dequantize(CODES_A, SCALE_A, ZERO_A.t().contiguous()), ValueError,
+     r"zero_point has shape \(2, 8\) but scale has \(8, 2\): they must match"),
+    ("scale-zero", lambda: F.dequantize(CODES_A, torch.zeros_like(SCALE_A)), ValueError, r"scale must be finite and > 0"),
+    ("scale-nan", lambda: F.dequantize(CODES_A, SCALE_A.index_fill(1, torch.tensor([0]), float("nan"))), ValueError,
+     r"scale must be finite and > 0"),
+    ("scale-inf", lambda: F.fake_quantize(torch.randn(8, 64), 4, scale=torch.full_like(SCALE_A, float("inf"))),
+     ValueError, r"scale must be finite and > 0"),
+    ("scale-negative", lambda: F.packed_linear(torch.randn(2, 64), F.pack(CODES_A, 4), -SCALE_A, ZERO_A, 4, 64),
+     ValueError, r"scale must be finite and > 0"),
+    ("zero-4bit-100", lambda: F.fake_quantize(torch.randn(8, 64), 4, False, scale=SCALE_A,
+                                              zero_point=torch.full_like(ZERO_A, 100)), ValueError,
+     r"zero_point must lie in \[-8, 7\] \(the 4-bit grid\)"),
+    ("zero-4bit-packed-linear", lambda: F.packed_linear(torch.randn(2, 64), F.pack(CODES_A, 4), SCALE_A,
+                                                        torch.full_like(ZERO_A, -9), 4, 64), ValueError,
+     r"zero_point must lie in \[-8, 7\]"),
+    ("zero-bool", lambda: F.dequantize(CODES_A, SCALE_A, ZERO_A != 0), TypeError,
+     r"zero_point must be an integer tensor, got torch.bool"),
+    ("zero-without-scale", lambda: F.fake_quantize(torch.randn(8, 64), 4, zero_point=ZERO_A), ValueError,
+     r"zero_point was given without scale"),
+    ("bias-complex", lambda: F.packed_linear(torch.randn(2, 64), F.pack(CODES_A, 4), SCALE_A, ZERO_A, 4, 64,
+                                             torch.zeros(8, dtype=torch.complex64)), TypeError,
+     r"bias must be float32, float16 or bfloat16, got torch.complex64"),
+    ("bias-int", lambda: F.int8_outlier_matmul(torch.randn(2, 64), *F.int8_quantize_rowwise(torch.randn(8, 64))[:2],
+                                               6.0, torch.zeros(8, dtype=torch.int32)), TypeError, r"bias must be float"),
+    ("bias-2-D", lambda: F.packed_linear(torch.randn(2, 64), F.pack(CODES_A, 4), SCALE_A, ZERO_A, 4, 64,
+                                         torch.zeros(1, 8)), ValueError, r"bias must have 8 entries"),
+    ("in-features-bool", lambda: F.packed_linear(torch.randn(2, 64), F.pack(CODES_A, 4), SCALE_A, ZERO_A, 4, True),
+     TypeError, r"in_features must be an integer"),
+    ("scb-shape", lambda: F.int8_outlier_matmul(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8),
+                                                torch.ones(8, 1)), ValueError, r"w_scale \(SCB\) must have one entry"),
+    ("scb-nan", lambda: F.int8_outlier_matmul(torch.randn(2, 64), torch.zeros(8, 64, dtype=torch.int8),
+                                              torch.full((8,), float("nan"))), ValueError, r"w_scale \(SCB\) must be finite"),
+    ("threshold-inf", lambda: F.int8_quantize_rowwise(torch.randn(2, 64), float("inf")), ValueError, r"threshold"),
+]))
+def test_impossible_quantization_parameters(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_nf4_state_checks():
+    packed, state = F.nf4_quantize(torch.randn(8, 64))
+    with pytest.raises(TypeError, match=r"absmax must be float32 \(uint8 only when double-quantized\), got torch.int32"):
+        F.nf4_dequantize(packed, state._replace(absmax=state.absmax.int()))
+    with pytest.raises(ValueError, match=r"absmax must be finite and >= 0"):
+        F.nf4_linear(torch.randn(2, 64), packed, state._replace(absmax=-state.absmax))
+    with pytest.raises(TypeError, match=r"state.dtype must be float32"):
+        F.nf4_dequantize(packed, state._replace(dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"blocksize must be a power of two"):
+        F.nf4_dequantize(packed, state._replace(blocksize=True))
+    dq_packed, dq = F.nf4_quantize(torch.randn(8, 64), double_quant=True)
+    with pytest.raises(TypeError, match=r"absmax of a double-quantized state must hold uint8 codes"):
+        F.nf4_dequantize(dq_packed, dq._replace(absmax=dq.absmax.float()))
+    with pytest.raises(ValueError, match=r"offset must be finite"):
+        F.nf4_linear(torch.randn(2, 64), dq_packed, dq._replace(offset=torch.tensor(float("nan"))))
+
+
+@pytest.mark.parametrize("call,exc,match", _params([
+    ("hessian-0-d", lambda: F.hessian(torch.tensor(1.0)), ValueError, r"inputs must have at least one dimension"),
+    ("hessian-num-samples-bool", lambda: F.hessian(torch.randn(2, 4), None, True), TypeError, r"num_samples"),
+    ("hessian-accumulator", lambda: F.hessian(torch.randn(2, 4), torch.zeros(3, 3), 2), ValueError,
+     r"hessian must be the contiguous float32 \[4, 4\] accumulator"),
+    ("mirror-not-tensor", lambda: F.mirror_hessian_([[1.0]]), TypeError, r"hessian must be a torch.Tensor"),
+    ("awq-group-negative", lambda: F.awq_search(torch.randn(8, 64), torch.eye(64), torch.rand(64), group_size=-32),
+     ValueError, r"group_size must be a positive integer or None \(whole rows\), got -32"),
+    ("awq-group-float", lambda: F.awq_clip(torch.randn(8, 64), torch.eye(64), group_size=32.0), TypeError,
+     r"group_size must be a positive integer or None"),
+    ("awq-n-grid-bool", lambda: F.awq_grid(True, True), ValueError, r"n_grid must be an integer"),
+    ("awq-duo-n-grid-2", lambda: F.awq_grid(True, 2), ValueError, r"n_grid must be an integer >= 3"),
+    ("awq-duo-int", lambda: F.awq_grid(1, 20), ValueError, r"duo_scaling must be True, False or 'both'"),
+    ("awq-x-mean-int", lambda: F.awq_search(torch.randn(8, 64), torch.eye(64), torch.ones(64, dtype=torch.int32),
+                                                  group_size=32),
+     TypeError, r"x_mean must be a float tensor"),
+    ("awq-max-shrink-nan", lambda: F.awq_clip(torch.randn(8, 64), torch.eye(64), group_size=32,
+                                                      max_shrink=float("nan")), ValueError,
+     r"max_shrink must be a finite number"),
+    ("gptq-damp-nan", lambda: F.gptq(torch.randn(8, 64), torch.eye(64), group_size=32, dampening_frac=float("nan")),
+     ValueError, r"dampening_frac must be a finite number"),
+    ("gptq-group-zero", lambda: F.gptq(torch.randn(8, 64), torch.eye(64), group_size=0), ValueError,
+     r"group_size must be a positive integer or None"),
+    ("gptq-block-bool", lambda: F.gptq(torch.randn(8, 64), torch.eye(64), group_size=32, block_size=True), TypeError,
+     r"block_size must be an integer"),
+    ("gptq-hessian-nan", lambda: F.gptq(torch.randn(8, 64), torch.full((64, 64), float("nan")), group_size=32),
+     ValueError, r"hessian contains NaN or Inf"),
+    ("gptq-symmetric-int", lambda: F.gptq(torch.randn(8, 64), torch.eye(64), group_size=32, symmetric=1), TypeError,
+     r"symmetric must be True or False"),
+    ("quantize-symmetric-str", lambda: F.quantize(W, 4, "yes", group_size=32), TypeError, r"symmetric"),
+    ("unpack-shape-bool", lambda: F.unpack(PACKED4, 4, (4, True)), TypeError, r"shape\[1\] must be an integer"),
+    ("pack-dim-bool", lambda: F.pack(CODES4, 4, packed_dim=True), ValueError, r"packed_dim must be 0 or 1"),
+    ("nf4-double-quant-int", lambda: F.nf4_quantize(torch.randn(64), double_quant=1), TypeError, r"double_quant"),
+]))
+def test_every_bad_argument_names_itself(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(in_features=0, out_features=4), ValueError, r"in_features must be a positive integer, got 0"),
+    (dict(in_features=64, out_features=True), TypeError, r"out_features must be a positive integer"),
+    (dict(in_features=64.0, out_features=4), TypeError, r"in_features must be a positive integer"),
+    (dict(in_features=64, out_features=4, bias=1), TypeError, r"bias must be True or False"),
+    (dict(in_features=64, out_features=4, dtype=torch.int8), (TypeError, ValueError), r"dtype must be"),
+])
+def test_module_constructor_arguments(kwargs, exc, match):
+    from lowbit.nn import Int8DynamicLinear, Int8OutlierLinear, NF4Linear
+    for cls in (PackedLinear, NF4Linear, Int8OutlierLinear, Int8DynamicLinear):
+        kw = dict(kwargs)
+        if cls is PackedLinear:
+            kw["scheme"] = {"weights": {"num_bits": 4, "group_size": 32}}
+        with pytest.raises(exc, match=match):
+            cls(**kw)
+
+
+def test_check_state_names_the_bad_buffer():
+    m = PackedLinear.from_linear(nn.Linear(64, 8), {"weights": {"num_bits": 4, "symmetric": False, "group_size": 32}})
+    m.check_state()
+    m.weight_zero_point[0, 0] = 100
+    with pytest.raises(ValueError, match=r"layers.0.q_proj \(PackedLinear 64->8\): weight_zero_point must lie in "
+                                         r"\[-8, 7\] \(the 4-bit grid\)"):
+        m.check_state("layers.0.q_proj")
+    m.weight_zero_point.zero_()
+    m.weight_scale[1, 1] = 0
+    with pytest.raises(ValueError, match=r"weight_scale must be finite and > 0"):
+        m.check_state()
+    m.weight_scale.fill_(1)
+    m._buffers["weight_scale"] = torch.ones(2, 8)
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(8, 2\), got \(2, 8\)"):
+        m.check_state()
+    from lowbit.nn import NF4Linear
+    n = NF4Linear.from_linear(nn.Linear(64, 8))
+    n._buffers["absmax"] = n.absmax.int()
+    with pytest.raises(ValueError, match=r"absmax must be float32, got torch.int32"):
+        n.check_state()

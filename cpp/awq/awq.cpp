@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "lowbit/common.h"
@@ -21,18 +22,25 @@ namespace {
 constexpr int64_t kStatColumns = 256;  // columns per thread task in the statistics pass
 constexpr int64_t kLossRows = 1024;     // weight rows per block of D in the scale loss
 constexpr int64_t kFactorCols = 128;    // columns of the Gram factor per GEMM
+constexpr int64_t kMaxClipGrid = 10000;  // the clip search holds rows x candidates x group_size errors
 
 // sum_abs[c] += sum over the rows of x of |x[., c]| (float64 accumulators); returns the number
 // of rows seen so far.
 int64_t awq_channel_stats_(at::Tensor& sum_abs, const at::Tensor& x_in, int64_t count) {
+  check_cpu(sum_abs, "sum_abs");
+  check_cpu(x_in, "inputs");
   check_float(x_in, "inputs");
   TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.numel() > 0, "lowbit: inputs must be a non-empty [..., columns] tensor");
-  TORCH_CHECK_VALUE(count >= 0, "lowbit: count must be >= 0");
-  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).to(at::kFloat).contiguous();
-  const int64_t rows = x.size(0), cols = x.size(1);
-  TORCH_CHECK_TYPE(sum_abs.scalar_type() == at::kDouble && sum_abs.is_contiguous() && sum_abs.dim() == 1 &&
-                       sum_abs.size(0) == cols,
-                   "lowbit: the statistics accumulator must be a contiguous float64 tensor of ", cols, " entries");
+  const int64_t cols = x_in.size(-1), rows = x_in.numel() / cols;
+  TORCH_CHECK_VALUE(count >= 0 && count <= std::numeric_limits<int64_t>::max() - rows,
+                    "lowbit: count must be >= 0 (and the total must fit in int64), got ", count);
+  TORCH_CHECK_TYPE(sum_abs.scalar_type() == at::kDouble, "lowbit: the statistics accumulator sum_abs must be a "
+                   "contiguous float64 tensor, got ", dtype_name(sum_abs.scalar_type()));
+  TORCH_CHECK_VALUE(sum_abs.dim() == 1 && sum_abs.size(0) == cols, "lowbit: the statistics accumulator sum_abs must "
+                    "have shape [", cols, "], got ", sum_abs.sizes());
+  check_contiguous(sum_abs, "sum_abs");
+  TORCH_CHECK_VALUE(!sum_abs.is_alias_of(x_in), "lowbit: inputs must not share memory with sum_abs");
+  const at::Tensor x = x_in.reshape({-1, cols}).to(at::kFloat).contiguous();
   const float* xp = x.data_ptr<float>();
   double* acc = sum_abs.data_ptr<double>();
   at::parallel_for(0, (cols + kStatColumns - 1) / kStatColumns, 1, [&](int64_t begin, int64_t end) {
@@ -110,6 +118,8 @@ LOWBIT_MULTIVERSION void clamped_error(const float* x, float bound, float* out, 
 // channels) gets a jitter of 1e-7, 1e-6, ... of its mean diagonal; NaN or Inf give a NaN factor
 // (every loss is then NaN and the search keeps identity scales).
 at::Tensor awq_gram_factor(const at::Tensor& gram_in) {
+  check_cpu(gram_in, "gram");
+  check_floating(gram_in, "gram");
   TORCH_CHECK_VALUE(gram_in.dim() == 2 && gram_in.size(0) == gram_in.size(1) && gram_in.size(0) > 0,
                     "lowbit: gram must be a square [cols, cols] matrix, got ", gram_in.sizes());
   const at::Tensor gram = gram_in.to(at::kFloat);
@@ -131,12 +141,18 @@ at::Tensor awq_gram_factor(const at::Tensor& gram_in) {
 double awq_scale_loss(const at::Tensor& w_in, const at::Tensor& factor_in, const at::Tensor& scales_in, int64_t bits,
                       int64_t group_size, bool symmetric) {
   check_bits(bits);
+  check_cpu(w_in, "weight");
+  check_cpu(factor_in, "gram_factor");
+  check_cpu(scales_in, "scales");
   check_float(w_in, "weight");
+  check_floating(factor_in, "gram_factor");
+  check_floating(scales_in, "scales");
   check_groups(w_in, group_size);
   const int64_t rows = w_in.size(0), cols = w_in.size(1);
   TORCH_CHECK_VALUE(factor_in.dim() == 2 && factor_in.size(0) == cols && factor_in.size(1) == cols,
                     "lowbit: the Gram factor must be [", cols, ", ", cols, "], got ", factor_in.sizes());
-  TORCH_CHECK_VALUE(scales_in.dim() == 1 && scales_in.size(0) == cols, "lowbit: scales must have ", cols, " entries");
+  TORCH_CHECK_VALUE(scales_in.dim() == 1 && scales_in.size(0) == cols, "lowbit: scales must have shape [", cols,
+                    "], got ", scales_in.sizes());
   const at::Tensor w = w_in.contiguous();
   const at::Tensor factor = factor_in.to(at::kFloat).contiguous();
   const at::Tensor scales = scales_in.to(at::kFloat).contiguous();
@@ -176,13 +192,17 @@ double awq_scale_loss(const at::Tensor& w_in, const at::Tensor& factor_in, const
 at::Tensor awq_clip(const at::Tensor& w_in, const at::Tensor& gram_in, int64_t bits, int64_t group_size,
                     bool symmetric, int64_t n_grid, double max_shrink) {
   check_bits(bits);
+  check_cpu(w_in, "weight");
+  check_cpu(gram_in, "gram");
   check_float(w_in, "weight");
+  check_floating(gram_in, "gram");
   const int64_t groups = check_groups(w_in, group_size);
   const int64_t rows = w_in.size(0), cols = w_in.size(1);
   TORCH_CHECK_VALUE(gram_in.dim() == 2 && gram_in.size(0) == cols && gram_in.size(1) == cols, "lowbit: gram must be [",
                     cols, ", ", cols, "], got ", gram_in.sizes());
-  TORCH_CHECK_VALUE(n_grid > 0 && max_shrink >= 0 && max_shrink < 1, "lowbit: clip search needs n_grid > 0 and "
-                    "0 <= max_shrink < 1");
+  TORCH_CHECK_VALUE(n_grid > 0 && n_grid <= kMaxClipGrid && max_shrink >= 0 && max_shrink < 1,
+                    "lowbit: clip search needs 0 < n_grid <= ", kMaxClipGrid, " and 0 <= max_shrink < 1, got n_grid ",
+                    n_grid, ", max_shrink ", max_shrink);
   const int64_t cands = std::max<int64_t>(1, static_cast<int64_t>(max_shrink * n_grid));
   const at::ScalarType sd = w_in.scalar_type();
   const at::Tensor w = w_in.to(at::kFloat).contiguous();

@@ -225,31 +225,39 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
                          const c10::optional<at::Tensor>& zero_point, int64_t bits,
                          int64_t group_size, const c10::optional<at::Tensor>& bias) {
   check_bits(bits);
+  check_cpu(x, "x");
+  check_cpu(packed, "packed");
+  check_cpu(scale, "scale");
+  check_cpu(zero_point, "zero_point");
+  check_cpu(bias, "bias");
   check_float(x, "x");
   TORCH_CHECK_VALUE(x.dim() >= 1, "lowbit: x must have at least 1 dimension");
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kInt && packed.dim() == 2,
-              "lowbit: packed weight must be a 2-D int32 tensor");
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kInt, "lowbit: packed weight must be a 2-D int32 tensor, got ",
+                   dtype_name(packed.scalar_type()));
+  TORCH_CHECK_VALUE(packed.dim() == 2, "lowbit: packed weight must be a 2-D int32 tensor, got shape ", packed.sizes());
+  check_float(scale, "scale");
+  const bool has_zero = zero_point.has_value() && zero_point->defined();
+  if (has_zero) check_integral(*zero_point, "zero_point");
   const int64_t K = x.size(-1), N = packed.size(0);
   TORCH_CHECK_VALUE(group_size > 0 && K % group_size == 0, "lowbit: group_size ", group_size,
               " must divide in_features ", K);
   TORCH_CHECK_VALUE(packed.size(1) == packed_words(K, bits), "lowbit: packed weight has ", packed.size(1),
               " words per row; ", K, " inputs at ", bits, " bits need ", packed_words(K, bits));
   const int64_t ngroups = K / group_size;
-  TORCH_CHECK_VALUE(scale.numel() == N * ngroups, "lowbit: scale must have [", N, ", ", ngroups, "] elements");
-  TORCH_CHECK_VALUE(!zero_point || zero_point->numel() == N * ngroups, "lowbit: zero_point must have [",
-              N, ", ", ngroups, "] elements");
-  TORCH_CHECK_VALUE(!bias || bias->numel() == N, "lowbit: bias must have ", N, " elements");
+  check_shape(scale, {N, ngroups}, "scale ([out_features, in_features / group_size])");
+  if (has_zero) check_shape(*zero_point, {N, ngroups}, "zero_point (the shape of scale)");
+  check_bias(bias, N);
 
   const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const at::Tensor wp = packed.contiguous();
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
   const float offset = static_cast<float>(1 << (bits - 1));
-  const at::Tensor zf = zero_point ? (zero_point->to(at::kFloat) + offset).contiguous() : at::Tensor();
+  const at::Tensor zf = has_zero ? (zero_point->to(at::kFloat) + offset).contiguous() : at::Tensor();
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
   LinearArgs a{M, N, K, ngroups, group_size, packed.size(1), bits,
                reinterpret_cast<const uint8_t*>(wp.data_ptr<int32_t>()), sf.data_ptr<float>(),
-               zero_point ? zf.data_ptr<float>() : nullptr, out.data_ptr<float>()};
+               has_zero ? zf.data_ptr<float>() : nullptr, out.data_ptr<float>()};
   if (M > 0 && N > 0 && !avx512_linear(a, xf, out)) tiled_linear(a, xf, out, &dequantize_rows);
   return finish_linear(out, bias, x);
 }

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "lowbit/common.h"
@@ -37,9 +38,18 @@ void hessian_upper(at::Tensor& h, const at::Tensor& x, int64_t i, int64_t m, dou
 
 // Copies the upper triangle of a square fp32 matrix onto the lower one, in place, tile by
 // tile so that the column-wise reads stay in cache.
+// A square, contiguous fp32 accumulator on the CPU (written in place through its pointer).
+void check_hessian_accumulator(const at::Tensor& h) {
+  check_cpu(h, "hessian");
+  TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat, "lowbit: the hessian must be a square contiguous float32 tensor, "
+                   "got ", dtype_name(h.scalar_type()));
+  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == h.size(1), "lowbit: the hessian must be a square contiguous float32 "
+                    "tensor, got shape ", h.sizes());
+  check_contiguous(h, "hessian");
+}
+
 at::Tensor& hessian_mirror_(at::Tensor& h) {
-  TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat && h.is_contiguous() && h.dim() == 2 && h.size(0) == h.size(1),
-                   "lowbit: the hessian must be a square contiguous float32 tensor");
+  check_hessian_accumulator(h);
   float* p = h.data_ptr<float>();
   const int64_t cols = h.size(0), tiles = (cols + kMirrorTile - 1) / kMirrorTile;
   const auto mirror_tile_row = [&](int64_t tr) {
@@ -63,15 +73,17 @@ at::Tensor& hessian_mirror_(at::Tensor& h) {
 // `mirror` copies the upper triangle onto the lower one, which a stream of batches needs
 // only once, at the end.
 int64_t gptq_hessian_(at::Tensor& h, const at::Tensor& x_in, int64_t num_samples, bool mirror) {
+  check_cpu(x_in, "inputs");
   check_float(x_in, "inputs");
   TORCH_CHECK_VALUE(x_in.dim() >= 1 && x_in.numel() > 0, "lowbit: inputs must be a non-empty [..., columns] tensor");
-  TORCH_CHECK_VALUE(num_samples >= 0, "lowbit: num_samples must be >= 0");
-  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)}).to(at::kFloat).contiguous();
-  const int64_t cols = x.size(1), total = num_samples + x.size(0);
-  TORCH_CHECK_VALUE(h.dim() == 2 && h.size(0) == cols && h.size(1) == cols, "lowbit: hessian must be [", cols,
-                    ", ", cols, "], got ", h.sizes());
-  TORCH_CHECK_TYPE(h.scalar_type() == at::kFloat && h.is_contiguous(),
-                   "lowbit: the hessian accumulator must be a contiguous float32 tensor");
+  check_hessian_accumulator(h);
+  const int64_t cols = x_in.size(-1), rows = x_in.numel() / cols;
+  TORCH_CHECK_VALUE(h.size(0) == cols, "lowbit: hessian must be [", cols, ", ", cols, "], got ", h.sizes());
+  TORCH_CHECK_VALUE(num_samples >= 0 && num_samples <= std::numeric_limits<int64_t>::max() - rows,
+                    "lowbit: num_samples must be >= 0 (and the total must fit in int64), got ", num_samples);
+  TORCH_CHECK_VALUE(!h.is_alias_of(x_in), "lowbit: inputs must not share memory with the hessian");
+  const at::Tensor x = x_in.reshape({-1, cols}).to(at::kFloat).contiguous();
+  const int64_t total = num_samples + rows;
   hessian_upper(h, x, 0, cols, static_cast<double>(num_samples) / total, 2.0 / total);
   if (mirror) hessian_mirror_(h);
   return total;
@@ -178,23 +190,36 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
     const at::Tensor& w_in, const at::Tensor& h_in, const at::Tensor& perm_in, const at::Tensor& scale_in,
     const at::Tensor& zero_in, const at::Tensor& col_group_in, int64_t bits, int64_t block_size, double dampening_frac) {
   check_bits(bits);
+  check_cpu(w_in, "weight");
+  check_cpu(h_in, "hessian");
+  check_cpu(perm_in, "perm");
+  check_cpu(scale_in, "scale");
+  check_cpu(zero_in, "zero_point");
+  check_cpu(col_group_in, "col_group");
   check_float(w_in, "weight");
-  TORCH_CHECK_VALUE(w_in.dim() == 2, "lowbit: weight must be 2-D");
+  check_dtype(h_in, at::kFloat, "hessian");
+  check_dtype(perm_in, at::kLong, "perm");
+  check_dtype(col_group_in, at::kLong, "col_group");
+  check_float(scale_in, "scale");
+  check_integral(zero_in, "zero_point");
+  check_dim(w_in, 2, "weight");
   const int64_t rows = w_in.size(0), cols = w_in.size(1);
-  TORCH_CHECK_VALUE(h_in.dim() == 2 && h_in.size(0) == cols && h_in.size(1) == cols, "lowbit: hessian must be [",
-                    cols, ", ", cols, "], got ", h_in.sizes());
-  TORCH_CHECK_VALUE(block_size > 0, "lowbit: block_size must be positive");
-  TORCH_CHECK_VALUE(dampening_frac > 0 && dampening_frac <= 1, "lowbit: dampening_frac must be in (0, 1]");
-  TORCH_CHECK_VALUE(col_group_in.numel() == cols, "lowbit: col_group needs one entry per column");
-  TORCH_CHECK_VALUE(perm_in.numel() == cols, "lowbit: perm needs one entry per column");
-  TORCH_CHECK_VALUE(scale_in.dim() == 2 && scale_in.size(0) == rows && zero_in.sizes() == scale_in.sizes(),
-                    "lowbit: scale and zero_point must both be [rows, groups]");
+  TORCH_CHECK_VALUE(cols > 0, "lowbit: the weight has no columns");
+  check_shape(h_in, {cols, cols}, "hessian");
+  TORCH_CHECK_VALUE(block_size > 0, "lowbit: block_size must be positive, got ", block_size);
+  TORCH_CHECK_VALUE(dampening_frac > 0 && dampening_frac <= 1, "lowbit: dampening_frac must be in (0, 1], got ",
+                    dampening_frac);
+  check_shape(col_group_in, {cols}, "col_group (one entry per column)");
+  check_shape(perm_in, {cols}, "perm (one entry per column)");
+  TORCH_CHECK_VALUE(scale_in.dim() == 2 && scale_in.size(0) == rows && scale_in.size(1) > 0,
+                    "lowbit: scale must be [rows, groups] = [", rows, ", groups], got ", scale_in.sizes());
+  check_shape(zero_in, scale_in.sizes(), "zero_point (the shape of scale)");
   const at::Tensor w_orig = w_in.to(at::kFloat).contiguous();
   at::Tensor w = w_orig.clone();
   const at::Tensor h = h_in.to(at::kFloat).contiguous();
   const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), zero = zero_in.to(at::kFloat).contiguous();
-  const at::Tensor col_group = col_group_in.to(at::kLong).contiguous();
-  const at::Tensor perm = perm_in.to(at::kLong).contiguous();
+  const at::Tensor col_group = col_group_in.contiguous();
+  const at::Tensor perm = perm_in.contiguous();
   TORCH_CHECK_VALUE(std::get<0>(at::sort(perm)).equal(at::arange(cols, perm.options())),
                     "lowbit: perm must be a permutation of the columns");
   const int64_t groups = scale.size(1);

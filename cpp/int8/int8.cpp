@@ -47,9 +47,13 @@ LOWBIT_MULTIVERSION void quantize_row(const float* row, int64_t K, float am, con
 }
 
 void check_threshold(double threshold) {
-  TORCH_CHECK_VALUE(threshold >= 0.0, "lowbit: threshold must be >= 0 (0 disables the outlier decomposition), got ",
-                    threshold);
+  TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0, "lowbit: threshold must be a finite number >= 0 "
+                    "(0 disables the outlier decomposition), got ", threshold);
 }
+
+// Inner dimensions beyond this could overflow the int32 accumulators (|a * b| <= 2^14 per term,
+// and 2^15 in the VNNI kernel's unsigned form).
+constexpr int64_t kMaxInt8K = 65536;
 
 struct Int8Rows {
   at::Tensor codes, absmax, outlier;  // int8 [M, K], float32 [M], uint8 [K]
@@ -92,6 +96,7 @@ Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
 
 // -> (codes int8 [rows, K], absmax float32 [rows], outlier column indices int64)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rowwise(const at::Tensor& x, double threshold) {
+  check_cpu(x, "x");
   check_threshold(threshold);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "lowbit: cannot quantize an empty tensor");
   Int8Rows q = quantize_rows(x, x.size(-1), static_cast<float>(threshold));
@@ -182,8 +187,9 @@ constexpr int64_t kOneDnnTokens = 12;
 
 // a [M, K] @ b [N, K]^T in int32: lowbit's VNNI tiles for few tokens, at::_int_mm for more
 // (it needs K and N multiples of 8), a portable loop on CPUs without VNNI.
-at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
+at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a.options().dtype(at::kInt));
   if (M >= kOneDnnTokens && K % 8 == 0 && N % 8 == 0) return at::_int_mm(a, b.t());
   at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
   const int8_t *ap = a.data_ptr<int8_t>(), *bp = b.data_ptr<int8_t>();
@@ -201,23 +207,46 @@ at::Tensor int8_matmul(const at::Tensor& a, const at::Tensor& b) {
   return acc;
 }
 
+// The op: a [M, K] and b [N, K] int8 on the CPU (any strides: copied to row-major).
+at::Tensor int8_matmul(const at::Tensor& a_in, const at::Tensor& b_in) {
+  check_cpu(a_in, "a");
+  check_cpu(b_in, "b");
+  check_dtype(a_in, at::kChar, "a");
+  check_dtype(b_in, at::kChar, "b");
+  check_dim(a_in, 2, "a ([M, K])");
+  check_dim(b_in, 2, "b ([N, K])");
+  TORCH_CHECK_VALUE(a_in.size(1) == b_in.size(1), "lowbit: a [M, K] and b [N, K] must have the same K, got ",
+                    a_in.sizes(), " and ", b_in.sizes());
+  TORCH_CHECK_VALUE(a_in.size(1) <= kMaxInt8K, "lowbit: K = ", a_in.size(1), " exceeds ", kMaxInt8K,
+                    " (the int32 accumulator could overflow)");
+  return int8_matmul_impl(a_in.contiguous(), b_in.contiguous());
+}
+
 // LLM.int8(): y = dequant(int8(x) @ w^T) + x[:, outliers] @ dequant(w[:, outliers])^T (+ bias),
 // where int8(x) leaves the outlier columns out; returned in x's dtype.
 at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, double threshold,
                                const c10::optional<at::Tensor>& bias) {
+  check_cpu(x, "x");
+  check_cpu(w, "w");
+  check_cpu(w_scale, "w_scale");
+  check_cpu(bias, "bias");
   check_threshold(threshold);
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, "lowbit: the weight must be int8 codes, got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: the weight must be 2-D [out, in], got ", w.dim(), " dims");
+  check_float(x, "x");
+  check_dtype(w, at::kChar, "the weight w (int8 codes)");
+  check_floating(w_scale, "w_scale");
+  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: the weight must be 2-D [out, in], got shape ", w.sizes());
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "lowbit: x must have ", K, " features in its last dimension, got ",
                     x.sizes());
-  TORCH_CHECK_VALUE(w_scale.numel() == N, "lowbit: the weight scale (SCB) must have one entry per output row (", N,
-                    "), got ", w_scale.numel());
-  TORCH_CHECK_VALUE(K <= 65536, "lowbit: in_features ", K, " exceeds 65536 (the int32 accumulator could overflow)");
+  TORCH_CHECK_VALUE(w_scale.numel() == N && w_scale.dim() <= 2, "lowbit: the weight scale (SCB) must have shape [",
+                    N, "], got ", w_scale.sizes());
+  TORCH_CHECK_VALUE(K > 0 && K <= kMaxInt8K, "lowbit: in_features ", K, " must be in 1..", kMaxInt8K,
+                    " (the int32 accumulator could overflow)");
+  check_bias(bias, N);
   const Int8Rows q = quantize_rows(x, K, static_cast<float>(threshold));
   const int64_t M = q.codes.size(0);
   const at::Tensor wc = w.contiguous();
-  const at::Tensor acc = int8_matmul(q.codes, wc);
+  const at::Tensor acc = int8_matmul_impl(q.codes, wc);
   const at::Tensor scb = w_scale.reshape(-1).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, q.absmax.options());
   const int32_t* cp = acc.data_ptr<int32_t>();

@@ -55,6 +55,13 @@ const Codebook& codebook(const std::string& quant_type) {
   return quant_type == "nf4" ? nf4 : fp4;
 }
 
+// The 256-entry code of 8-bit blockwise quantization: float [256] on the CPU.
+void check_code256(const at::Tensor& code) {
+  check_floating(code, "code");
+  TORCH_CHECK_VALUE(code.dim() == 1 && code.size(0) == 256, "lowbit: the 8-bit code must have shape [256], got ",
+                    code.sizes());
+}
+
 void check_blocksize(int64_t blocksize) {
   TORCH_CHECK_VALUE(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
                     "lowbit: blocksize must be a power of two from 32 to 4096, got ", blocksize);
@@ -68,6 +75,7 @@ inline uint8_t nearest_code(float v, const Codebook& c) {
 
 // -> (packed uint8 [(n + 1) / 2, 1], absmax float32 [ceil(n / blocksize)])
 std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& w_in, int64_t blocksize, std::string quant_type) {
+  check_cpu(w_in, "weight");
   check_float(w_in, "weight");
   check_blocksize(blocksize);
   const Codebook& c = codebook(quant_type);
@@ -104,17 +112,18 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& w_in, int64_t 
 // code[nibble] * absmax[block] in fp32, cast to `dtype` -> a flat tensor of `numel` elements.
 at::Tensor nf4_dequantize(const at::Tensor& packed_in, const at::Tensor& absmax_in, int64_t blocksize,
                           std::string quant_type, int64_t numel, at::ScalarType dtype) {
+  check_cpu(packed_in, "packed");
+  check_cpu(absmax_in, "absmax");
   check_blocksize(blocksize);
   const Codebook& c = codebook(quant_type);
-  TORCH_CHECK_TYPE(packed_in.scalar_type() == at::kByte, "lowbit: packed codes must be uint8, got ",
-                   packed_in.scalar_type());
-  TORCH_CHECK_VALUE(numel > 0 && packed_in.numel() == (numel + 1) / 2, "lowbit: ", packed_in.numel(),
-                    " packed bytes do not hold ", numel, " elements (need ", (numel + 1) / 2, ")");
-  const int64_t blocks = (numel + blocksize - 1) / blocksize;
-  TORCH_CHECK_VALUE(absmax_in.numel() == blocks, "lowbit: absmax has ", absmax_in.numel(), " entries, expected ",
-                    blocks, " (one per block of ", blocksize, ")");
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "lowbit: dtype must be float32, float16 or bfloat16");
+  check_dtype(packed_in, at::kByte, "packed codes");
+  check_floating(absmax_in, "absmax");
+  TORCH_CHECK_VALUE(numel > 0 && packed_in.numel() == ceil_div(numel, 2), "lowbit: ", packed_in.numel(),
+                    " packed bytes do not hold ", numel, " elements (need ", numel > 0 ? ceil_div(numel, 2) : 0, ")");
+  const int64_t blocks = ceil_div(numel, blocksize);
+  TORCH_CHECK_VALUE(absmax_in.dim() == 1 && absmax_in.numel() == blocks, "lowbit: absmax must have shape [", blocks,
+                    "] (one entry per block of ", blocksize, "), got ", absmax_in.sizes());
+  TORCH_CHECK_TYPE(is_float(dtype), "lowbit: dtype must be float32, float16 or bfloat16, got ", dtype_name(dtype));
   const at::Tensor packed = packed_in.reshape(-1).contiguous();
   const at::Tensor absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
@@ -143,9 +152,11 @@ at::Tensor nf4_dequantize(const at::Tensor& packed_in, const at::Tensor& absmax_
 // is bit for bit what bitsandbytes stores. An all-zero block stores code 0 and absmax 0.
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_in, const at::Tensor& code_in,
                                                        int64_t blocksize) {
+  check_cpu(x_in, "values");
+  check_cpu(code_in, "code");
   check_float(x_in, "values");
-  TORCH_CHECK_VALUE(code_in.numel() == 256, "lowbit: the 8-bit code must have 256 entries");
-  TORCH_CHECK_VALUE(blocksize > 0, "lowbit: blocksize must be positive");
+  check_code256(code_in);
+  TORCH_CHECK_VALUE(blocksize > 0, "lowbit: blocksize must be positive, got ", blocksize);
   const at::Tensor x = x_in.reshape(-1).to(at::kFloat).contiguous();
   const at::Tensor code = code_in.to(at::kFloat).contiguous();
   const float* cp = code.data_ptr<float>();
@@ -157,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_in, c
     while (j < 255 && mid[j] < edge) ++j;
     lut[i] = static_cast<uint8_t>(j);
   }
-  const int64_t n = x.numel(), blocks = (n + blocksize - 1) / blocksize;
+  const int64_t n = x.numel(), blocks = ceil_div(n, blocksize);
   at::Tensor out = at::zeros({n}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, x.options());
   const float* xp = x.data_ptr<float>();
@@ -183,13 +194,17 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_in, c
 // code[q] * absmax[block] in fp32.
 at::Tensor blockwise8_dequantize(const at::Tensor& q_in, const at::Tensor& absmax_in, const at::Tensor& code_in,
                                  int64_t blocksize) {
-  TORCH_CHECK_TYPE(q_in.scalar_type() == at::kByte, "lowbit: 8-bit codes must be uint8, got ", q_in.scalar_type());
-  TORCH_CHECK_VALUE(code_in.numel() == 256, "lowbit: the 8-bit code must have 256 entries");
-  TORCH_CHECK_VALUE(blocksize > 0, "lowbit: blocksize must be positive");
+  check_cpu(q_in, "codes");
+  check_cpu(absmax_in, "absmax");
+  check_cpu(code_in, "code");
+  check_dtype(q_in, at::kByte, "8-bit codes");
+  check_floating(absmax_in, "absmax");
+  check_code256(code_in);
+  TORCH_CHECK_VALUE(blocksize > 0, "lowbit: blocksize must be positive, got ", blocksize);
   const at::Tensor q = q_in.reshape(-1).contiguous();
-  const int64_t n = q.numel(), blocks = (n + blocksize - 1) / blocksize;
-  TORCH_CHECK_VALUE(absmax_in.numel() == blocks, "lowbit: nested absmax has ", absmax_in.numel(),
-                    " entries, expected ", blocks, " for ", n, " codes in blocks of ", blocksize);
+  const int64_t n = q.numel(), blocks = ceil_div(n, blocksize);
+  TORCH_CHECK_VALUE(absmax_in.dim() == 1 && absmax_in.numel() == blocks, "lowbit: nested absmax must have shape [",
+                    blocks, "] for ", n, " codes in blocks of ", blocksize, ", got ", absmax_in.sizes());
   const at::Tensor absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
   const at::Tensor code = code_in.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({n}, absmax.options());
@@ -370,26 +385,51 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
                       int64_t blocksize, std::string quant_type, int64_t out_features,
                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& nested_absmax_in,
                       const c10::optional<at::Tensor>& nested_code_in, const c10::optional<at::Tensor>& offset) {
+  check_cpu(x_in, "x");
+  check_cpu(packed_in, "packed");
+  check_cpu(absmax_in, "absmax");
+  check_cpu(bias, "bias");
+  check_cpu(nested_absmax_in, "nested_absmax");
+  check_cpu(nested_code_in, "nested_code");
+  check_cpu(offset, "offset");
   check_blocksize(blocksize);
   const Codebook& c = codebook(quant_type);
   check_float(x_in, "x");
+  TORCH_CHECK_VALUE(x_in.dim() >= 1, "lowbit: x must have at least 1 dimension");
+  check_dtype(packed_in, at::kByte, "packed codes");
+  TORCH_CHECK_TYPE(absmax_in.scalar_type() == at::kByte || is_float(absmax_in.scalar_type()), "lowbit: absmax must be "
+                   "float (or uint8 codes when double-quantized), got ", dtype_name(absmax_in.scalar_type()));
   const int64_t K = x_in.size(-1), N = out_features;
-  TORCH_CHECK_VALUE(K % blocksize == 0, "lowbit: in_features ", K, " must be a multiple of the blocksize ", blocksize,
-                    " for the fused 4-bit matmul");
-  TORCH_CHECK_VALUE(packed_in.scalar_type() == at::kByte && packed_in.numel() * 2 == N * K, "lowbit: packed codes (",
-                    packed_in.numel(), " bytes) do not hold a [", N, ", ", K, "] weight");
+  TORCH_CHECK_VALUE(K > 0 && K % blocksize == 0, "lowbit: in_features ", K, " must be a positive multiple of the "
+                    "blocksize ", blocksize, " for the fused 4-bit matmul");
+  // N * K computed only once N is known to fit (N <= 2 * bytes / K): no overflow.
+  TORCH_CHECK_VALUE(N >= 0 && N <= packed_in.numel() * 2 / K && packed_in.numel() * 2 == N * K, "lowbit: packed "
+                    "codes (", packed_in.numel(), " bytes) do not hold a [", N, ", ", K, "] weight");
+  check_bias(bias, N);
   const int64_t blocks = N * K / blocksize;
-  TORCH_CHECK_VALUE(absmax_in.numel() == blocks, "lowbit: absmax has ", absmax_in.numel(), " entries, expected ",
-                    blocks);
+  TORCH_CHECK_VALUE(absmax_in.dim() == 1 && absmax_in.numel() == blocks, "lowbit: absmax must have shape [", blocks,
+                    "], got ", absmax_in.sizes());
   const bool nested = absmax_in.scalar_type() == at::kByte;
+  const bool any_nested = (nested_absmax_in.has_value() && nested_absmax_in->defined()) ||
+                          (nested_code_in.has_value() && nested_code_in->defined()) ||
+                          (offset.has_value() && offset->defined());
+  TORCH_CHECK_VALUE(nested || !any_nested, "lowbit: nested_absmax, nested_code and offset go with uint8 "
+                    "(double-quantized) absmax only; absmax is ", dtype_name(absmax_in.scalar_type()));
   at::Tensor absmax, nested_absmax, nested_code;
   BlockScales scales;
   if (nested) {
-    TORCH_CHECK_VALUE(nested_absmax_in.has_value() && nested_code_in.has_value() && offset.has_value(),
+    TORCH_CHECK_VALUE(nested_absmax_in.has_value() && nested_absmax_in->defined() && nested_code_in.has_value() &&
+                      nested_code_in->defined() && offset.has_value() && offset->defined(),
                       "lowbit: uint8 (double-quantized) absmax needs nested_absmax, nested_code and offset");
-    TORCH_CHECK_VALUE(offset->numel() == 1, "lowbit: offset must hold one value");
-    TORCH_CHECK_VALUE(nested_absmax_in->numel() == (blocks + 255) / 256 && nested_code_in->numel() == 256,
-                      "lowbit: nested_absmax must have ", (blocks + 255) / 256, " entries and nested_code 256");
+    check_floating(*offset, "offset");
+    check_floating(*nested_absmax_in, "nested_absmax");
+    TORCH_CHECK_VALUE(offset->dim() == 0, "lowbit: offset must be a 0-d tensor, got shape ", offset->sizes());
+    TORCH_CHECK_VALUE(nested_absmax_in->dim() == 1 && nested_absmax_in->size(0) == ceil_div(blocks, 256),
+                      "lowbit: nested_absmax must have shape [", ceil_div(blocks, 256), "], got ",
+                      nested_absmax_in->sizes());
+    check_floating(*nested_code_in, "nested_code");
+    TORCH_CHECK_VALUE(nested_code_in->dim() == 1 && nested_code_in->size(0) == 256,
+                      "lowbit: nested_code must have shape [256], got ", nested_code_in->sizes());
     absmax = absmax_in.reshape(-1).contiguous();
     nested_absmax = nested_absmax_in->reshape(-1).to(at::kFloat).contiguous();
     nested_code = nested_code_in->reshape(-1).to(at::kFloat).contiguous();

@@ -13,9 +13,9 @@ namespace {
 
 at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
   check_bits(bits);
-  TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
-              codes_in.scalar_type());
-  TORCH_CHECK_VALUE(codes_in.dim() == 2, "lowbit: codes must be 2-D, got ", codes_in.dim(), " dims");
+  check_cpu(codes_in, "codes");
+  check_dtype(codes_in, at::kChar, "codes");
+  check_dim(codes_in, 2, "codes");
   const at::Tensor codes = codes_in.contiguous();
   const int64_t rows = codes.size(0), cols = codes.size(1), words = packed_words(cols, bits);
   at::Tensor out = at::zeros({rows, words}, codes.options().dtype(at::kInt));
@@ -46,10 +46,11 @@ at::Tensor pack(const at::Tensor& codes_in, int64_t bits) {
 
 at::Tensor unpack(const at::Tensor& packed_in, int64_t bits, int64_t cols) {
   check_bits(bits);
-  TORCH_CHECK_TYPE(packed_in.scalar_type() == at::kInt, "lowbit: packed must be int32, got ",
-              packed_in.scalar_type());
-  TORCH_CHECK_VALUE(packed_in.dim() == 2, "lowbit: packed must be 2-D, got ", packed_in.dim(), " dims");
-  TORCH_CHECK_VALUE(cols >= 0 && packed_in.size(1) == packed_words(cols, bits), "lowbit: ", cols,
+  check_cpu(packed_in, "packed");
+  check_dtype(packed_in, at::kInt, "packed");
+  check_dim(packed_in, 2, "packed");
+  TORCH_CHECK_VALUE(cols >= 0 && cols <= (int64_t{1} << 56), "lowbit: cols must be in 0..2^56, got ", cols);
+  TORCH_CHECK_VALUE(packed_in.size(1) == packed_words(cols, bits), "lowbit: ", cols,
               " columns of ", bits, "-bit codes take ", packed_words(cols, bits),
               " words per row, but packed has ", packed_in.size(1));
   const at::Tensor packed = packed_in.contiguous();

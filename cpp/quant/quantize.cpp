@@ -95,18 +95,24 @@ GroupParams mse_search(const float* x, int64_t n, float lo, float hi, const IntR
   return best;
 }
 
+// The MSE search walks maxshrink * grid candidates per group: a bound keeps a call finite.
+constexpr int64_t kMaxGrid = 100000;
+
 std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t bits,
                                                 bool symmetric, int64_t group_size,
                                                 c10::string_view observer, double maxshrink,
                                                 int64_t grid, double norm) {
   check_bits(bits);
+  check_cpu(w_in, "weight");
   check_float(w_in, "weight");
   const int64_t ngroups = check_groups(w_in, group_size);
   const bool mse = observer == "mse";
   TORCH_CHECK_VALUE(mse || observer == "minmax", "lowbit: observer must be 'minmax' or 'mse', got '",
               std::string(observer), "'");
-  TORCH_CHECK_VALUE(!mse || (grid > 0 && maxshrink > 0 && maxshrink <= 1 && norm > 0),
-              "lowbit: mse observer needs grid > 0, 0 < maxshrink <= 1 and norm > 0");
+  TORCH_CHECK_VALUE(!mse || (grid > 0 && grid <= kMaxGrid && maxshrink > 0 && maxshrink <= 1 && norm > 0 &&
+                             std::isfinite(norm)),
+                    "lowbit: mse observer needs 0 < grid <= ", kMaxGrid, ", 0 < maxshrink <= 1 and a finite norm > 0, "
+                    "got grid ", grid, ", maxshrink ", maxshrink, ", norm ", norm);
   const at::Tensor w = w_in.contiguous();
   const int64_t rows = w.size(0);
   const at::ScalarType sd = w.scalar_type();
@@ -159,22 +165,28 @@ struct Params {
   const float* z() const { return zero.data_ptr<float>(); }
 };
 
+// scale: float [rows, groups]; zero_point: an integer tensor of the same shape, or absent.
 Params float_params(const at::Tensor& x, const at::Tensor& scale_in, const c10::optional<at::Tensor>& zero_in,
                     int64_t group_size) {
-  const int64_t rows = x.size(0), ngroups = check_groups(x, group_size);
+  const int64_t ngroups = check_groups(x, group_size), rows = x.size(0);
+  check_cpu(scale_in, "scale");
   check_float(scale_in, "scale");
-  TORCH_CHECK_VALUE(scale_in.numel() == rows * ngroups, "lowbit: scale has ", scale_in.numel(),
-                    " elements, expected rows * groups = ", rows * ngroups);
-  TORCH_CHECK_VALUE(!zero_in || zero_in->numel() == rows * ngroups, "lowbit: zero_point has ",
-                    zero_in ? zero_in->numel() : 0, " elements, expected rows * groups = ", rows * ngroups);
+  check_shape(scale_in, {rows, ngroups}, "scale ([rows, cols / group_size])");
+  if (zero_in.has_value() && zero_in->defined()) {
+    check_cpu(*zero_in, "zero_point");
+    check_integral(*zero_in, "zero_point");
+    check_shape(*zero_in, {rows, ngroups}, "zero_point (the shape of scale)");
+  }
   at::Tensor scale = scale_in.to(at::kFloat).contiguous();
-  at::Tensor zero = zero_in ? zero_in->to(at::kFloat).contiguous() : at::zeros_like(scale);
+  at::Tensor zero = zero_in.has_value() && zero_in->defined() ? zero_in->to(at::kFloat).contiguous()
+                                                              : at::zeros_like(scale);
   return {ngroups, scale, zero};
 }
 
 at::Tensor quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
                     const c10::optional<at::Tensor>& zero_in, int64_t bits, int64_t group_size) {
   check_bits(bits);
+  check_cpu(w_in, "weight");
   check_float(w_in, "weight");
   const at::Tensor w = w_in.contiguous();
   const Params p = float_params(w, scale_in, zero_in, group_size);
@@ -194,8 +206,9 @@ at::Tensor quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
 at::Tensor dequantize(const at::Tensor& codes_in, const at::Tensor& scale_in,
                       const c10::optional<at::Tensor>& zero_in, int64_t group_size,
                       at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(codes_in.scalar_type() == at::kChar, "lowbit: codes must be int8, got ",
-              codes_in.scalar_type());
+  check_cpu(codes_in, "codes");
+  check_dtype(codes_in, at::kChar, "codes");
+  TORCH_CHECK_TYPE(is_float(dtype), "lowbit: dtype must be float32, float16 or bfloat16, got ", dtype);
   const at::Tensor codes = codes_in.contiguous();
   const Params p = float_params(codes, scale_in, zero_in, group_size);
   at::Tensor out = at::empty(codes.sizes(), codes.options().dtype(dtype));
@@ -214,6 +227,7 @@ at::Tensor fake_quantize(const at::Tensor& w_in, const at::Tensor& scale_in,
                          const c10::optional<at::Tensor>& zero_in, int64_t bits,
                          int64_t group_size) {
   check_bits(bits);
+  check_cpu(w_in, "weight");
   check_float(w_in, "weight");
   const at::Tensor w = w_in.contiguous();
   const Params p = float_params(w, scale_in, zero_in, group_size);

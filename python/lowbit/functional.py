@@ -31,9 +31,13 @@ def _check_tensor(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
+        hint = (" (a meta tensor holds no data: load real values first, e.g. to_empty(device='cpu') + "
+                "load_state_dict)") if t.device.type == "meta" else ""
         raise ValueError(
-            f"{name} is on {t.device}, but lowbit's kernels run on the CPU: pass {name}.cpu()"
+            f"{name} is on {t.device}, but lowbit's kernels run on the CPU: pass {name}.cpu(){hint}"
         )
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}: pass {name}.to_dense()")
 
 
 def _check_float(t, name: str, dims: Optional[int] = 2) -> None:
@@ -58,6 +62,90 @@ def _check_finite(t: Tensor, name: str) -> None:
 def _check_bits(bits) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
+
+
+def _check_int(v, name: str, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
+    """A Python int (not a bool) within [minimum, maximum]."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__} {v!r}")
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        lo = "" if minimum is None else f" >= {minimum}"
+        hi = "" if maximum is None else f"{' and' if lo else ''} <= {maximum}"
+        raise ValueError(f"{name} must be an integer{lo}{hi}, got {v!r}")
+    return v
+
+
+def _check_bool(v, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _check_number(v, name: str) -> float:
+    """A finite real Python number (not a bool)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__} {v!r}")
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _check_group_size_arg(group_size, name: str = "group_size") -> Optional[int]:
+    """None (whole rows) or a positive int."""
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"{name} must be a positive integer or None, got {type(group_size).__name__} {group_size!r}")
+    if group_size <= 0:
+        raise ValueError(f"{name} must be a positive integer or None (whole rows), got {group_size!r}")
+    return group_size
+
+
+def _qrange(bits: int) -> Tuple[int, int]:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _checking_values() -> bool:
+    """Value checks (data-dependent) are skipped while torch.compile traces: the fake kernels
+    see no data; eager calls always run them."""
+    return not torch.compiler.is_compiling()
+
+
+def _check_scale_values(scale: Tensor, name: str = "scale") -> None:
+    if not _checking_values():
+        return
+    if scale.numel() and not (torch.isfinite(scale) & (scale > 0)).all():
+        bad = scale[~(torch.isfinite(scale) & (scale > 0))].flatten()[:3].tolist()
+        raise ValueError(f"{name} must be finite and > 0 everywhere, got values such as {bad}: recompute the "
+                         f"quantization parameters (quant_params) or fix the checkpoint")
+
+
+def _check_zero_values(zero: Tensor, bits: Optional[int], name: str = "zero_point") -> None:
+    if not _checking_values():
+        return
+    lo, hi = _qrange(bits) if bits is not None else (-128, 127)
+    if zero.numel() and (zero.min() < lo or zero.max() > hi):
+        what = f"the {bits}-bit grid" if bits is not None else "the int8 range"
+        raise ValueError(f"{name} must lie in [{lo}, {hi}] ({what}), got values in "
+                         f"[{int(zero.min())}, {int(zero.max())}]")
+
+
+def _check_bias(bias, out_features: int, name: str = "bias") -> None:
+    if bias is None:
+        return
+    _check_tensor(bias, name)
+    if bias.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {bias.dtype}: convert it with "
+                        f"{name}.float()")
+    if tuple(bias.shape) != (out_features,):
+        raise ValueError(f"{name} must have {out_features} entries (shape ({out_features},), one per output "
+                         f"feature), got shape {tuple(bias.shape)}")
+
+
+def _check_x(x, in_features: int, name: str = "x") -> None:
+    _check_float(x, name, dims=None)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{name} must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
 
 
 def _group_size(cols: int, scheme: QuantizationArgs) -> int:
@@ -86,6 +174,11 @@ def _params_2d(w: Tensor, scheme: QuantizationArgs) -> Tuple[Tensor, Tensor, int
 
 def _scheme(bits, symmetric, strategy, group_size, observer) -> QuantizationArgs:
     _check_bits(bits)
+    _check_bool(symmetric, "symmetric")
+    if not isinstance(strategy, str):
+        raise TypeError(f"strategy must be a string ('group', 'channel' or 'tensor'), got {type(strategy).__name__}")
+    if not isinstance(observer, str):
+        raise TypeError(f"observer must be 'minmax' or 'mse', got {type(observer).__name__} {observer!r}")
     return QuantizationArgs(
         num_bits=bits, symmetric=symmetric, strategy=strategy,
         group_size=group_size if strategy == "group" else None, observer=observer,
@@ -107,13 +200,17 @@ def quant_params(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str
     return scale, zero
 
 
-def _layout(codes_shape: Sequence[int], scale: Tensor, zero_point: Optional[Tensor]):
-    """Per-row [rows, groups] views of scale / zero point and the group size they imply."""
+def _layout(codes_shape: Sequence[int], scale: Tensor, zero_point: Optional[Tensor], bits: Optional[int] = None):
+    """Per-row [rows, groups] views of scale / zero point and the group size they imply.
+
+    scale: [rows, groups] with groups dividing cols, or a single element (shape (), (1,) or
+    (1, 1)); float32 / float16 / bfloat16, finite and > 0. zero_point: an integer tensor of
+    exactly scale's shape, within the `bits` grid (int8's range when bits is not known)."""
     _check_tensor(scale, "scale")
     if scale.dtype not in FLOAT_DTYPES:
         raise TypeError(f"scale must be float32, float16 or bfloat16, got {scale.dtype}")
     rows, cols = codes_shape
-    if scale.numel() == 1:
+    if scale.numel() == 1 and scale.dim() <= 2:
         scale2d = scale.reshape(1, 1).expand(rows, 1)
     elif scale.dim() == 2 and scale.shape[0] == rows and scale.shape[1] > 0 and cols % scale.shape[1] == 0:
         scale2d = scale
@@ -122,16 +219,21 @@ def _layout(codes_shape: Sequence[int], scale: Tensor, zero_point: Optional[Tens
             f"scale of shape {tuple(scale.shape)} does not fit a [{rows}, {cols}] weight: expected "
             f"[{rows}, groups] with groups dividing {cols}, or a single element"
         )
+    _check_scale_values(scale)
     zero2d = None
     if zero_point is not None:
         _check_tensor(zero_point, "zero_point")
-        if zero_point.numel() != scale.numel():
+        if zero_point.dtype.is_floating_point or zero_point.dtype.is_complex or zero_point.dtype == torch.bool:
+            raise TypeError(f"zero_point must be an integer tensor, got {zero_point.dtype}: pass the int8 zero "
+                            "point that quantize returns")
+        if tuple(zero_point.shape) != tuple(scale.shape):
             raise ValueError(
                 f"zero_point has shape {tuple(zero_point.shape)} but scale has {tuple(scale.shape)}: they must match"
             )
-        if zero_point.dtype.is_floating_point or zero_point.dtype.is_complex:
-            raise TypeError(f"zero_point must be an integer tensor, got {zero_point.dtype}")
-        zero2d = zero_point.reshape(scale2d.shape) if scale.numel() > 1 else zero_point.reshape(1, 1).expand(rows, 1)
+        _check_zero_values(zero_point, bits)
+        zero2d = zero_point if scale.numel() > 1 else zero_point.reshape(1, 1).expand(rows, 1)
+        if zero2d.dtype != torch.int8:
+            zero2d = zero2d.to(torch.int8)
     return scale2d, zero2d, cols // scale2d.shape[1]
 
 
@@ -163,9 +265,9 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [out, in], got shape {tuple(codes.shape)}")
     scale2d, zero2d, gs = _layout(codes.shape, scale, zero_point)
-    dtype = dtype or scale.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    dtype = scale.dtype if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     return ops.dequantize(codes, scale2d, zero2d, gs, dtype)
 
 
@@ -177,10 +279,12 @@ def fake_quantize(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: st
     scheme = _scheme(bits, symmetric, strategy, group_size, observer)
     _check_float(w, "weight")
     if scale is None:
+        if zero_point is not None:
+            raise ValueError("zero_point was given without scale: pass both, or neither to compute them")
         scale2d, zero2d, gs = _params_2d(w, scheme)
     else:
         _check_finite(w, "weight")
-        scale2d, zero2d, gs = _layout(w.shape, scale, zero_point)
+        scale2d, zero2d, gs = _layout(w.shape, scale, zero_point, bits)
     return ops.fake_quantize(w, scale2d, zero2d, bits, gs)
 
 
@@ -193,7 +297,7 @@ def pack(codes: Tensor, bits: int, packed_dim: int = 1) -> Tensor:
         raise TypeError(f"codes must be int8, got {codes.dtype}: quantize first, or cast with .to(torch.int8)")
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D, got shape {tuple(codes.shape)}")
-    if packed_dim not in (0, 1):
+    if isinstance(packed_dim, bool) or packed_dim not in (0, 1):
         raise ValueError(f"packed_dim must be 0 or 1, got {packed_dim!r}")
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if codes.numel() and (codes.min() < lo or codes.max() > hi):
@@ -209,9 +313,12 @@ def unpack(packed: Tensor, bits: int, shape: Sequence[int], packed_dim: int = 1)
     _check_tensor(packed, "packed")
     if packed.dtype != torch.int32:
         raise TypeError(f"packed must be int32, got {packed.dtype}")
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) and not isinstance(shape, torch.Size):
+        raise TypeError(f"shape must be a sequence of two ints (rows, cols), got {type(shape).__name__} {shape!r}")
     if packed.dim() != 2 or len(shape) != 2:
         raise ValueError(f"packed and shape must both be 2-D, got {tuple(packed.shape)} and {tuple(shape)}")
-    if packed_dim not in (0, 1):
+    shape = (_check_int(shape[0], "shape[0]", 0), _check_int(shape[1], "shape[1]", 0))
+    if isinstance(packed_dim, bool) or packed_dim not in (0, 1):
         raise ValueError(f"packed_dim must be 0 or 1, got {packed_dim!r}")
     rows, cols = (shape[1], shape[0]) if packed_dim == 0 else (shape[0], shape[1])
     src = packed.t() if packed_dim == 0 else packed
@@ -227,23 +334,22 @@ def unpack(packed: Tensor, bits: int, shape: Sequence[int], packed_dim: int = 1)
 
 def packed_linear(x: Tensor, packed: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int,
                   in_features: int, bias: Optional[Tensor] = None) -> Tensor:
-    """x [..., in] @ dequantize(unpack(packed))^T + bias, without materialising the weight."""
-    _check_float(x, "x", dims=None)
+    """x [..., in] @ dequantize(unpack(packed))^T + bias, without materialising the weight.
+
+    packed int32 [out, ceil(in * bits / 32)]; scale [out, groups] (or one element) finite and
+    > 0; zero_point integer, scale's shape, on the bits' grid; bias float [out]."""
     _check_bits(bits)
-    if x.dim() == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
+    _check_int(in_features, "in_features", 1)
+    _check_x(x, in_features)
     _check_tensor(packed, "packed")
     if packed.dtype != torch.int32:
         raise TypeError(f"packed must be int32 (as returned by pack), got {packed.dtype}")
     words = (in_features * bits + 31) // 32
-    if packed.dim() != 2 or packed.shape[1] != words:
+    if packed.dim() != 2 or packed.shape[1] != words or packed.shape[0] == 0:
         raise ValueError(f"packed has shape {tuple(packed.shape)}, but {in_features} inputs at {bits} bits "
-                         f"take [out_features, {words}] int32 words")
-    scale2d, zero2d, gs = _layout((packed.shape[0], in_features), scale, zero_point)
-    if bias is not None:
-        _check_tensor(bias, "bias")
-        if bias.shape != (packed.shape[0],):
-            raise ValueError(f"bias must have shape ({packed.shape[0]},), got {tuple(bias.shape)}")
+                         f"take [out_features, {words}] int32 words (out_features >= 1)")
+    scale2d, zero2d, gs = _layout((packed.shape[0], in_features), scale, zero_point, bits)
+    _check_bias(bias, packed.shape[0])
     return ops.packed_linear(x, packed, scale2d, zero2d, bits, gs, bias)
 
 
@@ -267,10 +373,23 @@ def hessian(inputs: Tensor, hessian: Optional[Tensor] = None, num_samples: int =
     (hessian, num_samples) to stream batches: that fp32 tensor is updated in place. With
     mirror=False only the upper triangle is kept up to date (mirror on the last batch)."""
     _check_float(inputs, "inputs", dims=None)
+    if inputs.dim() == 0:
+        raise ValueError("inputs must have at least one dimension [..., in_features], got a 0-d tensor: "
+                         "pass inputs.reshape(1, -1) for a single token")
     if inputs.numel() == 0:
-        raise ValueError("inputs is empty: the Hessian needs at least one calibration token")
+        raise ValueError(f"inputs is empty (shape {tuple(inputs.shape)}): the Hessian needs at least one "
+                         "calibration token")
+    _check_int(num_samples, "num_samples", 0)
+    _check_bool(mirror, "mirror")
     cols = inputs.shape[-1]
-    h = torch.zeros(cols, cols) if hessian is None else hessian
+    if hessian is None:
+        if num_samples:
+            raise ValueError(f"num_samples is {num_samples} but no hessian was given: pass the (hessian, "
+                             "num_samples) pair that the previous call returned, or num_samples=0")
+        h = torch.zeros(cols, cols)
+    else:
+        _check_hessian_accumulator(hessian, cols)
+        h = hessian
     total = ops.gptq_hessian_(h, inputs, num_samples, mirror)
     # NaN or Inf anywhere in x reaches the diagonal (sums of squares): one cheap check.
     if not torch.isfinite(h.diagonal()).all():
@@ -278,9 +397,18 @@ def hessian(inputs: Tensor, hessian: Optional[Tensor] = None, num_samples: int =
     return h, total
 
 
+def _check_hessian_accumulator(hessian, cols: int) -> None:
+    _check_tensor(hessian, "hessian")
+    if hessian.dtype != torch.float32 or tuple(hessian.shape) != (cols, cols) or not hessian.is_contiguous():
+        raise ValueError(f"hessian must be the contiguous float32 [{cols}, {cols}] accumulator that hessian() "
+                         f"returned for inputs with {cols} features, got {hessian.dtype} {tuple(hessian.shape)}"
+                         f"{'' if hessian.is_contiguous() else ' (not contiguous)'}")
+
+
 def mirror_hessian_(hessian: Tensor) -> Tensor:
     """Complete a Hessian accumulated with mirror=False: copy its upper triangle onto the
     lower one, in place."""
+    _check_tensor(hessian, "hessian")
     if (hessian.dtype != torch.float32 or hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]
             or not hessian.is_contiguous()):
         raise ValueError("hessian must be a square, contiguous float32 matrix (as hessian() returns), got "
@@ -312,17 +440,29 @@ def gptq(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: Optional
     factorisation fails; if none succeeds the result is plain RTN (damping -1).
     """
     _check_bits(bits)
+    _check_bool(symmetric, "symmetric")
+    group_size = _check_group_size_arg(group_size)
     _check_float(weight, "weight")
     _check_finite(weight, "weight")
     cols = weight.shape[1]
-    if not isinstance(hessian, Tensor) or hessian.shape != (cols, cols):
-        raise ValueError(f"hessian must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
-    if actorder not in ACTORDERS:
+    _check_tensor(hessian, "hessian")
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"hessian must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    if not (hessian.dtype.is_floating_point and hessian.dtype in FLOAT_DTYPES + (torch.float64,)):
+        raise TypeError(f"hessian must be a float tensor (float32, as hessian() returns), got {hessian.dtype}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian contains NaN or Inf values; check the calibration data and the layers before")
+    if not isinstance(actorder, (str, type(None))) or actorder not in ACTORDERS:
         raise ValueError(f"actorder must be one of {ACTORDERS}, got {actorder!r}")
+    if not isinstance(observer, str) or observer not in ("minmax", "mse"):
+        raise ValueError(f"observer must be 'minmax' or 'mse', got {observer!r}")
+    _check_number(dampening_frac, "dampening_frac")
     if not 0 < dampening_frac <= 1:
         raise ValueError(f"dampening_frac must be in (0, 1], got {dampening_frac}")
+    _check_int(block_size, "block_size")
     if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+        raise ValueError(f"block_size must be positive (columns per GPTQ block, e.g. 128), got {block_size}")
     gs = _group_size(cols, QuantizationArgs(num_bits=bits, symmetric=symmetric, observer=observer,
                                             strategy="group" if group_size else "channel", group_size=group_size))
     w, h = weight.float().clone(), hessian.float().contiguous()
@@ -346,9 +486,21 @@ def awq_channel_stats(inputs: Tensor, sum_abs: Optional[Tensor] = None, count: i
     accumulator is updated in place)."""
     _check_float(inputs, "inputs", dims=None)
     if inputs.dim() == 0 or inputs.numel() == 0:
-        raise ValueError("inputs is empty: AWQ's statistics need at least one calibration token")
+        raise ValueError(f"inputs must be a non-empty [..., in_features] tensor, got shape {tuple(inputs.shape)}: "
+                         "AWQ's statistics need at least one calibration token")
+    _check_int(count, "count", 0)
     cols = inputs.shape[-1]
-    acc = torch.zeros(cols, dtype=torch.float64) if sum_abs is None else sum_abs
+    if sum_abs is None:
+        if count:
+            raise ValueError(f"count is {count} but no sum_abs was given: pass the (sum_abs, count) pair that the "
+                             "previous call returned, or count=0")
+        acc = torch.zeros(cols, dtype=torch.float64)
+    else:
+        _check_tensor(sum_abs, "sum_abs")
+        if sum_abs.dtype != torch.float64 or tuple(sum_abs.shape) != (cols,) or not sum_abs.is_contiguous():
+            raise ValueError(f"sum_abs must be the contiguous float64 [{cols}] accumulator that awq_channel_stats "
+                             f"returned, got {sum_abs.dtype} {tuple(sum_abs.shape)}")
+        acc = sum_abs
     return acc, ops.awq_channel_stats_(acc, inputs, count)
 
 
@@ -356,10 +508,12 @@ def awq_grid(duo_scaling: Union[bool, str] = True, n_grid: int = 20) -> List[Tup
     """The (ratio, duo scaling) grid points, as llmcompressor walks them: duo_scaling True
     adds the identity point (0, False) before n_grid - 1 duo points; "both" interleaves
     n_grid / 2 ratios with and without duo scaling."""
-    if duo_scaling not in (True, False, "both"):
+    if not (isinstance(duo_scaling, bool) or (isinstance(duo_scaling, str) and duo_scaling == "both")):
         raise ValueError(f"duo_scaling must be True, False or 'both', got {duo_scaling!r}")
-    if not isinstance(n_grid, int) or n_grid < (4 if duo_scaling == "both" else 2):
-        raise ValueError(f"n_grid must be an integer >= {4 if duo_scaling == 'both' else 2}, got {n_grid!r}")
+    # duo scaling: the identity point plus n_grid - 1 ratios i / (n_grid - 2), so at least 3
+    least = 4 if duo_scaling == "both" else 3 if duo_scaling else 2
+    if isinstance(n_grid, bool) or not isinstance(n_grid, int) or n_grid < least:
+        raise ValueError(f"n_grid must be an integer >= {least} for duo_scaling={duo_scaling!r}, got {n_grid!r}")
     if duo_scaling == "both":
         n = n_grid // 2
         return [(i / (n - 1), duo) for i in range(n) for duo in (False, True)]
@@ -371,6 +525,16 @@ def awq_grid(duo_scaling: Union[bool, str] = True, n_grid: int = 20) -> List[Tup
 def awq_scales(x_mean: Tensor, w_mean: Optional[Tensor], ratio: float, duo_scaling: bool) -> Tensor:
     """AWQ's per-channel scales for one grid point: x_mean^r (/ (w_mean^(1-r) + 1e-4) with duo
     scaling), at least 1e-4, divided by sqrt(max * min); non-finite entries become 1."""
+    _check_mean(x_mean, "x_mean")
+    ratio = _check_number(ratio, "ratio")
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    _check_bool(duo_scaling, "duo_scaling")
+    if duo_scaling:
+        _check_mean(w_mean, "w_mean")
+        if w_mean.shape != x_mean.shape:
+            raise ValueError(f"w_mean has shape {tuple(w_mean.shape)} but x_mean has {tuple(x_mean.shape)}: "
+                             "they must match (one entry per input channel)")
     x_mean = x_mean.float()
     if duo_scaling:
         s = (x_mean.pow(ratio) / (w_mean.float().pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
@@ -380,9 +544,21 @@ def awq_scales(x_mean: Tensor, w_mean: Optional[Tensor], ratio: float, duo_scali
     return torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
+def _check_mean(t, name: str) -> None:
+    _check_tensor(t, name)
+    if t.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{name} must be 1-D with one entry per input channel, got shape {tuple(t.shape)}")
+
+
 def awq_weight_mean(weight: Tensor, group_size: int) -> Tensor:
     """llmcompressor's w_mean: |w| / its group's absmax (+1e-6), averaged over output rows."""
+    _check_float(weight, "weight")
+    _check_int(group_size, "group_size", 1)
     rows, cols = weight.shape
+    if cols % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the {cols} input columns")
     w = weight.float().abs().reshape(-1, group_size)
     return (w / (w.amax(1, keepdim=True) + 1e-6)).reshape(rows, cols).mean(0, dtype=torch.float64).float()
 
@@ -397,15 +573,21 @@ class AWQSearchResult(NamedTuple):
 
 def _awq_group_size(weight: Tensor, gram: Tensor, bits: int, group_size: Optional[int]) -> int:
     """Check an AWQ search's weight, Gram matrix and bits; the group size (None: whole rows)."""
+    _check_bits(bits)
+    group_size = _check_group_size_arg(group_size)
     _check_float(weight, "weight")
     _check_finite(weight, "weight")
     cols = weight.shape[1]
-    if not isinstance(gram, Tensor) or gram.shape != (cols, cols):
-        raise ValueError(f"gram must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}")
-    _check_bits(bits)
+    _check_tensor(gram, "gram")
+    if tuple(gram.shape) != (cols, cols):
+        raise ValueError(f"gram must be a [{cols}, {cols}] tensor for a weight of shape {tuple(weight.shape)}, "
+                         f"got {tuple(gram.shape)}")
+    if gram.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"gram must be a float tensor (X^T X), got {gram.dtype}")
     gs = group_size or cols
     if cols % gs:
-        raise ValueError(f"group_size {gs} does not divide the {cols} input columns")
+        raise ValueError(f"group_size {gs} does not divide the {cols} input columns; pick a divisor of {cols} "
+                         "or None (whole rows)")
     return gs
 
 
@@ -417,9 +599,11 @@ def awq_search(weight: Tensor, gram: Tensor, x_mean: Tensor, *, bits: int = 4, g
     kernel on the output error of the group-quantized, scaled weight. If no point gives a
     finite loss the scales are 1 (identity), with a warning."""
     gs = _awq_group_size(weight, gram, bits, group_size)
+    _check_bool(symmetric, "symmetric")
     cols = weight.shape[1]
-    if not isinstance(x_mean, Tensor) or x_mean.shape != (cols,):
-        raise ValueError(f"x_mean must be a [{cols}] tensor, got {getattr(x_mean, 'shape', x_mean)!r}")
+    _check_mean(x_mean, "x_mean")
+    if tuple(x_mean.shape) != (cols,):
+        raise ValueError(f"x_mean must be a [{cols}] tensor (mean |x| per input channel), got {tuple(x_mean.shape)}")
     grid = awq_grid(duo_scaling, n_grid)
     w_mean = awq_weight_mean(weight, gs) if any(duo for _, duo in grid) else None
     factor = ops.awq_gram_factor(gram)  # once: each grid point is then a triangular product
@@ -444,6 +628,9 @@ def awq_clip(weight: Tensor, gram: Tensor, *, bits: int = 4, group_size: Optiona
     quantized, on all calibration tokens through gram = X^T X. Returns the bounds
     [rows, groups] (float32); clamp the weight's groups to +-bound before quantizing."""
     gs = _awq_group_size(weight, gram, bits, group_size)
+    _check_bool(symmetric, "symmetric")
+    _check_int(n_grid, "n_grid", 1)
+    _check_number(max_shrink, "max_shrink")
     if not 0 <= max_shrink < 1 or n_grid <= 0:
         raise ValueError(f"clip search needs n_grid > 0 and 0 <= max_shrink < 1, got {n_grid}, {max_shrink}")
     return ops.awq_clip(weight, gram, bits, gs, symmetric, n_grid, max_shrink)
@@ -481,10 +668,9 @@ def nf4_quantize(w: Tensor, blocksize: int = 64, quant_type: str = "nf4",
     _check_float(w, "w", dims=None)
     if w.numel() == 0:
         raise ValueError("w is empty: nothing to quantize")
-    if not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
-    if quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    _check_blocksize(blocksize)
+    _check_quant_type(quant_type)
+    _check_bool(double_quant, "double_quant")
     _check_finite(w, "w")
     packed, absmax = ops.nf4_quantize(w, blocksize, quant_type)
     if not double_quant:
@@ -494,14 +680,87 @@ def nf4_quantize(w: Tensor, blocksize: int = 64, quant_type: str = "nf4",
     return packed, NF4QuantState(codes, w.shape, w.dtype, blocksize, quant_type, nested, offset)
 
 
-def nf4_dequantize(packed: Tensor, state: NF4QuantState) -> Tensor:
-    """code[nibble] * absmax[block] in fp32, cast to state.dtype, in state.shape (the absmax
-    values decoded first when double-quantized)."""
+def _check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 \
+            or blocksize & (blocksize - 1):
+        raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+    return blocksize
+
+
+def _check_quant_type(quant_type) -> str:
+    if not isinstance(quant_type, str) or quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    return quant_type
+
+
+def check_nf4_state(packed: Tensor, state: "NF4QuantState", prefix: str = "") -> int:
+    """Validate 4-bit codes and their quant state (as nf4_quantize returns them, or as loaded
+    from a checkpoint); raise ValueError / TypeError naming the bad field. Returns numel."""
     if not isinstance(state, NF4QuantState):
         raise TypeError(f"state must be the NF4QuantState that nf4_quantize returned, got {type(state).__name__}")
+    if not isinstance(state.shape, (tuple, list, torch.Size)) or len(state.shape) == 0 or any(
+            isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in state.shape):
+        raise ValueError(f"{prefix}state.shape must be a non-empty tuple of ints >= 0, got {state.shape!r}")
     numel = 1
     for d in state.shape:
         numel *= d
+    if numel == 0:
+        raise ValueError(f"{prefix}state.shape {tuple(state.shape)} holds no elements")
+    if not isinstance(state.dtype, torch.dtype) or state.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{prefix}state.dtype must be float32, float16 or bfloat16, got {state.dtype!r}")
+    _check_blocksize(state.blocksize)
+    _check_quant_type(state.quant_type)
+    _check_tensor(packed, f"{prefix}packed")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{prefix}packed must be uint8 (two 4-bit codes per byte), got {packed.dtype}")
+    if packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"{prefix}packed has {packed.numel()} bytes, but {numel} codes take {(numel + 1) // 2}: "
+                         "packed bytes do not hold this state's shape")
+    blocks = -(-numel // state.blocksize)
+    _check_tensor(state.absmax, f"{prefix}absmax")
+    if tuple(state.absmax.shape) != (blocks,):
+        raise ValueError(f"{prefix}absmax has {state.absmax.numel()} entries (shape {tuple(state.absmax.shape)}), "
+                         f"expected shape ({blocks},): one per block of {state.blocksize}")
+    if state.nested_absmax is None:
+        if state.offset is not None:
+            raise ValueError(f"{prefix}offset is set but nested_absmax is not: a double-quantized state needs both")
+        if state.absmax.dtype != torch.float32:
+            raise TypeError(f"{prefix}absmax must be float32 (uint8 only when double-quantized), "
+                            f"got {state.absmax.dtype}")
+        _check_absmax_values(state.absmax, f"{prefix}absmax")
+        return numel
+    if state.absmax.dtype != torch.uint8:
+        raise TypeError(f"{prefix}absmax of a double-quantized state must hold uint8 codes, got {state.absmax.dtype}")
+    _check_tensor(state.nested_absmax, f"{prefix}nested_absmax")
+    nested = -(-blocks // NESTED_BLOCKSIZE)
+    if state.nested_absmax.dtype != torch.float32:
+        raise TypeError(f"{prefix}nested_absmax must be float32, got {state.nested_absmax.dtype}")
+    if tuple(state.nested_absmax.shape) != (nested,):
+        raise ValueError(f"{prefix}nested absmax has {state.nested_absmax.numel()} entries, expected {nested} "
+                         f"(shape ({nested},))")
+    _check_absmax_values(state.nested_absmax, f"{prefix}nested_absmax")
+    _check_offset(state)
+    _check_tensor(state.offset, f"{prefix}offset")
+    if state.offset.dtype != torch.float32 or state.offset.numel() != 1:
+        raise ValueError(f"{prefix}offset must be a float32 tensor of one value (the mean absmax), got "
+                         f"{state.offset.dtype} {tuple(state.offset.shape)}")
+    if _checking_values() and not torch.isfinite(state.offset).all():
+        raise ValueError(f"{prefix}offset must be finite, got {state.offset.item()}")
+    return numel
+
+
+def _check_absmax_values(absmax: Tensor, name: str) -> None:
+    if not _checking_values():
+        return
+    if absmax.numel() and not (torch.isfinite(absmax) & (absmax >= 0)).all():
+        raise ValueError(f"{name} must be finite and >= 0 (block absolute maxima), got values such as "
+                         f"{absmax[~(torch.isfinite(absmax) & (absmax >= 0))][:3].tolist()}")
+
+
+def nf4_dequantize(packed: Tensor, state: NF4QuantState) -> Tensor:
+    """code[nibble] * absmax[block] in fp32, cast to state.dtype, in state.shape (the absmax
+    values decoded first when double-quantized)."""
+    numel = check_nf4_state(packed, state)
     return ops.nf4_dequantize(packed, _plain_absmax(state), state.blocksize, state.quant_type, numel,
                               state.dtype).reshape(state.shape)
 
@@ -512,16 +771,19 @@ def nf4_linear(x: Tensor, packed: Tensor, state: NF4QuantState, bias: Optional[T
     multiple of the blocksize (transformers' checkpoints always are). Returns x.dtype."""
     if not isinstance(state, NF4QuantState):
         raise TypeError(f"state must be the NF4QuantState that nf4_quantize returned, got {type(state).__name__}")
-    if len(state.shape) != 2:
+    if not isinstance(state.shape, (tuple, list, torch.Size)) or len(state.shape) != 2:
         raise ValueError(f"nf4_linear needs a 2-D [out, in] weight, the state holds shape {tuple(state.shape)}")
-    _check_float(x, "x", dims=None)
-    if x.dim() == 0 or x.shape[-1] != state.shape[1]:
-        raise ValueError(f"x must have {state.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
+    check_nf4_state(packed, state)
+    out_features, in_features = state.shape
+    if in_features % state.blocksize:
+        raise ValueError(f"in_features {in_features} must be a multiple of the blocksize {state.blocksize} for the "
+                         "fused kernel: use nf4_dequantize + torch.nn.functional.linear")
+    _check_x(x, in_features)
+    _check_bias(bias, out_features)
     if not state.double_quant:
-        return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0], bias)
-    _check_offset(state)
-    return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0], bias,
-                          state.nested_absmax, DYNAMIC_MAP, state.offset)
+        return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, out_features, bias)
+    return ops.nf4_linear(x, packed, state.absmax, state.blocksize, state.quant_type, out_features, bias,
+                          state.nested_absmax, DYNAMIC_MAP, state.offset.reshape(()))
 
 
 def _check_offset(state: NF4QuantState) -> None:
@@ -550,8 +812,9 @@ class Int8Rowwise(NamedTuple):
 
 
 def _check_threshold(threshold) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
-        raise ValueError(f"threshold must be a number >= 0 (0 disables the outlier decomposition), got {threshold!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < float("inf"):
+        raise ValueError(f"threshold must be a number >= 0 and finite (0 disables the outlier decomposition), "
+                         f"got {threshold!r}")
     return float(threshold)
 
 
@@ -574,17 +837,20 @@ def int8_outlier_matmul(x: Tensor, w_int8: Tensor, w_scale: Tensor, threshold: f
     dequantized weight columns, the rest as int8 x int8 -> int32 (AVX512-VNNI where present),
     rescaled by absmax(token) * SCB / 127^2. Returns x.dtype."""
     _check_float(x, "x", dims=None)
-    if not isinstance(w_int8, Tensor) or w_int8.dtype != torch.int8 or w_int8.dim() != 2:
-        raise TypeError(f"w_int8 must be a 2-D int8 tensor of codes [out, in], got "
-                        f"{getattr(w_int8, 'dtype', type(w_int8).__name__)} {tuple(getattr(w_int8, 'shape', ()))}")
+    _check_tensor(w_int8, "w_int8")
+    if w_int8.dtype != torch.int8 or w_int8.dim() != 2:
+        raise TypeError(f"w_int8 must be a 2-D int8 tensor of codes [out, in], got {w_int8.dtype} "
+                        f"{tuple(w_int8.shape)}")
+    if w_int8.numel() == 0:
+        raise ValueError(f"w_int8 is empty (shape {tuple(w_int8.shape)}): a layer needs at least one input and "
+                         "one output feature")
     if w_scale is None:
         raise ValueError("w_scale (the weight's SCB, one absmax per output row) is missing")
     _check_float(w_scale, "w_scale", dims=None)
-    if w_scale.numel() != w_int8.shape[0]:
-        raise ValueError(f"w_scale (SCB) must have one entry per output row ({w_int8.shape[0]}), "
-                         f"got shape {tuple(w_scale.shape)}")
-    if x.dim() == 0 or x.shape[-1] != w_int8.shape[1]:
-        raise ValueError(f"x must have {w_int8.shape[1]} features in its last dimension, got shape {tuple(x.shape)}")
-    if bias is not None and bias.numel() != w_int8.shape[0]:
-        raise ValueError(f"bias must have {w_int8.shape[0]} entries, got shape {tuple(bias.shape)}")
+    if tuple(w_scale.shape) != (w_int8.shape[0],):
+        raise ValueError(f"w_scale (SCB) must have one entry per output row ({w_int8.shape[0]}), shape "
+                         f"({w_int8.shape[0]},), got shape {tuple(w_scale.shape)}")
+    _check_absmax_values(w_scale, "w_scale (SCB)")
+    _check_x(x, w_int8.shape[1])
+    _check_bias(bias, w_int8.shape[0])
     return ops.int8_outlier_matmul(x, w_int8, w_scale, _check_threshold(threshold), bias)

@@ -1,13 +1,21 @@
 """Typed wrappers over the C++ ops (torch.ops.lowbit.*), with fake (meta) kernels for
 torch.compile. These check nothing beyond what the kernels check: user-facing validation
-lives in lowbit.functional."""
+lives in lowbit.functional.
+
+Every C++ kernel validates its own arguments (ValueError / TypeError), so a direct call cannot
+crash. The fake kernels below run for FakeTensors (torch.compile) and meta tensors; they check
+that all tensor arguments share one device (a meta tensor mixed with CPU ones would otherwise
+dispatch here and return uninitialised memory) and the cheap shape preconditions, with
+``torch._check_value`` so that symbolic shapes work."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 _ops = torch.ops.lowbit
 
@@ -146,50 +154,383 @@ def gptq_solve(weight: Tensor, hessian: Tensor, perm: Tensor, scale: Tensor, zer
     return _ops.gptq_solve(weight, hessian, perm, scale, zero_point, col_group, bits, block_size, dampening_frac)
 
 
+# ---------------------------------------------------------------- fake (meta) kernels
+# Ops without a fake kernel, and why (tests/test_raw_ops.py walks torch.ops.lowbit and requires
+# every other op to have one). Their Meta kernel (below) raises ValueError.
+NO_FAKE = {
+    "awq_scale_loss": "returns a Python float computed from the data",
+    "gptq_solve": "returns the loss and the damping used, Python floats computed from the data",
+}
+
+
+def _meta_refusal(name: str):
+    def kernel(*args, **kwargs):
+        raise ValueError(
+            f"lowbit::{name} runs on CPU tensors only (it {NO_FAKE[name]}, so it has no meta / fake kernel); "
+            "all tensors must be on the same device (cpu), got meta tensors"
+        )
+    return kernel
+
+
+for _name in NO_FAKE:
+    torch.library.impl(f"lowbit::{_name}", "Meta")(_meta_refusal(_name))
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOATING = _FLOATS + (torch.float64,)
+
+
+def _same_device(op: str, **tensors) -> None:
+    """All tensor arguments on one device: a meta tensor mixed with CPU ones dispatches to the
+    fake kernel, which must raise rather than return uninitialised memory."""
+    present = [(name, t) for name, t in tensors.items() if t is not None]
+    for name, t in present[1:]:
+        if t.device != present[0][1].device:
+            raise ValueError(
+                f"lowbit::{op}: all tensors must be on the same device, but {name} is on {t.device} and "
+                f"{present[0][0]} on {present[0][1].device}"
+            )
+
+
+def _check(op: str, cond, msg: str) -> None:
+    torch._check_value(cond, lambda: f"lowbit::{op}: {msg}")
+
+
+def _dtype(op: str, t: Tensor, name: str, allowed) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"lowbit::{op}: {name} must be one of {names}, got {t.dtype}")
+
+
+def _integral(op: str, t: Tensor, name: str) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"lowbit::{op}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def _dim(op: str, t: Tensor, dim: int, name: str) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"lowbit::{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _bits(op: str, bits: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"lowbit::{op}: bits must be in 2..8, got {bits}")
+
+
+def _blocksize(op: str, blocksize: int) -> None:
+    if not (32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"lowbit::{op}: blocksize must be a power of two from 32 to 4096, got {blocksize}")
+
+
+def _quant_type(op: str, quant_type: str) -> None:
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"lowbit::{op}: quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+
+
+def _groups(op: str, w: Tensor, group_size: int, name: str = "weight"):
+    _dim(op, w, 2, name)
+    if group_size <= 0:
+        raise ValueError(f"lowbit::{op}: group_size must be positive, got {group_size}")
+    _check(op, w.shape[1] % group_size == 0, f"group_size {group_size} must divide the {w.shape[1]} columns")
+    return w.shape[1] // group_size
+
+
+def _params(op: str, rows, groups, scale: Tensor, zero_point: Optional[Tensor]) -> None:
+    _dtype(op, scale, "scale", _FLOATS)
+    _dim(op, scale, 2, "scale")
+    _check(op, scale.shape[0] == rows, f"scale must be [{rows}, {groups}], got {tuple(scale.shape)}")
+    _check(op, scale.shape[1] == groups, f"scale must be [{rows}, {groups}], got {tuple(scale.shape)}")
+    if zero_point is not None:
+        _integral(op, zero_point, "zero_point")
+        _dim(op, zero_point, 2, "zero_point")
+        _check(op, zero_point.shape[0] == rows, "zero_point must have the shape of scale")
+        _check(op, zero_point.shape[1] == groups, "zero_point must have the shape of scale")
+
+
+def _bias(op: str, bias: Optional[Tensor], n) -> None:
+    if bias is not None:
+        _dtype(op, bias, "bias", _FLOATING)
+        _dim(op, bias, 1, "bias")
+        _check(op, bias.shape[0] == n, f"bias must have shape [{n}], got {tuple(bias.shape)}")
+
+
+def _rows(x: Tensor):
+    rows = 1
+    for d in x.shape[:-1]:
+        rows = rows * d
+    return rows
+
+
 @torch.library.register_fake("lowbit::quant_params")
 def _(w, bits, symmetric, group_size, observer="minmax", maxshrink=0.8, grid=100, norm=2.4):
-    shape = (w.shape[0], w.shape[1] // group_size)
+    op = "quant_params"
+    _bits(op, bits)
+    _dtype(op, w, "weight", _FLOATS)
+    groups = _groups(op, w, group_size)
+    if observer not in ("minmax", "mse"):
+        raise ValueError(f"lowbit::{op}: observer must be 'minmax' or 'mse', got {observer!r}")
+    shape = (w.shape[0], groups)
     return w.new_empty(shape), w.new_empty(shape, dtype=torch.int8)
 
 
 @torch.library.register_fake("lowbit::quantize")
 def _(w, scale, zero_point, bits, group_size):
-    return torch.empty_like(w, dtype=torch.int8)
+    op = "quantize"
+    _same_device(op, w=w, scale=scale, zero_point=zero_point)
+    _bits(op, bits)
+    _dtype(op, w, "weight", _FLOATS)
+    _params(op, w.shape[0], _groups(op, w, group_size), scale, zero_point)
+    return torch.empty_like(w, dtype=torch.int8, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lowbit::dequantize")
 def _(codes, scale, zero_point, group_size, dtype):
-    return torch.empty_like(codes, dtype=dtype)
+    op = "dequantize"
+    _same_device(op, codes=codes, scale=scale, zero_point=zero_point)
+    _dtype(op, codes, "codes", (torch.int8,))
+    if dtype not in _FLOATS:
+        raise TypeError(f"lowbit::{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    _params(op, codes.shape[0], _groups(op, codes, group_size, "codes"), scale, zero_point)
+    return torch.empty_like(codes, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lowbit::fake_quantize")
 def _(w, scale, zero_point, bits, group_size):
-    return torch.empty_like(w)
+    op = "fake_quantize"
+    _same_device(op, w=w, scale=scale, zero_point=zero_point)
+    _bits(op, bits)
+    _dtype(op, w, "weight", _FLOATS)
+    _params(op, w.shape[0], _groups(op, w, group_size), scale, zero_point)
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("lowbit::pack")
 def _(codes, bits):
+    op = "pack"
+    _bits(op, bits)
+    _dtype(op, codes, "codes", (torch.int8,))
+    _dim(op, codes, 2, "codes")
     return codes.new_empty((codes.shape[0], (codes.shape[1] * bits + 31) // 32), dtype=torch.int32)
 
 
 @torch.library.register_fake("lowbit::unpack")
 def _(packed, bits, cols):
+    op = "unpack"
+    _bits(op, bits)
+    _dtype(op, packed, "packed", (torch.int32,))
+    _dim(op, packed, 2, "packed")
+    if cols < 0:
+        raise ValueError(f"lowbit::{op}: cols must be >= 0, got {cols}")
+    _check(op, packed.shape[1] == (cols * bits + 31) // 32,
+           f"{cols} columns of {bits}-bit codes take {(cols * bits + 31) // 32} words per row")
     return packed.new_empty((packed.shape[0], cols), dtype=torch.int8)
 
 
 @torch.library.register_fake("lowbit::packed_linear")
 def _(x, packed, scale, zero_point, bits, group_size, bias):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+    op = "packed_linear"
+    _same_device(op, x=x, packed=packed, scale=scale, zero_point=zero_point, bias=bias)
+    _bits(op, bits)
+    _dtype(op, x, "x", _FLOATS)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
+    _dtype(op, packed, "packed weight", (torch.int32,))
+    _dim(op, packed, 2, "packed weight")
+    k, n = x.shape[-1], packed.shape[0]
+    if group_size <= 0:
+        raise ValueError(f"lowbit::{op}: group_size must be positive, got {group_size}")
+    _check(op, k % group_size == 0, f"group_size {group_size} must divide in_features {k}")
+    _check(op, packed.shape[1] == (k * bits + 31) // 32, f"packed weight must have {(k * bits + 31) // 32} words per row")
+    _params(op, n, k // group_size, scale, zero_point)
+    _bias(op, bias, n)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def _streamed_inputs(op: str, inputs, count: int, count_name: str) -> None:
+    """A batch [..., columns] of float inputs added to a running statistic of `count` rows."""
+    _dtype(op, inputs, "inputs", _FLOATS)
+    if inputs.dim() < 1:
+        raise ValueError(f"lowbit::{op}: inputs must be a non-empty [..., columns] tensor")
+    _check(op, inputs.numel() > 0, "inputs must be a non-empty [..., columns] tensor")
+    if count < 0:
+        raise ValueError(f"lowbit::{op}: {count_name} must be >= 0, got {count}")
+
+
+@torch.library.register_fake("lowbit::gptq_hessian_")
+def _(hessian, inputs, num_samples, mirror=True):
+    op = "gptq_hessian_"
+    _same_device(op, hessian=hessian, inputs=inputs)
+    _streamed_inputs(op, inputs, num_samples, "num_samples")
+    _dtype(op, hessian, "hessian", (torch.float32,))
+    _dim(op, hessian, 2, "hessian")
+    cols = inputs.shape[-1]
+    _check(op, tuple(hessian.shape) == (cols, cols), f"hessian must be [{cols}, {cols}]")
+    return num_samples + _rows(inputs)
+
+
+@torch.library.register_fake("lowbit::hessian_mirror_")
+def _(hessian):
+    op = "hessian_mirror_"
+    _dtype(op, hessian, "hessian", (torch.float32,))
+    _dim(op, hessian, 2, "hessian")
+    _check(op, hessian.shape[0] == hessian.shape[1], "the hessian must be square")
+    return hessian
+
+
+@torch.library.register_fake("lowbit::awq_channel_stats_")
+def _(sum_abs, inputs, count):
+    op = "awq_channel_stats_"
+    _same_device(op, sum_abs=sum_abs, inputs=inputs)
+    _streamed_inputs(op, inputs, count, "count")
+    _dtype(op, sum_abs, "sum_abs", (torch.float64,))
+    _dim(op, sum_abs, 1, "sum_abs")
+    _check(op, sum_abs.shape[0] == inputs.shape[-1], f"sum_abs must have {inputs.shape[-1]} entries")
+    return count + _rows(inputs)
+
+
+@torch.library.register_fake("lowbit::awq_gram_factor")
+def _(gram):
+    op = "awq_gram_factor"
+    _dtype(op, gram, "gram", _FLOATING)
+    _dim(op, gram, 2, "gram")
+    _check(op, gram.shape[0] == gram.shape[1], "gram must be square")
+    _check(op, gram.shape[0] > 0, "gram must not be empty")
+    return gram.new_empty(gram.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("lowbit::awq_clip")
+def _(weight, gram, bits, group_size, symmetric, n_grid, max_shrink):
+    op = "awq_clip"
+    _same_device(op, weight=weight, gram=gram)
+    _bits(op, bits)
+    _dtype(op, weight, "weight", _FLOATS)
+    _dtype(op, gram, "gram", _FLOATING)
+    groups = _groups(op, weight, group_size)
+    _dim(op, gram, 2, "gram")
+    _check(op, gram.shape[0] == weight.shape[1], "gram must be [cols, cols]")
+    _check(op, gram.shape[1] == weight.shape[1], "gram must be [cols, cols]")
+    if not (0 < n_grid <= 10000 and 0 <= max_shrink < 1):
+        raise ValueError(f"lowbit::{op}: clip search needs 0 < n_grid <= 10000 and 0 <= max_shrink < 1")
+    return weight.new_empty((weight.shape[0], groups), dtype=torch.float32)
+
+
+@torch.library.register_fake("lowbit::nf4_quantize")
+def _(weight, blocksize, quant_type):
+    op = "nf4_quantize"
+    _dtype(op, weight, "weight", _FLOATS)
+    _blocksize(op, blocksize)
+    _quant_type(op, quant_type)
+    n = weight.numel()
+    _check(op, n > 0, "cannot quantize an empty tensor")
+    return (weight.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            weight.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))
+
+
+@torch.library.register_fake("lowbit::nf4_dequantize")
+def _(packed, absmax, blocksize, quant_type, numel, dtype):
+    op = "nf4_dequantize"
+    _same_device(op, packed=packed, absmax=absmax)
+    _blocksize(op, blocksize)
+    _quant_type(op, quant_type)
+    _dtype(op, packed, "packed codes", (torch.uint8,))
+    _dtype(op, absmax, "absmax", _FLOATING)
+    if dtype not in _FLOATS:
+        raise TypeError(f"lowbit::{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    if numel <= 0:
+        raise ValueError(f"lowbit::{op}: numel must be positive, got {numel}")
+    _check(op, packed.numel() == (numel + 1) // 2, f"packed bytes do not hold {numel} elements")
+    _dim(op, absmax, 1, "absmax")
+    _check(op, absmax.shape[0] == (numel + blocksize - 1) // blocksize, "absmax must have one entry per block")
+    return packed.new_empty((numel,), dtype=dtype)
 
 
 @torch.library.register_fake("lowbit::nf4_linear")
 def _(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absmax=None, nested_code=None, offset=None):
-    return x.new_empty((*x.shape[:-1], out_features))
+    op = "nf4_linear"
+    _same_device(op, x=x, packed=packed, absmax=absmax, bias=bias, nested_absmax=nested_absmax,
+                 nested_code=nested_code, offset=offset)
+    _blocksize(op, blocksize)
+    _quant_type(op, quant_type)
+    _dtype(op, x, "x", _FLOATS)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
+    _dtype(op, packed, "packed codes", (torch.uint8,))
+    _dtype(op, absmax, "absmax", _FLOATS + (torch.uint8,))
+    k, n = x.shape[-1], out_features
+    if n < 0:
+        raise ValueError(f"lowbit::{op}: out_features must be >= 0, got {n}")
+    _check(op, k > 0, "in_features must be positive")
+    _check(op, k % blocksize == 0, f"in_features must be a multiple of the blocksize {blocksize}")
+    _check(op, packed.numel() * 2 == n * k, f"packed codes do not hold a [{n}, {k}] weight")
+    _dim(op, absmax, 1, "absmax")
+    blocks = n * k // blocksize
+    _check(op, absmax.shape[0] == blocks, f"absmax must have {blocks} entries")
+    _bias(op, bias, n)
+    nested = [t is not None for t in (nested_absmax, nested_code, offset)]
+    if absmax.dtype == torch.uint8:
+        if not all(nested):
+            raise ValueError(f"lowbit::{op}: uint8 (double-quantized) absmax needs nested_absmax, nested_code and offset")
+        _dtype(op, nested_absmax, "nested_absmax", _FLOATING)
+        _dtype(op, nested_code, "nested_code", _FLOATING)
+        _dtype(op, offset, "offset", _FLOATING)
+        _dim(op, offset, 0, "offset")
+        _dim(op, nested_absmax, 1, "nested_absmax")
+        _dim(op, nested_code, 1, "nested_code")
+        _check(op, nested_absmax.shape[0] == (blocks + 255) // 256, "nested_absmax must have one entry per 256 blocks")
+        _check(op, nested_code.shape[0] == 256, "nested_code must have 256 entries")
+    elif any(nested):
+        raise ValueError(f"lowbit::{op}: nested_absmax, nested_code and offset go with uint8 absmax only")
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("lowbit::blockwise8_quantize")
+def _(values, code, blocksize):
+    op = "blockwise8_quantize"
+    _same_device(op, values=values, code=code)
+    _dtype(op, values, "values", _FLOATS)
+    _dtype(op, code, "code", _FLOATING)
+    _dim(op, code, 1, "code")
+    _check(op, code.shape[0] == 256, "the 8-bit code must have 256 entries")
+    if blocksize <= 0:
+        raise ValueError(f"lowbit::{op}: blocksize must be positive, got {blocksize}")
+    n = values.numel()
+    return (values.new_empty((n,), dtype=torch.uint8),
+            values.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))
+
+
+@torch.library.register_fake("lowbit::blockwise8_dequantize")
+def _(codes, absmax, code, blocksize):
+    op = "blockwise8_dequantize"
+    _same_device(op, codes=codes, absmax=absmax, code=code)
+    _dtype(op, codes, "codes", (torch.uint8,))
+    _dtype(op, absmax, "absmax", _FLOATING)
+    _dtype(op, code, "code", _FLOATING)
+    _dim(op, code, 1, "code")
+    _check(op, code.shape[0] == 256, "the 8-bit code must have 256 entries")
+    if blocksize <= 0:
+        raise ValueError(f"lowbit::{op}: blocksize must be positive, got {blocksize}")
+    n = codes.numel()
+    _dim(op, absmax, 1, "absmax")
+    _check(op, absmax.shape[0] == (n + blocksize - 1) // blocksize, "absmax must have one entry per block")
+    return codes.new_empty((n,), dtype=torch.float32)
+
+
+def _threshold(op: str, threshold: float) -> None:
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"lowbit::{op}: threshold must be a finite number >= 0, got {threshold}")
 
 
 @torch.library.register_fake("lowbit::int8_quantize_rowwise")
 def _(x, threshold):
-    rows = x.numel() // x.shape[-1]
+    op = "int8_quantize_rowwise"
+    _threshold(op, threshold)
+    _dtype(op, x, "x", _FLOATS)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit::{op}: cannot quantize an empty tensor")
+    _check(op, x.numel() > 0, "cannot quantize an empty tensor")
+    if x.device.type == "meta" and not isinstance(x, FakeTensor):
+        raise ValueError(f"lowbit::{op}: the number of outlier columns depends on the data, which meta tensors do not "
+                         "hold (FakeTensors, as torch.compile uses, work); pass CPU tensors")
+    rows = _rows(x)
     cols = torch.library.get_ctx().new_dynamic_size()
     return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
             x.new_empty((cols,), dtype=torch.int64))
@@ -197,9 +538,32 @@ def _(x, threshold):
 
 @torch.library.register_fake("lowbit::int8_matmul")
 def _(a, b):
+    op = "int8_matmul"
+    _same_device(op, a=a, b=b)
+    _dtype(op, a, "a", (torch.int8,))
+    _dtype(op, b, "b", (torch.int8,))
+    _dim(op, a, 2, "a")
+    _dim(op, b, 2, "b")
+    _check(op, a.shape[1] == b.shape[1], "a [M, K] and b [N, K] must have the same K")
+    _check(op, a.shape[1] <= 65536, "K exceeds 65536 (the int32 accumulator could overflow)")
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
 @torch.library.register_fake("lowbit::int8_outlier_matmul")
 def _(x, w, w_scale, threshold, bias):
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+    op = "int8_outlier_matmul"
+    _same_device(op, x=x, w=w, w_scale=w_scale, bias=bias)
+    _threshold(op, threshold)
+    _dtype(op, x, "x", _FLOATS)
+    _dtype(op, w, "the weight w", (torch.int8,))
+    _dtype(op, w_scale, "w_scale", _FLOATING)
+    _dim(op, w, 2, "w")
+    n, k = w.shape
+    if x.dim() < 1:
+        raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
+    _check(op, x.shape[-1] == k, f"x must have {k} features in its last dimension")
+    _check(op, w_scale.numel() == n, f"the weight scale (SCB) must have {n} entries")
+    _check(op, k > 0, "in_features must be positive")
+    _check(op, k <= 65536, "in_features exceeds 65536")
+    _bias(op, bias, n)
+    return x.new_empty((*x.shape[:-1], n))

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 // Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best
@@ -25,16 +26,104 @@ struct IntRange {
       : qmin(-(1 << (bits - 1))), qmax((1 << (bits - 1)) - 1) {}
 };
 
-// Argument errors surface in Python as ValueError / TypeError (TORCH_CHECK_VALUE / _TYPE).
+// ---------------------------------------------------------------- argument checks
+// Every op checks each argument before it touches memory: a direct torch.ops.lowbit call must
+// raise, never crash or read out of bounds, whatever it is given. Argument errors surface in
+// Python as ValueError / TypeError (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE).
+
 inline void check_bits(int64_t bits) {
   TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "lowbit: bits must be in 2..8, got ", bits);
+}
+
+// A defined, dense (strided) CPU tensor: the CPU kernels read raw pointers.
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), "lowbit: ", name, " is undefined");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "lowbit: ", name, " is on ", t.device(),
+                    ", but this kernel runs on the CPU: all tensors must be on the same device (cpu)");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, "lowbit: ", name, " must be a dense (strided) tensor, got ",
+                    t.layout());
+}
+inline void check_cpu(const c10::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value() && t->defined()) check_cpu(*t, name);
+}
+
+// Python's name of a dtype, for messages ("torch.int8" rather than ATen's "Char").
+inline std::string dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kHalf: return "torch.float16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(st);
+  }
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType st, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == st, "lowbit: ", name, " must be ", dtype_name(st), ", got ",
+                   dtype_name(t.scalar_type()));
+}
+
+inline bool is_float(at::ScalarType st) { return st == at::kFloat || st == at::kHalf || st == at::kBFloat16; }
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), "lowbit: ", name, " must be float32, float16 or bfloat16, got ",
+                   dtype_name(t.scalar_type()));
+}
+
+// float32 / float16 / bfloat16, or float64 where the kernel converts to fp32 first.
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()) || t.scalar_type() == at::kDouble, "lowbit: ", name,
+                   " must be a floating-point tensor, got ",
+                   dtype_name(t.scalar_type()));
+}
+
+// An integer tensor (zero points: any width, converted to fp32 by the kernels).
+inline void check_integral(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), "lowbit: ", name,
+                   " must be an integer tensor, got ",
+                   dtype_name(t.scalar_type()));
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == dim, "lowbit: ", name, " must be ", dim, "-D, got shape ", t.sizes());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == shape, "lowbit: ", name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+// In-place accumulators are written through their pointer: no copies allowed.
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.is_contiguous(), "lowbit: ", name, " must be contiguous (it is updated in place)");
+}
+
+inline void check_finite_nonneg(double v, const char* name) {
+  TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, "lowbit: ", name, " must be a finite number >= 0, got ", v);
+}
+
+// ceil(n / d) for n >= 0, d > 0, without the overflow of (n + d - 1) / d.
+inline int64_t ceil_div(int64_t n, int64_t d) { return n == 0 ? 0 : (n - 1) / d + 1; }
+
+// Bias of a linear layer with N outputs: a float [N] tensor on the CPU, or absent.
+inline void check_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return;
+  check_cpu(*bias, "bias");
+  check_floating(*bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "lowbit: bias must have shape [", N, "], got ",
+                    bias->sizes());
 }
 
 // A linear kernel's fp32 product [M, N], plus bias, in x's dtype and leading dimensions.
 inline at::Tensor finish_linear(at::Tensor out, const c10::optional<at::Tensor>& bias, const at::Tensor& x) {
   const int64_t N = out.size(1);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK_VALUE(bias->numel() == N, "lowbit: bias must have ", N, " entries");
+    check_bias(bias, N);
     out.add_(bias->to(at::kFloat).reshape({1, N}));
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -42,15 +131,9 @@ inline at::Tensor finish_linear(at::Tensor out, const c10::optional<at::Tensor>&
   return out.to(x.scalar_type()).reshape(shape);
 }
 
-inline void check_float(const at::Tensor& t, const char* name) {
-  auto st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "lowbit: ", name,
-              " must be float32, float16 or bfloat16, got ", st);
-}
-
 // A [rows, cols] weight split into groups of `group_size` columns.
 inline int64_t check_groups(const at::Tensor& w, int64_t group_size) {
-  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: expected a 2-D [rows, cols] tensor, got ", w.dim(), " dims");
+  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: expected a 2-D [rows, cols] tensor, got shape ", w.sizes());
   TORCH_CHECK_VALUE(group_size > 0 && w.size(1) % group_size == 0, "lowbit: group_size ", group_size,
               " must divide the ", w.size(1), " columns");
   return w.size(1) / group_size;

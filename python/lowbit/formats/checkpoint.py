@@ -414,6 +414,6 @@ def check_quantized_values(model: torch.nn.Module, path: str) -> None:
         check = getattr(module, "check_state", None)
         if callable(check):
             try:
-                check()
+                check(name)
             except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}: {name}: {e}") from None
+                raise ValueError(f"{path}: {e}") from None

@@ -4,6 +4,8 @@ multiplies by the dequantized weight), and scales that model casts must not roun
 
 from __future__ import annotations
 
+from typing import Iterable, Optional, Tuple
+
 import torch
 from torch import Tensor, nn
 
@@ -23,11 +25,16 @@ class _FrozenWeightMatmul(torch.autograd.Function):
         return grad @ weight, None
 
 
-def check_input(x: Tensor, in_features: int) -> None:
-    """The checks a quantized Linear's forward needs on x (its buffers were shaped at
-    construction: cheap attribute tests, not the functional API's full validation)."""
+def check_input(x: Tensor, in_features: int, module: Optional[nn.Module] = None) -> None:
+    """The checks a quantized Linear's forward needs on x, and on where `module`'s tensors
+    live (its buffers were shaped at construction: cheap attribute tests, not the
+    functional API's full validation; check_state() validates loaded values)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.device.type != "cpu":
         raise ValueError(f"x is on {x.device}, but lowbit's kernels run on the CPU: pass x.cpu()")
+    if module is not None:
+        check_devices(module)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() == 0 or x.shape[-1] != in_features:
@@ -57,3 +64,86 @@ class KeepsScalesFp32:
         for name, original in kept.items():
             self._buffers[name] = original.to(self._buffers[name].device)
         return self
+
+
+def check_devices(module: nn.Module) -> None:
+    """Every parameter and buffer of a quantized Linear on the CPU (lowbit's kernels run
+    there): ValueError naming the tensor and the fix otherwise. A meta module (built under
+    torch.device("meta") or moved there) holds no data."""
+    for name, t in _own_tensors(module):
+        if t.device.type == "cpu":
+            continue
+        if t.device.type == "meta":
+            raise ValueError(f"{type(module).__name__} weights are on meta ({name} holds no data): load real weights "
+                             "first (module.to_empty(device='cpu') + load_state_dict, or lowbit.load)")
+        raise ValueError(f"{type(module).__name__} weights are on {t.device} ({name}), but lowbit's kernels run on "
+                         "the CPU: move the module with .cpu()")
+
+
+def _own_tensors(module: nn.Module) -> Iterable[Tuple[str, Tensor]]:
+    for name, t in module._buffers.items():
+        if t is not None:
+            yield name, t
+    for name, t in module._parameters.items():
+        if t is not None:
+            yield name, t
+
+
+class StateError:
+    """Builds check_state()'s ValueError messages for one module."""
+
+    def __init__(self, module: nn.Module, name: Optional[str]):
+        where = f"{name} " if name else ""
+        self.prefix = f"{where}({type(module).__name__} {module.in_features}->{module.out_features})"
+
+    def __call__(self, buffer: str, problem: str) -> ValueError:
+        return ValueError(f"{self.prefix}: {buffer} {problem}")
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_buffer(err: StateError, name: str, t: Optional[Tensor], dtypes, shape) -> Tensor:
+    """t exists, is a dense CPU tensor with one of `dtypes` and exactly `shape`."""
+    if not isinstance(t, Tensor):
+        raise err(name, f"is missing (got {type(t).__name__})")
+    if t.device.type != "cpu":
+        raise err(name, f"is on {t.device}: load real values on the CPU"
+                        + (" (to_empty(device='cpu') + load_state_dict)" if t.device.type == "meta" else ""))
+    if t.layout != torch.strided:
+        raise err(name, f"must be a dense tensor, got layout {t.layout}")
+    if t.dtype not in dtypes:
+        raise err(name, f"must be {' or '.join(str(d).replace('torch.', '') for d in dtypes)}, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise err(name, f"must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    return t
+
+
+def check_positive_finite(err: StateError, name: str, t: Tensor, allow_zero: bool = False) -> None:
+    ok = torch.isfinite(t) & ((t >= 0) if allow_zero else (t > 0))
+    if t.numel() and not ok.all():
+        bound = ">= 0" if allow_zero else "> 0"
+        raise err(name, f"must be finite and {bound}, got values such as {t[~ok][:3].tolist()}")
+
+
+def check_range(err: StateError, name: str, t: Tensor, lo: int, hi: int, what: str) -> None:
+    if t.numel() and (t.min() < lo or t.max() > hi):
+        raise err(name, f"must lie in [{lo}, {hi}] ({what}), got values in [{int(t.min())}, {int(t.max())}]")
+
+
+def check_bias(err: StateError, module: nn.Module) -> None:
+    if module.bias is not None:
+        check_buffer(err, "bias", module.bias, FLOATS, (module.out_features,))
+
+
+def check_features(in_features, out_features, bias, dtype, dtype_name: str = "dtype") -> None:
+    """Constructor arguments every quantized Linear shares."""
+    for name, v in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be a positive integer, got {type(v).__name__} {v!r}")
+        if v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias must be True or False, got {type(bias).__name__} {bias!r}")
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOATS:
+        raise TypeError(f"{dtype_name} must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")

@@ -3,7 +3,7 @@ token, quantized at run time; the product runs as a real int8 x int8 -> int32 ma
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationScheme, resolve_scheme
+from .frozen import FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite
 
 
 class Int8DynamicLinear(nn.Module):
@@ -19,6 +20,7 @@ class Int8DynamicLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
         super().__init__()
+        check_features(in_features, out_features, bias, dtype)
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=dtype))
@@ -26,6 +28,8 @@ class Int8DynamicLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme] = "W8A8") -> "Int8DynamicLinear":
+        if not isinstance(linear, nn.Linear) or isinstance(linear, Int8DynamicLinear):
+            raise TypeError(f"from_linear expects a float nn.Linear, got {type(linear).__name__}")
         scheme = resolve_scheme(scheme)
         w, a = scheme.weights, scheme.input_activations
         if not (w.num_bits == 8 and w.strategy == "channel" and w.symmetric
@@ -39,9 +43,22 @@ class Int8DynamicLinear(nn.Module):
         module.weight_scale.copy_(scale)
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
-        return module
+        return module.to(weight.device)
+
+    def check_state(self, name: Optional[str] = None) -> None:
+        """Validate the buffers (after load_state_dict): ``weight`` int8 [out, in],
+        ``weight_scale`` float [out, 1] finite and > 0, bias float [out], all on the CPU.
+        Raises ValueError naming the buffer."""
+        err = StateError(self, name)
+        check_buffer(err, "weight", self.weight, (torch.int8,), (self.out_features, self.in_features))
+        scale = check_buffer(err, "weight_scale", self.weight_scale, FLOATS, (self.out_features, 1))
+        check_positive_finite(err, "weight_scale", scale)
+        check_bias(err, self)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_features, self)
+        if x.dtype not in FLOATS:
+            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
         x2d = x.reshape(-1, self.in_features)
         x_scale, _ = ops.quant_params(x2d, 8, True, self.in_features)  # per token
         x_codes = ops.quantize(x2d, x_scale, None, 8, self.in_features)

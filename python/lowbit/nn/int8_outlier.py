@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .frozen import KeepsScalesFp32, check_input, frozen_linear
+from .. import ops
+from .frozen import (KeepsScalesFp32, StateError, check_bias, check_buffer, check_features, check_input,
+                     check_positive_finite, frozen_linear)
 
 INV_127 = 7.874015718698502e-3  # bitsandbytes' 1 / 127
 
@@ -26,6 +28,7 @@ class Int8OutlierLinear(KeepsScalesFp32, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
                  dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
+        check_features(in_features, out_features, bias, dtype)
         self.in_features, self.out_features = in_features, out_features
         self.threshold = F._check_threshold(threshold)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -51,10 +54,21 @@ class Int8OutlierLinear(KeepsScalesFp32, nn.Linear):
         return (self.weight.float() * self.SCB[:, None] * INV_127).to(dtype)
 
     def quantized_matmul(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        return F.int8_outlier_matmul(x, self.weight, self.SCB, self.threshold, bias)
+        # the buffers were checked at construction / by check_state(): straight to the kernel
+        return ops.int8_outlier_matmul(x, self.weight, self.SCB, self.threshold, bias)
+
+    def check_state(self, name: Optional[str] = None) -> None:
+        """Validate the buffers (after load_state_dict): ``weight`` int8 [out, in], ``SCB`` fp32
+        [out] finite and >= 0, bias float [out], all on the CPU. Raises ValueError naming the
+        buffer."""
+        err = StateError(self, name)
+        check_buffer(err, "weight", self.weight, (torch.int8,), (self.out_features, self.in_features))
+        scb = check_buffer(err, "SCB", self.SCB, (torch.float32,), (self.out_features,))
+        check_positive_finite(err, "SCB", scb, allow_zero=True)
+        check_bias(err, self)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features)
+        check_input(x, self.in_features, self)
         return frozen_linear(self, x)
 
     def extra_repr(self) -> str:

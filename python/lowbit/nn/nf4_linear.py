@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from .frozen import KeepsScalesFp32, check_input, frozen_linear
+from .. import ops
+from .frozen import (KeepsScalesFp32, StateError, check_bias, check_buffer, check_features, check_input,
+                     check_positive_finite, frozen_linear)
 
 DType = Union[None, str, torch.dtype]
 
@@ -44,10 +46,10 @@ class NF4Linear(KeepsScalesFp32, nn.Linear):
                  blocksize: int = 64, double_quant: bool = False, compute_dtype: DType = None,
                  dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
-        if quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
-        if not isinstance(blocksize, int) or not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
-            raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+        F._check_quant_type(quant_type)
+        F._check_blocksize(blocksize)
+        F._check_bool(double_quant, "double_quant")
+        check_features(in_features, out_features, bias, as_dtype(dtype, "dtype") or dtype)
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.blocksize = quant_type, blocksize
         self.compute_dtype = as_dtype(compute_dtype, "compute_dtype")
@@ -62,7 +64,8 @@ class NF4Linear(KeepsScalesFp32, nn.Linear):
         else:
             self.register_buffer("absmax", torch.zeros(blocks))
             self.nested_absmax = self.offset = None
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=self.weight_dtype), requires_grad=False) if bias
+                     else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = False,
@@ -84,11 +87,34 @@ class NF4Linear(KeepsScalesFp32, nn.Linear):
                 or state.blocksize != self.blocksize or state.double_quant != (self.nested_absmax is not None):
             raise ValueError(f"quant state ({state.quant_type}, blocksize {state.blocksize}, shape "
                              f"{tuple(state.shape)}, double_quant {state.double_quant}) does not fit {self}")
+        F.check_nf4_state(packed, state)
         self.weight.copy_(packed.reshape(self.weight.shape))
         self.absmax.copy_(state.absmax)
         if state.double_quant:
             self.nested_absmax.copy_(state.nested_absmax)
             self.offset.copy_(state.offset)
+
+    def check_state(self, name: Optional[str] = None) -> None:
+        """Validate the buffers (after load_state_dict): ``weight`` uint8 [(out*in + 1) // 2, 1];
+        ``absmax`` fp32 [blocks], finite and >= 0 (uint8 codes when double-quantized, then
+        ``nested_absmax`` fp32 [ceil(blocks / 256)] finite and >= 0 and ``offset`` a finite fp32
+        scalar); bias float [out]; all on the CPU. Raises ValueError naming the buffer."""
+        err = StateError(self, name)
+        numel = self.in_features * self.out_features
+        blocks = -(-numel // self.blocksize)
+        check_buffer(err, "weight", self.weight, (torch.uint8,), ((numel + 1) // 2, 1))
+        if self.double_quant:
+            check_buffer(err, "absmax", self.absmax, (torch.uint8,), (blocks,))
+            nested = check_buffer(err, "nested_absmax", self.nested_absmax, (torch.float32,),
+                                  (-(-blocks // F.NESTED_BLOCKSIZE),))
+            check_positive_finite(err, "nested_absmax", nested, allow_zero=True)
+            offset = check_buffer(err, "offset", self.offset, (torch.float32,), ())
+            if not torch.isfinite(offset):
+                raise err("offset", f"must be finite, got {offset.item()}")
+        else:
+            absmax = check_buffer(err, "absmax", self.absmax, (torch.float32,), (blocks,))
+            check_positive_finite(err, "absmax", absmax, allow_zero=True)
+        check_bias(err, self)
 
     @property
     def double_quant(self) -> bool:
@@ -106,10 +132,14 @@ class NF4Linear(KeepsScalesFp32, nn.Linear):
         """x @ W^T (+ bias) in x's dtype (callers have cast x to the compute dtype)."""
         if self.in_features % self.blocksize:  # blocks span rows: no fused kernel
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), None if bias is None else bias.to(x.dtype))
-        return F.nf4_linear(x, self.weight, self.quant_state, bias)
+        # the buffers were checked at construction / by check_state(): straight to the kernel
+        if not self.double_quant:
+            return ops.nf4_linear(x, self.weight, self.absmax, self.blocksize, self.quant_type, self.out_features, bias)
+        return ops.nf4_linear(x, self.weight, self.absmax, self.blocksize, self.quant_type, self.out_features, bias,
+                              self.nested_absmax, F.DYNAMIC_MAP, self.offset)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features)
+        check_input(x, self.in_features, self)
         input_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
-from .frozen import check_input, frozen_linear
+from .frozen import (FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite,
+                     check_range, frozen_linear)
 
 
 class PackedLinear(nn.Linear):
@@ -28,6 +29,7 @@ class PackedLinear(nn.Linear):
                  scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16",
                  dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
+        check_features(in_features, out_features, bias, dtype)
         resolved = resolve_scheme(scheme)
         if resolved.input_activations is not None:
             raise ValueError("PackedLinear keeps activations in floating point (WnA16); "
@@ -68,16 +70,33 @@ class PackedLinear(nn.Linear):
     def from_codes(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict],
                    codes: Tensor, scale: Tensor, zero_point: Tensor, g_idx: Optional[Tensor] = None) -> "PackedLinear":
         """Pack codes computed elsewhere (e.g. by GPTQ) for `linear`'s shape and bias."""
+        if not isinstance(linear, nn.Linear) or isinstance(linear, PackedLinear):
+            raise TypeError(f"from_codes expects a float nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme, dtype=w.dtype)
+        F._check_tensor(codes, "codes")
+        if tuple(codes.shape) != (module.out_features, module.in_features):
+            raise ValueError(f"codes must have the Linear's shape {(module.out_features, module.in_features)}, "
+                             f"got {tuple(codes.shape)}")
         module.weight_packed.copy_(F.pack(codes, module.args.num_bits))
-        module.weight_scale.copy_(scale)
+        F._check_tensor(scale, "scale")
+        if scale.numel() == 1 and module.weight_scale.numel() == 1:
+            scale = scale.reshape(module.weight_scale.shape)
+        module.weight_scale.copy_(_exact(scale, module.weight_scale, "scale"))
         if module.weight_zero_point is not None:
-            module.weight_zero_point.copy_(zero_point)
+            if zero_point is None:
+                raise ValueError("an asymmetric scheme needs zero_point")
+            F._check_tensor(zero_point, "zero_point")
+            module.weight_zero_point.copy_(_exact(zero_point.reshape(scale.shape) if zero_point.numel() == 1
+                                                  else zero_point, module.weight_zero_point, "zero_point"))
         if module.weight_g_idx is not None:
-            module.weight_g_idx.copy_(g_idx)
+            if g_idx is None:
+                raise ValueError("actorder 'group' needs g_idx (each input column's group)")
+            F._check_tensor(g_idx, "g_idx")
+            module.weight_g_idx.copy_(_exact(g_idx, module.weight_g_idx, "g_idx"))
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
+        module.check_state()
         return module.to(w.device)
 
     @property
@@ -95,14 +114,37 @@ class PackedLinear(nn.Linear):
         zero = self.weight_zero_point[:, g].float() if self.weight_zero_point is not None else 0.0
         return ((codes.float() - zero) * self.weight_scale[:, g].float()).to(dtype or self.weight_scale.dtype)
 
+    def check_state(self, name: Optional[str] = None) -> None:
+        """Validate the buffers (after load_state_dict): dtypes, exact shapes, CPU, and values:
+        weight_scale finite and > 0, weight_zero_point on the bits' grid, weight_shape equal
+        to [out, in], weight_g_idx in [0, groups). Raises ValueError naming the buffer."""
+        err = StateError(self, name)
+        out, inp, bits = self.out_features, self.in_features, self.args.num_bits
+        groups = inp // self.args.group_size if self.args.strategy == "group" else 1
+        check_buffer(err, "weight_packed", self.weight_packed, (torch.int32,), (out, (inp * bits + 31) // 32))
+        scale = check_buffer(err, "weight_scale", self.weight_scale, FLOATS, (out, groups))
+        check_positive_finite(err, "weight_scale", scale)
+        shape = check_buffer(err, "weight_shape", self._buffers.get("weight_shape"),
+                             (torch.int64, torch.int32), (2,))
+        if shape.tolist() != [out, inp]:
+            raise err("weight_shape", f"is {shape.tolist()}, but the layer is [{out}, {inp}] (out, in)")
+        if self.weight_zero_point is not None:
+            zero = check_buffer(err, "weight_zero_point", self.weight_zero_point, (torch.int8,), (out, groups))
+            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            check_range(err, "weight_zero_point", zero, lo, hi, f"the {bits}-bit grid")
+        if self.weight_g_idx is not None:
+            g_idx = check_buffer(err, "weight_g_idx", self.weight_g_idx, (torch.int32, torch.int64), (inp,))
+            check_range(err, "weight_g_idx", g_idx, 0, groups - 1, f"group indices of {groups} groups")
+        check_bias(err, self)
+
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features)
+        check_input(x, self.in_features, self)
         return frozen_linear(self, x)
 
     def quantized_matmul(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         """x @ W^T (+ bias) in x's dtype."""
         if self.weight_g_idx is not None:  # scattered groups: no fused kernel, a dense matmul
-            return nn.functional.linear(x, self.dequantized_weight(x.dtype), bias)
+            return nn.functional.linear(x, self.dequantized_weight(x.dtype), None if bias is None else bias.to(x.dtype))
         return ops.packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                  self.args.num_bits, self.in_features // self.weight_scale.shape[1], bias)
 
@@ -111,3 +153,11 @@ class PackedLinear(nn.Linear):
         layout = f"group_size={s.group_size}" if s.strategy == "group" else s.strategy
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={s.num_bits}, symmetric={s.symmetric}, {layout}")
+
+
+def _exact(t: Tensor, buffer: Tensor, name: str) -> Tensor:
+    if tuple(t.shape) != tuple(buffer.shape):
+        raise ValueError(f"{name} must have shape {tuple(buffer.shape)} for this layer, got {tuple(t.shape)}")
+    if t.dtype.is_complex or t.dtype == torch.bool or t.dtype.is_floating_point != buffer.dtype.is_floating_point:
+        raise TypeError(f"{name} must be {buffer.dtype}, got {t.dtype}")
+    return t
