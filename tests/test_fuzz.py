@@ -176,14 +176,18 @@ QUANT_MUTATIONS = ["dtype", "nan", "inf", "dim1", "dim3", "empty", "bits", "grou
                    "strategy", "observer", "symmetric", "not_tensor", "meta"]
 
 
+def draw_quantization(draw):
+    """(strategy, rows, cols, group size, bits, symmetric) of a weight to quantize."""
+    strategy = draw(st.sampled_from(["group", "channel", "tensor"]))
+    rows, cols, gs = group_layout(draw, strategy)
+    return strategy, rows, cols, gs, draw(st.integers(2, 8)), draw(st.booleans())
+
+
 @given(data=st.data())
 @counted
 def test_fuzz_quantize(data):
     draw = data.draw
-    strategy = draw(st.sampled_from(["group", "channel", "tensor"]))
-    rows, cols, gs = group_layout(draw, strategy)
-    bits = draw(st.integers(2, 8))
-    symmetric = draw(st.booleans())
+    strategy, rows, cols, gs, bits, symmetric = draw_quantization(draw)
     observer = draw(st.sampled_from(["minmax", "minmax", "mse"]))
     dtype, how, seed = draw(DTYPES), draw(LAYOUTS), draw(SEEDS)
     magnitude = draw(st.sampled_from([1e-3, 0.05, 1.0, 300.0]))
@@ -261,10 +265,8 @@ PARAM_MUTATIONS = ["zero_transposed", "zero_shape", "scale_zero", "scale_nan", "
 @counted
 def test_fuzz_given_parameters(data):
     draw = data.draw
-    strategy = draw(st.sampled_from(["group", "channel", "tensor"]))
-    rows, cols, gs = group_layout(draw, strategy)
+    strategy, rows, cols, gs, bits, symmetric = draw_quantization(draw)
     groups = cols // gs
-    bits, symmetric = draw(st.integers(2, 8)), draw(st.booleans())
     dtype, out_dtype, how, seed = draw(DTYPES), draw(DTYPES), draw(LAYOUTS), draw(SEEDS)
     g = generator(seed)
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1

@@ -482,16 +482,21 @@ def _(x, packed, absmax, blocksize, quant_type, out_features, bias, nested_absma
     return x.new_empty((*x.shape[:-1], n))
 
 
-@torch.library.register_fake("lowbit::blockwise8_quantize")
-def _(values, code, blocksize):
-    op = "blockwise8_quantize"
-    _same_device(op, values=values, code=code)
-    _dtype(op, values, "values", _FLOATS)
+def _blockwise8_code(op: str, code: Tensor, blocksize: int) -> None:
+    """The 256-entry code and the block size of bitsandbytes' 8-bit blockwise quantization."""
     _dtype(op, code, "code", _FLOATING)
     _dim(op, code, 1, "code")
     _check(op, code.shape[0] == 256, "the 8-bit code must have 256 entries")
     if blocksize <= 0:
         raise ValueError(f"lowbit::{op}: blocksize must be positive, got {blocksize}")
+
+
+@torch.library.register_fake("lowbit::blockwise8_quantize")
+def _(values, code, blocksize):
+    op = "blockwise8_quantize"
+    _same_device(op, values=values, code=code)
+    _dtype(op, values, "values", _FLOATS)
+    _blockwise8_code(op, code, blocksize)
     n = values.numel()
     return (values.new_empty((n,), dtype=torch.uint8),
             values.new_empty(((n + blocksize - 1) // blocksize,), dtype=torch.float32))
@@ -503,11 +508,7 @@ def _(codes, absmax, code, blocksize):
     _same_device(op, codes=codes, absmax=absmax, code=code)
     _dtype(op, codes, "codes", (torch.uint8,))
     _dtype(op, absmax, "absmax", _FLOATING)
-    _dtype(op, code, "code", _FLOATING)
-    _dim(op, code, 1, "code")
-    _check(op, code.shape[0] == 256, "the 8-bit code must have 256 entries")
-    if blocksize <= 0:
-        raise ValueError(f"lowbit::{op}: blocksize must be positive, got {blocksize}")
+    _blockwise8_code(op, code, blocksize)
     n = codes.numel()
     _dim(op, absmax, 1, "absmax")
     _check(op, absmax.shape[0] == (n + blocksize - 1) // blocksize, "absmax must have one entry per block")

@@ -15,7 +15,6 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 TEMP_PREFIX = ".lowbit-"
 # .lowbit-<pid>-<mkdtemp suffix>: a new checkpoint being written (after an exchange, the old one
@@ -222,25 +221,27 @@ def safetensors_files(path: str) -> List[str]:
     return [_inside(root, SINGLE_FILE, "the checkpoint")]
 
 
-def _for_each_file(path: str, read: Callable[[str, List[str]], None]) -> None:
-    """Call read(file, keys) for every safetensors file, checking that no tensor appears twice
-    and that each sits in the file the index names."""
+def _for_each_file(path: str, read: Callable[[str, "safe_open", List[str]], None]) -> None:
+    """Open every safetensors file once and call read(file, handle, keys), checking that no
+    tensor appears twice and that each sits in the file the index names."""
     root, weight_map = os.path.realpath(path), read_index(path)
     seen: Dict[str, str] = {}
     for file in safetensors_files(path):
         try:
-            with safe_open(file, framework="pt") as f:
-                keys = list(f.keys())
+            handle = safe_open(file, framework="pt")
         except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
             raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
-        for key in keys:
-            if key in seen:
-                raise ValueError(f"tensor {key!r} is stored twice, in {seen[key]} and {file}")
-            if weight_map is not None and (key not in weight_map
-                                           or os.path.realpath(os.path.join(root, weight_map[key])) != file):
-                raise ValueError(f"tensor {key!r} is in {file}, but {INDEX_FILE} places it in {weight_map.get(key)!r}")
-            seen[key] = file
-        read(file, keys)
+        with handle as f:
+            keys = list(f.keys())
+            for key in keys:
+                if key in seen:
+                    raise ValueError(f"tensor {key!r} is stored twice, in {seen[key]} and {file}")
+                if weight_map is not None and (key not in weight_map
+                                               or os.path.realpath(os.path.join(root, weight_map[key])) != file):
+                    raise ValueError(f"tensor {key!r} is in {file}, but {INDEX_FILE} places it in "
+                                     f"{weight_map.get(key)!r}")
+                seen[key] = file
+            read(file, f, keys)
     if weight_map is not None:
         lost = sorted(set(weight_map) - set(seen))
         if lost:
@@ -259,14 +260,13 @@ def read_headers(path: str) -> Dict[str, torch.Tensor]:
     files declare, read from their headers without loading any data."""
     out: Dict[str, torch.Tensor] = {}
 
-    def read(file, keys):
-        with safe_open(file, framework="pt") as f:
-            for key in keys:
-                view = f.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
-                if dtype is None:
-                    raise ValueError(f"tensor {key!r} in {file} has dtype {view.get_dtype()}, which lowbit does not read")
-                out[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+    def read(file, f, keys):
+        for key in keys:
+            view = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
+            if dtype is None:
+                raise ValueError(f"tensor {key!r} in {file} has dtype {view.get_dtype()}, which lowbit does not read")
+            out[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
 
     _for_each_file(path, read)
     return out
@@ -276,11 +276,12 @@ def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
     """All tensors of the checkpoint directory (single file or index + shards)."""
     state: Dict[str, torch.Tensor] = {}
 
-    def read(file, keys):
-        try:
-            state.update(load_file(file))
-        except Exception as e:
-            raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
+    def read(file, f, keys):
+        for key in keys:
+            try:
+                state[key] = f.get_tensor(key)
+            except Exception as e:  # data shorter than the header says, for one
+                raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
 
     _for_each_file(path, read)
     return state
