@@ -66,7 +66,7 @@ TORCH_LIBRARY(lowbit, m) {
 namespace {
 
 bool cpu_has_avx512() {
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(LOWBIT_PORTABLE)
   return __builtin_cpu_supports("avx512f");
 #else
   return false;

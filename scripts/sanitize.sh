@@ -12,33 +12,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SAN=${LOWBIT_SANITIZE:-address,undefined}
-BUILD=${LOWBIT_SANITIZE_BUILD:-$ROOT/build/sanitize}
+BUILD=$ROOT/build/sanitize
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || { echo "no .venv: run scripts/setup.sh first" >&2; exit 2; }
 
-# 1. Build (the same CMakeLists as the normal build, against the venv's torch and pybind11).
-GEN=()
-command -v ninja >/dev/null && GEN=(-G Ninja)
-cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPython_EXECUTABLE="$PY" \
-  -DLOWBIT_SANITIZE="$SAN" >/dev/null
-cmake --build "$BUILD" -j "$(nproc)"
-SO=$(ls "$BUILD"/_C*.so)
+# 1. Build into build/sanitize and stage a package that imports the sanitized module.
+STAGE=$(bash scripts/variant_build.sh sanitize -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLOWBIT_SANITIZE="$SAN")
 
-# 2. Stage a package: python/lowbit's files linked (so the tests see the current sources) plus the
-# sanitized module; a sitecustomize drops the editable install's import redirect, which would
-# otherwise load the installed _C whatever PYTHONPATH says (child processes inherit it all).
-STAGE=$BUILD/stage
-rm -rf "$STAGE" && mkdir -p "$STAGE/lowbit"
-for f in "$ROOT"/python/lowbit/*; do
-  case "$f" in *.so|*/__pycache__) ;; *) ln -s "$f" "$STAGE/lowbit/" ;; esac
-done
-cp "$SO" "$STAGE/lowbit/"
-cat > "$STAGE/sitecustomize.py" <<'PYEOF'
-import sys
-sys.meta_path[:] = [f for f in sys.meta_path if "ScikitBuild" not in type(f).__name__]
-PYEOF
-
-# 3. Run under the sanitizer runtime.
+# 2. Run under the sanitizer runtime.
 LOGS=$BUILD/logs
 rm -rf "$LOGS" && mkdir -p "$LOGS"
 PRELOAD=""

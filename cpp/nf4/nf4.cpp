@@ -249,14 +249,15 @@ LOWBIT_MULTIVERSION void dot16(const float* w, const float* x, int64_t n, float*
 constexpr int64_t kFusedTokens = 32;
 constexpr int64_t kTokenGroup = 8;  // tokens sharing one pass over a group of rows
 
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
 // x [M, K] reordered per 32-column chunk into [16 even columns, 16 odd columns]: byte j of a
 // chunk holds columns 2j (high nibble) and 2j + 1 (low nibble), so the two decoded halves of
-// 16 bytes meet contiguous x.
+// 16 bytes meet contiguous x (the AVX-512 kernels' order).
 at::Tensor deinterleave_chunks(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
   return x.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous().view({M, K});
 }
+
+#ifdef LOWBIT_HAVE_AVX512_KERNEL
 
 // y[m0 + t, r0 + i] for R rows and T tokens, accumulated in R x T registers: each 16 bytes of
 // codes are decoded with two permutes of a 16-entry table (code * absmax of the block), and
