@@ -3,7 +3,8 @@
 # alone -- and stages a package there: links to python/lowbit (the current sources) plus that
 # module, with a sitecustomize that drops the editable install's import redirect (which would
 # otherwise load the installed _C whatever PYTHONPATH says; child processes inherit it). Prints
-# the directory to put first on PYTHONPATH.
+# the directory to put first on PYTHONPATH (`import lowbit._C; lowbit._C.__file__` shows which
+# module loaded; a sanitized one needs its runtime preloaded first, as sanitize.sh does).
 #
 #   STAGE=$(bash scripts/variant_build.sh portable -DLOWBIT_PORTABLE=ON)
 #   PYTHONPATH=$STAGE .venv/bin/python -m pytest tests/test_pack.py   # the portable kernels
@@ -33,5 +34,4 @@ cat > "$STAGE/sitecustomize.py" <<'PYEOF'
 import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "ScikitBuild" not in type(f).__name__]
 PYEOF
-PYTHONPATH="$STAGE" "$PY" -c "import lowbit._C as c; assert c.__file__.startswith('$STAGE'), c.__file__" >&2
 echo "$STAGE"
