@@ -51,7 +51,7 @@ def main():
     shapes = SHAPES[:1] if args.quick else SHAPES
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, threads {torch.get_num_threads()}, "
-          f"AVX-512 kernel {'on' if lowbit._C.cpu_has_avx512() else 'off'}\n")
+          f"kernels: {lowbit.cpu_info()['active']} path\n")
 
     rows = []
     for out_f, in_f in shapes:

@@ -6,6 +6,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "lowbit/isa.h"
+
 TORCH_LIBRARY(lowbit, m) {
   // Per-group scale (weight dtype) and int8 zero point of a [rows, cols] weight; observer
   // "minmax" or "mse" (shrink search over p = 1 - i/grid, i < maxshrink*grid, |err|^norm).
@@ -65,12 +67,31 @@ TORCH_LIBRARY(lowbit, m) {
 
 namespace {
 
-bool cpu_has_avx512() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(LOWBIT_PORTABLE)
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
-#endif
+pybind11::dict cpu_info() {
+  try {
+    lowbit::active_isa();
+  } catch (const c10::ValueError& e) {  // a LOWBIT_ISA the CPU cannot honour
+    throw pybind11::value_error(e.what_without_backtrace());
+  }
+  const lowbit::CpuFeatures& f = lowbit::cpu_features();
+  pybind11::dict features;
+  features["avx2"] = f.avx2;
+  features["fma"] = f.fma;
+  features["f16c"] = f.f16c;
+  features["avx512f"] = f.avx512f;
+  features["avx512bw"] = f.avx512bw;
+  features["avx512vl"] = f.avx512vl;
+  features["avx512dq"] = f.avx512dq;
+  features["avx512vnni"] = f.avx512vnni;
+  features["avx512bf16"] = f.avx512bf16;
+  features["avxvnni"] = f.avxvnni;
+  features["amx_int8"] = f.amx_int8;
+  pybind11::dict info;
+  info["detected"] = lowbit::isa_name(lowbit::detected_isa());
+  info["active"] = lowbit::isa_name(lowbit::active_isa());
+  info["vnni_int8_kernel"] = lowbit::use_vnni();
+  info["features"] = features;
+  return info;
 }
 
 }  // namespace
@@ -78,5 +99,15 @@ bool cpu_has_avx512() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lowbit's C++ core; the tensor ops are registered as torch.ops.lowbit.*";
   m.def("parallel_info", &at::get_parallel_info, "ATen's thread pool and OpenMP settings");
-  m.def("cpu_has_avx512", &cpu_has_avx512, "Whether the fused AVX-512 matmul kernels run here");
+  m.def("cpu_info", &cpu_info, "The CPU features lowbit detected and the ISA its kernels use");
+  m.def("set_isa",
+        [](const std::string& name) {
+          try {
+            lowbit::set_isa(name);
+          } catch (const c10::ValueError& e) {
+            throw pybind11::value_error(e.what_without_backtrace());
+          }
+        },
+        pybind11::arg("name"),
+        "Force the kernels onto 'avx512', 'avx2' or 'generic' (at most what the CPU supports)");
 }

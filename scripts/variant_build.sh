@@ -6,8 +6,8 @@
 # the directory to put first on PYTHONPATH (`import lowbit._C; lowbit._C.__file__` shows which
 # module loaded; a sanitized one needs its runtime preloaded first, as sanitize.sh does).
 #
-#   STAGE=$(bash scripts/variant_build.sh portable -DLOWBIT_PORTABLE=ON)
-#   PYTHONPATH=$STAGE .venv/bin/python -m pytest tests/test_pack.py   # the portable kernels
+#   STAGE=$(bash scripts/variant_build.sh debug -DCMAKE_BUILD_TYPE=Debug)
+#   PYTHONPATH=$STAGE .venv/bin/python -m pytest tests/test_pack.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD

@@ -34,6 +34,17 @@ def num_threads(n: int = PARALLEL_THREADS):
         torch.set_num_threads(old)
 
 
+# Every ISA path this CPU can run (AVX-512, AVX2, portable): kernel test modules run each test on
+# each of them with `pytestmark = pytest.mark.usefixtures("isa_path")`.
+ISA_PATHS = lowbit.supported_isas()
+
+
+@pytest.fixture(params=ISA_PATHS)
+def isa_path(request):
+    with lowbit.use_isa(request.param):
+        yield request.param
+
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

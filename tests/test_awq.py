@@ -20,6 +20,9 @@ from lowbit.reference import awq as R
 
 from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig, rand_weight
 
+# Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
+pytestmark = pytest.mark.usefixtures("isa_path")
+
 DTYPES = pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,7 +30,60 @@ def test_parallel_info_mentions_openmp():
     assert isinstance(info, str)
     assert "OpenMP" in info
     assert "ATen parallel backend: OpenMP" in info
-    assert isinstance(lowbit._C.cpu_has_avx512(), bool)
+
+
+def _proc_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_cpu_info_matches_proc_cpuinfo():
+    info = lowbit.cpu_info()
+    flags = _proc_flags()
+    for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"):
+        assert info["features"][name.replace("_", "")] == (name in flags), name
+    best = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else \
+        "avx2" if {"avx2", "fma", "f16c"} <= flags else "generic"
+    assert info["detected"] == best
+    assert info["supported"] == list(lowbit.cpu.ISAS[lowbit.cpu.ISAS.index(best):])
+    assert info["supported"][-1] == "generic"
+
+
+@pytest.mark.parametrize("name", lowbit.cpu.ISAS)
+def test_set_isa_lowers_or_refuses(name):
+    before = lowbit.cpu_info()["active"]
+    if name in lowbit.supported_isas():
+        with lowbit.use_isa(name):
+            assert lowbit.cpu_info()["active"] == name
+    else:
+        with pytest.raises(ValueError, match="not supported by this CPU"):
+            lowbit.set_isa(name)
+    assert lowbit.cpu_info()["active"] == before
+    with pytest.raises(ValueError, match="unknown ISA"):
+        lowbit.set_isa("sse9")
+    with pytest.raises(TypeError):
+        lowbit.set_isa(2)
+
+
+def test_lowbit_isa_environment_variable():
+    code = "import lowbit; print(lowbit.cpu_info()['active'])"
+    env = dict(os.environ, LOWBIT_ISA="generic")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "generic", out.stderr
+    env["LOWBIT_ISA"] = "bogus"
+    code = "import lowbit, torch; lowbit.ops.quantize(torch.zeros(2, 8), torch.ones(2, 1), None, 4, 8)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0 and "unknown ISA 'bogus'" in out.stderr
+
+
+def test_env_command_names_the_path():
+    out = subprocess.run([sys.executable, "-m", "lowbit.cli", "env"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, LOWBIT_ISA="generic"))
+    assert out.returncode == 0, out.stderr
+    assert "kernels: generic" in out.stdout and f"detected {lowbit.cpu_info()['detected']}" in out.stdout
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

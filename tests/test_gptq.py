@@ -11,6 +11,9 @@ from lowbit.reference import gptq as R
 
 from conftest import make_generator
 
+# Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
+pytestmark = pytest.mark.usefixtures("isa_path")
+
 
 def layer_inputs(n, cols, gen):
     """Correlated activations with uneven channel scales, like a real layer's inputs."""

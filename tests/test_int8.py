@@ -30,6 +30,9 @@ from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig
 from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, read_with_stock_bitsandbytes, rel_err,
                          stock_quantized_layers, transformers_quantized)
 
+# Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
+pytestmark = pytest.mark.usefixtures("isa_path")
+
 OUTLIER_TOL = 1e-5
 
 

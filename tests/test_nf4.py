@@ -14,6 +14,9 @@ from lowbit.reference import nf4 as R
 
 from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig
 
+# Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
+pytestmark = pytest.mark.usefixtures("isa_path")
+
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 QUANT_TYPES = ["nf4", "fp4"]
 

@@ -17,6 +17,9 @@ from lowbit.schemes import QuantizationArgs, QuantizationScheme
 
 from conftest import FLOAT_DTYPES, dtype_id, make_generator, noncontig, num_threads
 
+# Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
+pytestmark = pytest.mark.usefixtures("isa_path")
+
 BATCHES = [1, 3, 8, 16, 17, 33, 64]
 
 

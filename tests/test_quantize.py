@@ -17,6 +17,9 @@ from lowbit import reference as R
 from conftest import (FLOAT_DTYPES, dtype_id, noncontig, per_row, qrange,
                       rand_weight, reference_params)
 
+# Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
+pytestmark = pytest.mark.usefixtures("isa_path")
+
 BITS = list(range(2, 9))
 
 # (rows, cols, strategy, group_size): odd row counts, group sizes 7 / 32 / 128 where they divide.

@@ -57,12 +57,12 @@ int64_t awq_channel_stats_(at::Tensor& sum_abs, const at::Tensor& x_in, int64_t 
   return count + rows;
 }
 
-// The span helpers below are plain loops the compiler vectorises (LOWBIT_MULTIVERSION picks
-// the AVX-512 clone at run time); `v < lo ? v : lo` is the form that maps onto vminps.
+// The span helpers below are plain loops that run_for_isa() compiles for each ISA;
+// `v < lo ? v : lo` is the form that maps onto vminps.
 
 // out = w * s over one group; [lo, hi] its range.
 template <typename T>
-LOWBIT_MULTIVERSION void scaled_minmax(const T* w, const float* s, float* out, int64_t n, float* lo, float* hi) {
+LOWBIT_VECTOR_LOOP void scaled_minmax(const T* w, const float* s, float* out, int64_t n, float* lo, float* hi) {
   float mn = INFINITY, mx = -INFINITY;
   for (int64_t c = 0; c < n; ++c) {
     const float v = static_cast<float>(w[c]) * s[c];
@@ -76,7 +76,7 @@ LOWBIT_MULTIVERSION void scaled_minmax(const T* w, const float* s, float* out, i
 
 // d = w - (Q(scaled) - zero) * scale / s over one group.
 template <typename T>
-LOWBIT_MULTIVERSION void unscaled_error(const T* w, const float* scaled, const float* s, float* d, int64_t n,
+LOWBIT_VECTOR_LOOP void unscaled_error(const T* w, const float* scaled, const float* s, float* d, int64_t n,
                                         float scale, float zero, float qmin, float qmax) {
   for (int64_t c = 0; c < n; ++c)
     d[c] = static_cast<float>(w[c]) - (quantize_one(scaled[c], scale, zero, qmin, qmax) - zero) * scale / s[c];
@@ -95,7 +95,7 @@ void scaled_quant_error(const T* w, const float* s, float* d, float* buf, int64_
 }
 
 // The range of x clamped to [-bound, bound].
-LOWBIT_MULTIVERSION void clamped_minmax(const float* x, float bound, int64_t n, float* lo, float* hi) {
+LOWBIT_VECTOR_LOOP void clamped_minmax(const float* x, float bound, int64_t n, float* lo, float* hi) {
   float mn = INFINITY, mx = -INFINITY;
   for (int64_t c = 0; c < n; ++c) {
     const float v = clampf(x[c], -bound, bound);
@@ -107,7 +107,7 @@ LOWBIT_MULTIVERSION void clamped_minmax(const float* x, float bound, int64_t n, 
 }
 
 // out = x - dequantized(Q(clamp(x, -bound, bound))).
-LOWBIT_MULTIVERSION void clamped_error(const float* x, float bound, float* out, int64_t n, float scale, float zero,
+LOWBIT_VECTOR_LOOP void clamped_error(const float* x, float bound, float* out, int64_t n, float scale, float zero,
                                        float qmin, float qmax) {
   for (int64_t c = 0; c < n; ++c)
     out[c] = x[c] - (quantize_one(clampf(x[c], -bound, bound), scale, zero, qmin, qmax) - zero) * scale;
@@ -169,9 +169,11 @@ double awq_scale_loss(const at::Tensor& w_in, const at::Tensor& factor_in, const
       const int64_t n = std::min(kLossRows, rows - r0);
       at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
         std::vector<float> buf(group_size);
-        for (int64_t i = begin; i < end; ++i)
-          scaled_quant_error(wp + (r0 + i) * cols, s, dp + i * cols, buf.data(), cols, group_size, r, symmetric,
-                             w.scalar_type());
+        run_for_isa([&] {
+          for (int64_t i = begin; i < end; ++i)
+            scaled_quant_error(wp + (r0 + i) * cols, s, dp + i * cols, buf.data(), cols, group_size, r, symmetric,
+                               w.scalar_type());
+        });
       });
       for (int64_t j0 = 0; j0 < cols; j0 += kFactorCols) {
         const int64_t width = std::min(kFactorCols, cols - j0);
@@ -216,18 +218,20 @@ at::Tensor awq_clip(const at::Tensor& w_in, const at::Tensor& gram_in, int64_t b
     const int64_t g0 = g * group_size;
     float* dp = d.data_ptr<float>();
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const float* x = wp + row * cols + g0;
-        float absmax = 0.0f;
-        for (int64_t c = 0; c < group_size; ++c) absmax = std::max(absmax, std::fabs(x[c]));
-        for (int64_t i = 0; i < cands; ++i) {
-          const float bound = absmax * static_cast<float>(1.0 - static_cast<double>(i) / n_grid);
-          float lo, hi;
-          clamped_minmax(x, bound, group_size, &lo, &hi);
-          const GroupParams p = params_for_range(lo, hi, r, symmetric, sd);
-          clamped_error(x, bound, dp + (row * cands + i) * group_size, group_size, p.scale, p.zero, r.qmin, r.qmax);
+      run_for_isa([&] {
+        for (int64_t row = begin; row < end; ++row) {
+          const float* x = wp + row * cols + g0;
+          float absmax = 0.0f;
+          for (int64_t c = 0; c < group_size; ++c) absmax = std::max(absmax, std::fabs(x[c]));
+          for (int64_t i = 0; i < cands; ++i) {
+            const float bound = absmax * static_cast<float>(1.0 - static_cast<double>(i) / n_grid);
+            float lo, hi;
+            clamped_minmax(x, bound, group_size, &lo, &hi);
+            const GroupParams p = params_for_range(lo, hi, r, symmetric, sd);
+            clamped_error(x, bound, dp + (row * cands + i) * group_size, group_size, p.scale, p.zero, r.qmin, r.qmax);
+          }
         }
-      }
+      });
     });
     const at::Tensor block = gram.narrow(0, g0, group_size).narrow(1, g0, group_size);
     const at::Tensor flat = d.view({rows * cands, group_size});

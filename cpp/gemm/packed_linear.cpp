@@ -13,7 +13,6 @@
 
 #include <vector>
 
-#include "lowbit/avx512.h"
 #include "lowbit/bitpack.h"
 #include "lowbit/common.h"
 
@@ -67,7 +66,7 @@ void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& ou
 }
 
 // ---------------------------------------------------------------- AVX-512 path
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
+#ifdef LOWBIT_X86
 
 // For 4 bits, byte j of a 32-column chunk holds column 2j (low nibble) and 2j+1 (high):
 // x is reordered per chunk into [16 even columns, 16 odd columns] so both halves of a
@@ -78,7 +77,7 @@ at::Tensor prepare_x(const LinearArgs& a, const at::Tensor& x) {
   return x.reshape({a.M, a.K / 32, 16, 2}).transpose(2, 3).contiguous().reshape({a.M, a.K});
 }
 
-inline LOWBIT_AVX512 __m512i load16_u8(const uint8_t* p) {
+inline LOWBIT_TARGET_AVX512 __m512i load16_u8(const uint8_t* p) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
@@ -90,7 +89,7 @@ struct GroupDecoder {
   __m512 lut, s, zs;
   // Scale and zero point are read in place (broadcasts from memory use a load port, not a
   // vector ALU port); a null zero point is the symmetric 2^(bits-1).
-  LOWBIT_AVX512 GroupDecoder(const float* scale, const float* zero) {
+  LOWBIT_TARGET_AVX512 GroupDecoder(const float* scale, const float* zero) {
     s = _mm512_set1_ps(*scale);
     if (BITS == 4) {
       const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -103,7 +102,7 @@ struct GroupDecoder {
   }
   // The 32 weights of columns [k, k + 32) of a row, in prepare_x's order (k >= 0: a shift,
   // not a signed division, keeps scalar work off the vector ports).
-  LOWBIT_AVX512 void decode32(const uint8_t* wrow, int64_t k, __m512& c0, __m512& c1) const {
+  LOWBIT_TARGET_AVX512 void decode32(const uint8_t* wrow, int64_t k, __m512& c0, __m512& c1) const {
     const uint8_t* p = wrow + ((k * BITS) >> 3);
     if (BITS == 4) {
       const __m512i v = load16_u8(p);
@@ -117,7 +116,7 @@ struct GroupDecoder {
 };
 
 template <int BITS>
-LOWBIT_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0, int64_t r1, float* dst) {
+LOWBIT_TARGET_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0, int64_t r1, float* dst) {
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* wrow = a.w + r * a.words * 4;
     float* row = dst + (r - r0) * a.K;
@@ -136,7 +135,7 @@ LOWBIT_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0, int64
 // Rows [r0, r1) x tokens [m0, m0 + MB) x groups [g0, g1), adding into acc_buf (2 x 16
 // partial sums per row and token), so a caller can walk K in blocks whose x stays in L1.
 template <int BITS, int MB>
-LOWBIT_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0,
+LOWBIT_TARGET_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0,
                                int64_t r1, int64_t g0, int64_t g1, float* acc_buf) {
   // Independent FMA chains hide the FMA latency: two per token, eight with a single token.
   constexpr int U = MB == 1 ? 4 : 1;
@@ -149,7 +148,7 @@ LOWBIT_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int64_t m0,
       acc[1][m] = _mm512_loadu_ps(ab + m * 32 + 16);
       for (int c = 2; c < 2 * U; ++c) acc[c][m] = _mm512_setzero_ps();
     }
-    auto step = [&](const GroupDecoder<BITS>& dec, int64_t k, int u) LOWBIT_AVX512 {
+    auto step = [&](const GroupDecoder<BITS>& dec, int64_t k, int u) LOWBIT_TARGET_AVX512 {
       __m512 c0, c1;
       dec.decode32(wrow, k, c0, c1);
       for (int m = 0; m < MB; ++m) {
@@ -209,8 +208,7 @@ void decode_linear(const LinearArgs& a, const float* xp) {
 
 // true when it handled the call: 4 or 8 bits, groups of whole 32-column chunks, AVX-512.
 bool avx512_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out) {
-  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
-  if (!have_avx512 || (a.bits != 4 && a.bits != 8) || a.group_size % 32) return false;
+  if (active_isa() != Isa::avx512 || (a.bits != 4 && a.bits != 8) || a.group_size % 32) return false;
   const at::Tensor xp = prepare_x(a, x);
   const bool four = a.bits == 4;
   if (a.M <= kMaxDecodeTokens) four ? decode_linear<4>(a, xp.data_ptr<float>()) : decode_linear<8>(a, xp.data_ptr<float>());

@@ -163,9 +163,9 @@ std::tuple<at::Tensor, at::Tensor, double> hessian_factor(const at::Tensor& h, c
 // One row through the columns [i1, i2) of a block: quantize each column with its group's
 // parameters, carry its residual (original weight minus dequantized code) to the rest of the
 // block, keep the residual for the GEMM.
-LOWBIT_MULTIVERSION double solve_row(float* w, const float* w_orig, int8_t* codes, float* res, const float* rn,
-                                     const float* rdiag, int64_t cols, int64_t i1, int64_t i2, const float* scale,
-                                     const float* zero, const int64_t* col_group, float qmin, float qmax) {
+LOWBIT_VECTOR_LOOP double solve_row(float* w, const float* w_orig, int8_t* codes, float* res, const float* rn,
+                                    const float* rdiag, int64_t cols, int64_t i1, int64_t i2, const float* scale,
+                                    const float* zero, const int64_t* col_group, float qmin, float qmax) {
   double loss = 0.0;
   for (int64_t i = i1; i < i2; ++i) {
     const int64_t g = col_group[i];
@@ -240,12 +240,16 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
     std::vector<double> partial(at::get_num_threads(), 0.0);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       double sum = 0.0;
-      for (int64_t row = begin; row < end; ++row)
-        sum += solve_row(w.data_ptr<float>() + row * cols, w_orig.data_ptr<float>() + row * cols,
-                         codes.data_ptr<int8_t>() + row * cols, res.data_ptr<float>() + row * res.size(1),
-                         rn.data_ptr<float>(), rdiag.data_ptr<float>(), cols, i1, i2,
-                         scale.data_ptr<float>() + row * groups, zero.data_ptr<float>() + row * groups,
-                         col_group.data_ptr<int64_t>(), r.qmin, r.qmax);
+      float *wp = w.data_ptr<float>(), *resp = res.data_ptr<float>();
+      const float *op = w_orig.data_ptr<float>(), *rnp = rn.data_ptr<float>(), *rdp = rdiag.data_ptr<float>();
+      const float *sp = scale.data_ptr<float>(), *zp = zero.data_ptr<float>();
+      const int64_t* cg = col_group.data_ptr<int64_t>();
+      int8_t* cp = codes.data_ptr<int8_t>();
+      run_for_isa([&] {
+        for (int64_t row = begin; row < end; ++row)
+          sum += solve_row(wp + row * cols, op + row * cols, cp + row * cols, resp + row * res.size(1), rnp, rdp, cols,
+                           i1, i2, sp + row * groups, zp + row * groups, cg, r.qmin, r.qmax);
+      });
       partial[at::get_thread_num()] += sum;
     });
     for (double p : partial) loss += p;

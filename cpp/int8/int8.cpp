@@ -12,7 +12,6 @@
 #include <mutex>
 #include <vector>
 
-#include "lowbit/avx512.h"
 #include "lowbit/common.h"
 
 namespace lowbit {
@@ -24,7 +23,7 @@ constexpr double kInv127 = 7.874015718698502e-3;  // and its 1 / 127
 // One row of float16 values (held as fp32): its absmax over the non-outlier elements
 // (|v| >= threshold, threshold > 0, are outliers), the outlier columns it marks, and whether
 // every value is finite (v - v is 0 only for finite v).
-LOWBIT_MULTIVERSION float row_absmax(const float* row, int64_t K, float threshold, uint8_t* outlier, bool* finite) {
+LOWBIT_VECTOR_LOOP float row_absmax(const float* row, int64_t K, float threshold, uint8_t* outlier, bool* finite) {
   float am = 0.0f, nonfinite = 0.0f;
   for (int64_t k = 0; k < K; ++k) {
     const float a = std::fabs(row[k]);
@@ -38,7 +37,7 @@ LOWBIT_MULTIVERSION float row_absmax(const float* row, int64_t K, float threshol
 }
 
 // Its int8 codes; the codes of every outlier column are 0.
-LOWBIT_MULTIVERSION void quantize_row(const float* row, int64_t K, float am, const uint8_t* outlier, int8_t* codes) {
+LOWBIT_VECTOR_LOOP void quantize_row(const float* row, int64_t K, float am, const uint8_t* outlier, int8_t* codes) {
   // 127 / absmax as PyTorch evaluates a scalar over a tensor (bitsandbytes' expression):
   // the reciprocal, then the product. An all-zero row stores codes 0.
   const float inv = am > 0.0f ? (1.0f / am) * 127.0f : 0.0f;
@@ -77,11 +76,13 @@ Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> marks(K, 0);
     bool finite = true;
-    for (int64_t m = begin; m < end; ++m) {
-      bool row_finite = true;
-      ap[m] = row_absmax(xp + m * K, K, threshold, marks.data(), &row_finite);
-      finite = finite && row_finite;
-    }
+    run_for_isa([&] {
+      for (int64_t m = begin; m < end; ++m) {
+        bool row_finite = true;
+        ap[m] = row_absmax(xp + m * K, K, threshold, marks.data(), &row_finite);
+        finite = finite && row_finite;
+      }
+    });
     std::lock_guard<std::mutex> lock(merge);
     all_finite = all_finite && finite;
     for (int64_t k = 0; k < K; ++k) op[k] |= marks[k];
@@ -89,7 +90,9 @@ Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
   TORCH_CHECK_VALUE(all_finite, "lowbit: the input holds NaN or Inf (or values beyond float16's range, which "
                     "LLM.int8() quantizes from): check the activations");
   at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, ap[m], op, cp + m * K);
+    run_for_isa([&] {
+      for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, ap[m], op, cp + m * K);
+    });
   });
   return out;
 }
@@ -104,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rowwise(const at::T
 }
 
 // acc[m, n] = sum_k a[m, k] * b[n, k] (int32), a [M, K], b [N, K] row-major int8.
-LOWBIT_MULTIVERSION void int8_dot_rows(const int8_t* a, const int8_t* b, int32_t* acc, int64_t M, int64_t N,
-                                       int64_t K, int64_t begin, int64_t end) {
+LOWBIT_VECTOR_LOOP void int8_dot_rows(const int8_t* a, const int8_t* b, int32_t* acc, int64_t M, int64_t N,
+                                      int64_t K, int64_t begin, int64_t end) {
   for (int64_t n = begin; n < end; ++n)
     for (int64_t m = 0; m < M; ++m) {
       int32_t s = 0;
@@ -114,15 +117,14 @@ LOWBIT_MULTIVERSION void int8_dot_rows(const int8_t* a, const int8_t* b, int32_t
     }
 }
 
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
-#define LOWBIT_AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#ifdef LOWBIT_X86
 
 // R weight rows x T tokens of int32 dot products with vpdpbusd (unsigned x signed bytes): the
 // weight bytes are flipped to unsigned (w + 128, an xor) and each token's 128 * sum(a) is
 // subtracted afterwards. A tail of K % 64 columns is loaded masked (zeros add nothing).
 template <int R, int T>
-LOWBIT_AVX512_VNNI void int8_tile_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc,
-                                       int64_t N, int64_t K, int64_t n0, int64_t m0) {
+LOWBIT_TARGET_AVX512_VNNI void int8_tile_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc,
+                                              int64_t N, int64_t K, int64_t n0, int64_t m0) {
   __m512i sums[R][T];
 #pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
@@ -194,16 +196,17 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
   const int8_t *ap = a.data_ptr<int8_t>(), *bp = b.data_ptr<int8_t>();
   int32_t* cp = acc.data_ptr<int32_t>();
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
-  static const bool have_vnni = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
-  if (have_vnni) {
+#ifdef LOWBIT_X86
+  if (use_vnni()) {
     const at::Tensor a_sum = a.to(at::kInt).sum(1, false, at::kInt).contiguous();
     const int32_t* sp = a_sum.data_ptr<int32_t>();
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { int8_gemm_vnni(ap, bp, sp, cp, M, N, K, begin, end); });
     return acc;
   }
 #endif
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { int8_dot_rows(ap, bp, cp, M, N, K, begin, end); });
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    run_for_isa([&] { int8_dot_rows(ap, bp, cp, M, N, K, begin, end); });
+  });
   return acc;
 }
 

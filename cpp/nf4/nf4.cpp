@@ -17,7 +17,6 @@
 #include <string>
 #include <vector>
 
-#include "lowbit/avx512.h"
 #include "lowbit/common.h"
 
 namespace lowbit {
@@ -230,7 +229,7 @@ struct BlockScales {
 
 // Weights of one block (blocksize codes from `bytes`, high nibble first) decoded through a
 // 16-entry table code * absmax.
-LOWBIT_MULTIVERSION void decode_block(const uint8_t* bytes, const float* table, float* out, int64_t blocksize) {
+LOWBIT_VECTOR_LOOP void decode_block(const uint8_t* bytes, const float* table, float* out, int64_t blocksize) {
   for (int64_t j = 0; j < blocksize / 2; ++j) {
     out[2 * j] = table[bytes[j] >> 4];
     out[2 * j + 1] = table[bytes[j] & 15];
@@ -239,7 +238,7 @@ LOWBIT_MULTIVERSION void decode_block(const uint8_t* bytes, const float* table, 
 
 // acc[0..16) += w[k] * x[k] over n (a multiple of 16) elements: 16 independent lanes, which the
 // compiler keeps in one vector register (no reordered float reduction needed).
-LOWBIT_MULTIVERSION void dot16(const float* w, const float* x, int64_t n, float* acc) {
+LOWBIT_VECTOR_LOOP void dot16(const float* w, const float* x, int64_t n, float* acc) {
   for (int64_t k = 0; k < n; k += 16)
     for (int j = 0; j < 16; ++j) acc[j] += w[k + j] * x[k + j];
 }
@@ -257,14 +256,14 @@ at::Tensor deinterleave_chunks(const at::Tensor& x) {
   return x.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous().view({M, K});
 }
 
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
+#ifdef LOWBIT_X86
 
 // y[m0 + t, r0 + i] for R rows and T tokens, accumulated in R x T registers: each 16 bytes of
 // codes are decoded with two permutes of a 16-entry table (code * absmax of the block), and
 // every x vector loaded serves all R rows. R * T <= 16 keeps everything in the 32 registers.
 // tile_scales: the R rows' block scales, [R, K / blocksize].
 template <int R, int T>
-LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const float* tile_scales, const __m512 code_vec,
+LOWBIT_TARGET_AVX512 void nf4_tile_avx512(const uint8_t* wp, const float* tile_scales, const __m512 code_vec,
                                    const float* xr, float* op, int64_t N, int64_t K, int64_t blocksize, int64_t r0,
                                    int64_t m0) {
   __m512 acc[R][T];
@@ -311,7 +310,7 @@ LOWBIT_AVX512 void nf4_tile_avx512(const uint8_t* wp, const float* tile_scales, 
 
 // Scales of blocks [first, first + count): a view of the fp32 absmax, or decoded into buf 16
 // at a time (gathers from the dynamic map and the nested absmax; the same multiply, then add).
-LOWBIT_AVX512 const float* scale_span_avx512(const BlockScales& s, int64_t first, int64_t count, float* buf) {
+LOWBIT_TARGET_AVX512 const float* scale_span_avx512(const BlockScales& s, int64_t first, int64_t count, float* buf) {
   if (s.plain) return s.plain + first;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t b = 0;
@@ -344,7 +343,7 @@ void nf4_rows_avx512(const uint8_t* wp, const BlockScales& scales, const __m512 
                           blocksize, r, m0);
 }
 
-LOWBIT_AVX512 void nf4_fused_avx512(const uint8_t* wp, const BlockScales& scales, const float* codes,
+LOWBIT_TARGET_AVX512 void nf4_fused_avx512(const uint8_t* wp, const BlockScales& scales, const float* codes,
                                     const float* xr, float* op, int64_t M, int64_t N, int64_t K, int64_t blocksize,
                                     int64_t begin, int64_t end) {
   const __m512 code_vec = _mm512_loadu_ps(codes);
@@ -363,7 +362,7 @@ LOWBIT_AVX512 void nf4_fused_avx512(const uint8_t* wp, const BlockScales& scales
 }
 
 // One row decoded into fp32 in the deinterleaved column order of deinterleave_chunks.
-LOWBIT_AVX512 void decode_row_avx512(const uint8_t* row, const BlockScales& scales, const float* codes, float* dst,
+LOWBIT_TARGET_AVX512 void decode_row_avx512(const uint8_t* row, const BlockScales& scales, const float* codes, float* dst,
                                      int64_t K, int64_t blocksize, int64_t first_block) {
   const __m512 code_vec = _mm512_loadu_ps(codes);
   for (int64_t b = 0; b < K / blocksize; ++b) {
@@ -448,14 +447,10 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   at::Tensor out = at::empty({M, N}, x.options());
   float* op = out.data_ptr<float>();
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
-  static const bool have_avx512 = __builtin_cpu_supports("avx512f");
-#else
-  constexpr bool have_avx512 = false;
-#endif
+  const bool have_avx512 = active_isa() == Isa::avx512;
   // Rows decoded in natural column order (portable) or in deinterleave_chunks' order (AVX-512).
   auto decode_row = [&](int64_t r, float* dst) {
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
+#ifdef LOWBIT_X86
     if (have_avx512) return decode_row_avx512(wp + r * K / 2, scales, c.values, dst, K, blocksize, r * blocks_per_row);
 #endif
     float table[16];
@@ -468,7 +463,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
   const at::Tensor xs = have_avx512 ? deinterleave_chunks(x) : x;
   const float* xp = xs.data_ptr<float>();
   if (M <= kFusedTokens && have_avx512) {
-#ifdef LOWBIT_HAVE_AVX512_KERNEL
+#ifdef LOWBIT_X86
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       nf4_fused_avx512(wp, scales, c.values, xp, op, M, N, K, blocksize, begin, end);
     });
@@ -476,16 +471,18 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
   } else if (M <= kTokenGroup) {
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> row(K);
-      for (int64_t r = begin; r < end; ++r) {
-        decode_row(r, row.data());
-        for (int64_t m = 0; m < M; ++m) {
-          float acc[16] = {0};
-          dot16(row.data(), xp + m * K, K, acc);
-          float sum = 0.0f;
-          for (float a : acc) sum += a;
-          op[m * N + r] = sum;
+      run_for_isa([&] {
+        for (int64_t r = begin; r < end; ++r) {
+          decode_row(r, row.data());
+          for (int64_t m = 0; m < M; ++m) {
+            float acc[16] = {0};
+            dot16(row.data(), xp + m * K, K, acc);
+            float sum = 0.0f;
+            for (float a : acc) sum += a;
+            op[m * N + r] = sum;
+          }
         }
-      }
+      });
     });
   } else {
     const int64_t tile = std::max<int64_t>(16, (1 << 20) / K);
@@ -494,7 +491,9 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
     for (int64_t r0 = 0; r0 < N; r0 += tile) {
       const int64_t r1 = std::min(N, r0 + tile);
       at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) decode_row(r, bp + (r - r0) * K);
+        run_for_isa([&] {
+          for (int64_t r = b; r < e; ++r) decode_row(r, bp + (r - r0) * K);
+        });
       });
       out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
     }

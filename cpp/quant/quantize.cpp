@@ -13,15 +13,17 @@
 
 #include "lowbit/common.h"
 #include "lowbit/intquant.h"
+#include "lowbit/isa.h"
 
 namespace lowbit {
 namespace {
 
-// The per-group loops below are the hot paths; each is a plain loop the compiler vectorises.
+// The per-group loops below are the hot paths: plain loops that run_for_isa() compiles for
+// each ISA.
 // Copies a group to fp32 and finds its range; returns false if it holds NaN or Inf
 // (v * 0 is NaN exactly for those, and NaN survives the sum).
 template <typename T>
-LOWBIT_MULTIVERSION bool to_float_minmax(const T* x, int64_t n, float* out, float* lo, float* hi) {
+LOWBIT_VECTOR_LOOP bool to_float_minmax(const T* x, int64_t n, float* out, float* lo, float* hi) {
   float mn = std::numeric_limits<float>::infinity(), mx = -mn, poison = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
     float v = static_cast<float>(x[i]);
@@ -36,20 +38,20 @@ LOWBIT_MULTIVERSION bool to_float_minmax(const T* x, int64_t n, float* out, floa
 }
 
 template <typename T>
-LOWBIT_MULTIVERSION void quantize_span(const T* x, int8_t* out, int64_t n, float scale, float zero,
+LOWBIT_VECTOR_LOOP void quantize_span(const T* x, int8_t* out, int64_t n, float scale, float zero,
                                        float qmin, float qmax) {
   for (int64_t i = 0; i < n; ++i)
     out[i] = static_cast<int8_t>(quantize_one(static_cast<float>(x[i]), scale, zero, qmin, qmax));
 }
 
 template <typename T>
-LOWBIT_MULTIVERSION void dequantize_span(const int8_t* codes, T* out, int64_t n, float scale,
+LOWBIT_VECTOR_LOOP void dequantize_span(const int8_t* codes, T* out, int64_t n, float scale,
                                          float zero) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>((codes[i] - zero) * scale);
 }
 
 template <typename T>
-LOWBIT_MULTIVERSION void fake_quantize_span(const T* x, T* out, int64_t n, float scale, float zero,
+LOWBIT_VECTOR_LOOP void fake_quantize_span(const T* x, T* out, int64_t n, float scale, float zero,
                                             float qmin, float qmax) {
   for (int64_t i = 0; i < n; ++i) {
     float q = quantize_one(static_cast<float>(x[i]), scale, zero, qmin, qmax);
@@ -58,7 +60,7 @@ LOWBIT_MULTIVERSION void fake_quantize_span(const T* x, T* out, int64_t n, float
 }
 
 // Sum of |fake_quant(x) - x|^norm over one group; norm 2 avoids powf.
-LOWBIT_MULTIVERSION float group_error(const float* x, int64_t n, float scale, float zero,
+LOWBIT_VECTOR_LOOP float group_error(const float* x, int64_t n, float scale, float zero,
                                       float qmin, float qmax, float norm) {
   float err = 0.0f;
   if (norm == 2.0f) {
@@ -128,18 +130,20 @@ std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t 
     const int64_t grain = std::max<int64_t>(1, 16384 / group_size);
     at::parallel_for(0, rows * ngroups, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> buf(group_size);
-      for (int64_t t = begin; t < end; ++t) {
-        float lo, hi;
-        if (!to_float_minmax(wp + t * group_size, group_size, buf.data(), &lo, &hi)) {
-          finite = false;
-          return;
+      run_for_isa([&] {
+        for (int64_t t = begin; t < end; ++t) {
+          float lo, hi;
+          if (!to_float_minmax(wp + t * group_size, group_size, buf.data(), &lo, &hi)) {
+            finite = false;
+            return;
+          }
+          GroupParams p = mse ? mse_search(buf.data(), group_size, lo, hi, r, symmetric, sd,
+                                           maxshrink, grid, norm)
+                              : params_for_range(lo, hi, r, symmetric, sd);
+          scale_p[t] = p.scale;
+          zero_p[t] = static_cast<int8_t>(p.zero);
         }
-        GroupParams p = mse ? mse_search(buf.data(), group_size, lo, hi, r, symmetric, sd,
-                                         maxshrink, grid, norm)
-                            : params_for_range(lo, hi, r, symmetric, sd);
-        scale_p[t] = p.scale;
-        zero_p[t] = static_cast<int8_t>(p.zero);
-      }
+      });
     });
   });
   TORCH_CHECK_VALUE(finite, "lowbit: the weight contains NaN or Inf values; fix the model weights before quantizing");
@@ -152,7 +156,9 @@ template <typename F>
 void for_each_group(int64_t rows, int64_t ngroups, int64_t group_size, F&& body) {
   const int64_t grain = std::max<int64_t>(1, 32768 / group_size);
   at::parallel_for(0, rows * ngroups, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) body(t, t * group_size);
+    run_for_isa([&] {
+      for (int64_t t = begin; t < end; ++t) body(t, t * group_size);
+    });
   });
 }
 

@@ -4,6 +4,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 
 from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import eval, functional, nn, ops
+from .cpu import cpu_info, set_isa, supported_isas, use_isa
 from .formats import load, save_compressed
 from .modifiers import (AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, LLMInt8Modifier, Modifier,
                         QuantizationModifier)
@@ -24,6 +25,7 @@ __all__ = [
     "QuantizationArgs",
     "QuantizationModifier",
     "QuantizationScheme",
+    "cpu_info",
     "eval",
     "functional",
     "load",
@@ -33,4 +35,7 @@ __all__ = [
     "parse_recipe",
     "resolve_scheme",
     "save_compressed",
+    "set_isa",
+    "supported_isas",
+    "use_isa",
 ]

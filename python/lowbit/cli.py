@@ -1,4 +1,4 @@
-"""The `lowbit` command line: demo, quantize, eval."""
+"""The `lowbit` command line: demo, quantize, eval, env."""
 
 from __future__ import annotations
 
@@ -94,6 +94,23 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"perplexity {perplexity(model, ids, seq_len=args.seq_len):.3f} over {ids.shape[1]} tokens")
 
 
+def env(args: argparse.Namespace) -> None:
+    """What lowbit runs on: versions, the CPU's features, the kernels' ISA path, threads."""
+    import torch
+    import transformers
+
+    import lowbit
+
+    info = lowbit.cpu_info()
+    print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"cpu: {info['cpu']}")
+    print(f"kernels: {info['active']} (detected {info['detected']}; supported: {', '.join(info['supported'])}; "
+          f"LOWBIT_ISA={info['LOWBIT_ISA'] or 'unset'})")
+    print(f"int8 GEMM: {'AVX-512 VNNI' if info['vnni_int8_kernel'] else info['active']} kernel")
+    print("features: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["features"].items()))
+    print(f"threads: {info['threads']}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="lowbit", description="Post-training quantization for HF language models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +138,9 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=None)
     p.set_defaults(func=evaluate)
+
+    p = sub.add_parser("env", help="versions, CPU features and the kernels' ISA path (LOWBIT_ISA to force one)")
+    p.set_defaults(func=env)
 
     args = parser.parse_args(argv)
     try:

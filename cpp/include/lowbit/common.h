@@ -8,14 +8,7 @@
 #include <string>
 #include <vector>
 
-// Hot loops are compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best
-// clone the CPU supports, so no -march flag is needed and the binary runs anywhere. A
-// LOWBIT_PORTABLE build compiles the baseline clone only (the loader cannot be told to skip one).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(LOWBIT_PORTABLE)
-#define LOWBIT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOWBIT_MULTIVERSION
-#endif
+#include "lowbit/isa.h"
 
 namespace lowbit {
 

@@ -1,0 +1,73 @@
+// The one place that decides which instruction set lowbit's kernels use. The CPU's features are
+// read once; the active ISA is the best one the CPU supports, lowered by the LOWBIT_ISA
+// environment variable (avx512 | avx2 | generic) or by set_isa(), so a machine with AVX-512
+// also runs, tests and times the AVX2 and the portable code.
+//
+// Two kinds of kernel use it:
+//   * plain loops written once (LOWBIT_VECTOR_LOOP helpers) are compiled three times by
+//     run_for_isa(), which inlines them into a wrapper built for each ISA;
+//   * hand-written intrinsics kernels (LOWBIT_TARGET_AVX2 / LOWBIT_TARGET_AVX512 functions) are
+//     called when active_isa() is at least their level.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define LOWBIT_X86 1
+#define LOWBIT_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,bmi,bmi2")))
+#define LOWBIT_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")))
+#define LOWBIT_TARGET_AVX512_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
+#endif
+
+// A loop body that run_for_isa() compiles once per ISA: it must be inlined into the wrapper.
+#define LOWBIT_VECTOR_LOOP inline __attribute__((always_inline))
+
+namespace lowbit {
+
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512vnni = false, avx512bf16 = false, avxvnni = false, amx_int8 = false;
+};
+
+const CpuFeatures& cpu_features();
+Isa detected_isa();  // the best ISA this CPU (and OS) supports
+Isa active_isa();    // what the kernels use now
+// Lowers (or restores) the active ISA; throws c10::ValueError for a name that is unknown or
+// above what the CPU supports.
+void set_isa(const std::string& name);
+const char* isa_name(Isa isa);
+// The AVX-512 VNNI int8 kernel: the avx512 path and the CPU has VNNI.
+inline bool use_vnni() { return active_isa() == Isa::avx512 && cpu_features().avx512vnni; }
+
+#ifdef LOWBIT_X86
+template <typename F>
+__attribute__((flatten)) LOWBIT_TARGET_AVX512 void run_avx512(const F& f) { f(); }
+template <typename F>
+__attribute__((flatten)) LOWBIT_TARGET_AVX2 void run_avx2(const F& f) { f(); }
+#endif
+template <typename F>
+__attribute__((flatten)) void run_generic(const F& f) { f(); }
+
+// Calls f() compiled for the active ISA: f and everything it inlines (the LOWBIT_VECTOR_LOOP
+// helpers) are vectorised for AVX-512, AVX2 or baseline x86-64. Call it inside a parallel
+// loop's body, around the per-row work, so the wrappers hold numeric code only.
+template <typename F>
+void run_for_isa(const F& f) {
+#ifdef LOWBIT_X86
+  switch (active_isa()) {
+    case Isa::avx512: return run_avx512(f);
+    case Isa::avx2: return run_avx2(f);
+    default: break;
+  }
+#endif
+  run_generic(f);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,70 @@
+"""The CPU features lowbit's kernels detected, and the instruction set they use.
+
+lowbit's C++ kernels come in an AVX-512, an AVX2 (+ FMA + F16C) and a portable version; the best
+one the CPU supports is used unless the environment variable ``LOWBIT_ISA`` (read once, when the
+first kernel runs) or :func:`set_isa` asks for a lower one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+
+import torch
+
+from . import _C
+
+ISAS = ("avx512", "avx2", "generic")  # best first
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_info() -> dict:
+    """What lowbit detected and uses: ``{"cpu", "detected", "active", "supported", "features",
+    "vnni_int8_kernel", "threads", "LOWBIT_ISA"}``."""
+    info = _C.cpu_info()
+    detected = ISAS.index(info["detected"])
+    return {
+        "cpu": _cpu_model(),
+        "detected": info["detected"],
+        "active": info["active"],
+        "supported": list(ISAS[detected:]),
+        "features": dict(info["features"]),
+        "vnni_int8_kernel": info["vnni_int8_kernel"],
+        "threads": torch.get_num_threads(),
+        "LOWBIT_ISA": os.environ.get("LOWBIT_ISA"),
+    }
+
+
+def supported_isas() -> list[str]:
+    """The ISA paths this CPU can run, best first (always ends with ``"generic"``)."""
+    return cpu_info()["supported"]
+
+
+def set_isa(name: str) -> None:
+    """Run lowbit's kernels on ``name`` ("avx512", "avx2" or "generic") from now on in this
+    process; a name above what the CPU supports raises ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"set_isa: name must be one of {', '.join(ISAS)}, got {type(name).__name__}")
+    _C.set_isa(name)
+
+
+@contextlib.contextmanager
+def use_isa(name: str):
+    """Context manager: the kernels use ``name`` inside the block, the previous ISA after it."""
+    previous = _C.cpu_info()["active"]
+    set_isa(name)
+    try:
+        yield
+    finally:
+        _C.set_isa(previous)
