@@ -1,13 +1,15 @@
-"""Foundation benchmark: quantize+pack throughput and the packed W4A16 linear, each as a
-ratio against a peer timed in the same run.
+"""Foundation benchmark: quantize+pack throughput and the packed W4A16 / W8A16 linear on every
+ISA path, each as a ratio against a peer timed in the same run.
 
-    python benchmarks/bench_primitives.py [--quick]
+    python benchmarks/bench_primitives.py [--quick] [--isa avx2,generic]
 
 Peers: lowbit.reference (pure PyTorch), fp32 dense F.linear (MKL), and torch's own CPU int4
 kernel aten._weight_int4pack_mm_for_cpu (bf16 activations, its fastest mode here).
 """
 
 import argparse
+import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _timing import best_time, print_table  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
+SMALL = (576, 576)  # SmolLM2-135M's attention projections: the fixed cost per call
+BATCHES = (1, 2, 4, 8, 16, 32, 128, 512)
 GROUP = 128
+PEER_OK = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
 def quantize_pack_lowbit(w):
@@ -46,12 +51,14 @@ def torch_int4_peer(w, batch):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="first shape only")
+    ap.add_argument("--quick", action="store_true", help="first shape only, batches 1 and 16")
+    ap.add_argument("--isa", help="comma list of ISA paths to time (default: every one this CPU supports)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     torch.manual_seed(0)
+    info = lowbit.cpu_info()
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, threads {torch.get_num_threads()}, "
-          f"kernels: {lowbit.cpu_info()['active']} path\n")
+          f"CPU {info['cpu']} (best path {info['detected']}; paths timed: {args.isa or ', '.join(info['supported'])})\n")
 
     rows = []
     for out_f, in_f in shapes:
@@ -64,41 +71,71 @@ def main():
     print_table(["shape", "lowbit GB/s", "reference GB/s", "speedup"], rows)
     print()
 
-    rows = []
-    for out_f, in_f in shapes:
-        linear = torch.nn.Linear(in_f, out_f, bias=False)
-        packed = lowbit.nn.PackedLinear.from_linear(linear, "W4A16")
-        weight = linear.weight.detach()
-        peer_ok = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-        for batch in (1, 16):
-            x = torch.randn(batch, in_f)
-            with torch.inference_mode():
-                t_lb = best_time(lambda: packed(x))
-                t_dense = best_time(lambda: F.linear(x, weight))
-                t_ref = best_time(lambda: R.packed_linear(x, packed.weight_packed, packed.weight_scale,
-                                                            None, 4, GROUP), repeat=3)
-                t_aten = best_time(torch_int4_peer(weight, batch)) if peer_ok else float("nan")
-            rows.append([f"{out_f}x{in_f}", batch, f"{t_lb * 1e3:.3f}", f"{t_dense * 1e3:.3f}",
-                         f"{t_lb / t_dense:.2f}", f"{t_lb / t_ref:.3f}", f"{t_lb / t_aten:.2f}"])
-    print("PackedLinear W4A16 g128 (fp32 activations): time and ratio lowbit / peer (below 1 = lowbit faster)")
-    print_table(["shape", "batch", "lowbit ms", "fp32 dense ms", "vs dense", "vs reference", "vs aten int4 (bf16)"],
-                rows)
-    print()
+    bandwidth = read_bandwidth()
+    print(f"measured read bandwidth (torch.sum over 1 GiB, {torch.get_num_threads()} threads): {bandwidth:.1f} GB/s\n")
+    isas = args.isa.split(",") if args.isa else lowbit.supported_isas()
+    batches = (1, 16) if args.quick else BATCHES
+    linear_shapes = shapes + [SMALL]
+    for scheme in ("W4A16", "W8A16"):
+        rows = []
+        for out_f, in_f in linear_shapes:
+            group = GROUP if in_f % GROUP == 0 else 64
+            linear = torch.nn.Linear(in_f, out_f, bias=False)
+            packed = lowbit.nn.PackedLinear.from_linear(linear, scheme_with_group(scheme, group))
+            weight_bytes = sum(t.numel() * t.element_size() for t in (packed.weight_packed, packed.weight_scale))
+            for batch in batches if scheme == "W4A16" else (1, 16):
+                x = torch.randn(batch, in_f)
+                repeat = 3 if batch >= 128 else 10
+                with torch.inference_mode():
+                    t_dense = best_time(lambda: F.linear(x, linear.weight), repeat=repeat)
+                    row = [f"{out_f}x{in_f}", batch, f"{t_dense * 1e3:.3f}"]
+                    for isa in isas:
+                        with lowbit.use_isa(isa):
+                            t = best_time(lambda: packed(x), repeat=repeat)
+                        row += [f"{t / t_dense:.2f}", f"{weight_bytes / t / 1e9:.1f}" if batch == 1 else ""]
+                    if batch in (1, 16) and scheme == "W4A16" and in_f % GROUP == 0 and PEER_OK:
+                        row.append(f"{best_time(torch_int4_peer(linear.weight.detach(), batch)) / t_dense:.2f}")
+                    else:
+                        row.append("")
+                rows.append(row)
+        headers = ["shape", "batch", "fp32 dense ms"]
+        for isa in isas:
+            headers += [f"{isa} / dense", f"{isa} GB/s (b1)"]
+        headers.append("aten int4 (bf16) / dense")
+        print(f"PackedLinear {scheme} g{GROUP} (g64 for 576 columns), fp32 activations: time / fp32 F.linear time "
+              "(below 1 = lowbit faster); GB/s = packed weight + scale bytes read per second at batch 1")
+        print_table(headers, rows)
+        print()
 
-    out_f, in_f = shapes[0]
+    out_f, in_f = shapes[1] if len(shapes) > 1 else shapes[0]
     w = torch.randn(out_f, in_f)
     packed = lowbit.nn.PackedLinear.from_linear(torch.nn.Linear(in_f, out_f), "W4A16")
     x = torch.randn(1, in_f)
     rows = []
-    for name, fn in [("quantize+pack", lambda: quantize_pack_lowbit(w)), ("W4A16 linear batch 1", lambda: packed(x))]:
+    threads = torch.get_num_threads()
+    jobs = [("quantize+pack", None, lambda: quantize_pack_lowbit(w))]
+    jobs += [(f"W4A16 linear batch 1 [{isa}]", isa, lambda: packed(x)) for isa in isas]
+    for name, isa, fn in jobs:
         times = {}
         for n in (1, 2):
             torch.set_num_threads(n)
-            with torch.inference_mode():
+            with torch.inference_mode(), (lowbit.use_isa(isa) if isa else contextlib.nullcontext()):
                 times[n] = best_time(fn)
         rows.append([f"{name} {out_f}x{in_f}", f"{times[1] * 1e3:.2f}", f"{times[2] * 1e3:.2f}", f"{times[1] / times[2]:.2f}x"])
+    torch.set_num_threads(threads)
     print("OpenMP scaling (at::parallel_for)")
     print_table(["kernel", "1 thread ms", "2 threads ms", "speedup"], rows)
+
+
+def scheme_with_group(name, group):
+    scheme = lowbit.resolve_scheme(name)
+    return dataclasses.replace(scheme, weights=dataclasses.replace(scheme.weights, group_size=group))
+
+
+def read_bandwidth() -> float:
+    """GB/s of a streaming read (torch.sum over 1 GiB of fp32): what a memory-bound kernel can reach."""
+    big = torch.ones(1 << 28)
+    return big.numel() * 4 / best_time(lambda: big.sum(), repeat=5) / 1e9
 
 
 if __name__ == "__main__":

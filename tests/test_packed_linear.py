@@ -20,15 +20,18 @@ from conftest import FLOAT_DTYPES, dtype_id, make_generator, noncontig, num_thre
 # Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
 pytestmark = pytest.mark.usefixtures("isa_path")
 
-BATCHES = [1, 3, 8, 16, 17, 33, 64]
+# Token counts that reach each token block of the fused kernels (8, 4, 2, 1 and their sums) and
+# the tile path on every ISA.
+BATCHES = [1, 3, 6, 8, 15, 16, 17, 33, 64]
 
 
 def QS(**weights) -> QuantizationScheme:
     """A weight-only scheme with the given QuantizationArgs fields."""
     return QuantizationScheme(QuantizationArgs(**weights))
 
-# (scheme, in_features, out_features). With AVX-512, 4- and 8-bit schemes whose group size is
-# a multiple of 32 take the decode kernel for <= 32 tokens; everything else takes the tiles.
+# (scheme, in_features, out_features). 4- and 8-bit schemes whose group size is a multiple of 32
+# take the fused kernels for few tokens (AVX-512, AVX2 or SSE2 by path); other widths and group
+# sizes dequantize a row at a time for up to 4 tokens; more tokens take the tiles.
 CONFIGS = [
     ("W4A16", 128, 7),
     ("W4A16", 256, 65),
