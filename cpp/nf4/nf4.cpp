@@ -37,13 +37,11 @@ struct Codebook {
   const float* values;
   std::array<float, 15> midpoints;  // of the codes in ascending order, computed in fp32
   std::array<uint8_t, 16> order;    // sorted position -> code (a stable sort, as bitsandbytes')
-  float pairs[256][2];              // the two codes of each byte, high nibble first
 };
 
 const Codebook& codebook(const std::string& quant_type) {
   auto build = [](const float* values) {
-    Codebook c{values, {}, {}, {}};
-    for (int b = 0; b < 256; ++b) c.pairs[b][0] = values[b >> 4], c.pairs[b][1] = values[b & 15];
+    Codebook c{values, {}, {}};
     std::array<int, 16> idx;
     std::iota(idx.begin(), idx.end(), 0);
     std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return values[a] < values[b]; });
@@ -230,12 +228,25 @@ struct BlockScales {
   float operator()(int64_t b) const { return plain ? plain[b] : dyn[codes[b]] * nested[b / 256] + offset; }
 };
 
-// Weights of one block (blocksize codes from `bytes`, high nibble first): each byte's two codes
-// copied at once from the pair table, then scaled (code * absmax, nf4_dequantize's product).
-LOWBIT_VECTOR_LOOP void decode_block(const uint8_t* bytes, const Codebook& c, float absmax, float* out,
-                                     int64_t blocksize) {
-  for (int64_t j = 0; j < blocksize / 2; ++j) std::memcpy(out + 2 * j, c.pairs[bytes[j]], 2 * sizeof(float));
-  for (int64_t k = 0; k < blocksize; ++k) out[k] *= absmax;
+// Weights of one block (blocksize codes from `bytes`, high nibble first) decoded through a
+// 16-entry table code * absmax.
+LOWBIT_VECTOR_LOOP void decode_block(const uint8_t* bytes, const float* table, float* out, int64_t blocksize) {
+  for (int64_t j = 0; j < blocksize / 2; ++j) {
+    out[2 * j] = table[bytes[j] >> 4];
+    out[2 * j + 1] = table[bytes[j] & 15];
+  }
+}
+
+// Row r's weights decoded to fp32 in natural column order.
+LOWBIT_VECTOR_LOOP void decode_row_portable(const uint8_t* wp, const Codebook& c, const BlockScales& scales, int64_t r,
+                                            int64_t K, int64_t blocksize, float* dst) {
+  const int64_t blocks_per_row = K / blocksize;
+  float table[16];
+  for (int64_t b = 0; b < blocks_per_row; ++b) {
+    const float am = scales(r * blocks_per_row + b);
+    for (int i = 0; i < 16; ++i) table[i] = c.values[i] * am;
+    decode_block(wp + (r * K + b * blocksize) / 2, table, dst + b * blocksize, blocksize);
+  }
 }
 
 // acc[0..16) += w[k] * x[k] over n (a multiple of 16) elements: 16 independent lanes, which the
@@ -656,9 +667,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
       std::vector<float> row(K);
       run_for_isa([&] {
         for (int64_t r = begin; r < end; ++r) {
-          for (int64_t b = 0; b < blocks_per_row; ++b)
-            decode_block(wp + (r * K + b * blocksize) / 2, c, scales(r * blocks_per_row + b), row.data() + b * blocksize,
-                         blocksize);
+          decode_row_portable(wp, c, scales, r, K, blocksize, row.data());
           for (int64_t m = 0; m < M; ++m) {
             float acc[16] = {0};
             dot16(row.data(), xp + m * K, K, acc);
@@ -698,10 +707,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
         }
 #endif
         run_for_isa([&] {
-          for (int64_t r = begin; r < end; ++r)
-            for (int64_t b = 0; b < blocks_per_row; ++b)
-              decode_block(wp + (r * K + b * blocksize) / 2, c, scales(r * blocks_per_row + b),
-                           bp + (r - r0) * Kp + b * blocksize, blocksize);
+          for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, bp + (r - r0) * Kp);
         });
       });
       out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
