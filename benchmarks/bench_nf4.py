@@ -1,6 +1,6 @@
 """NF4 / FP4 in one run: quality on the real model, then the speed of the fused 4-bit matmul.
 
-    python benchmarks/bench_nf4.py [--eval-tokens 8192] [--skip-quality] [--skip-speed]
+    python benchmarks/bench_nf4.py [--eval-tokens 8192] [--skip-quality] [--skip-speed] [--skip-isa-tables]
 
 Quality: held-out perplexity and stored size of NF4, FP4 and RTN W4 g64 asymmetric, with and
 without double quantization. Every Linear but lm_head is replaced by its quantize ->
@@ -16,6 +16,10 @@ of repeated calls). The machine's 300 MB L3 keeps a 4-bit weight (8-23 MB) cache
 calls, so "warm" figures run from cache; "cold" ones evict the caches (a 1 GiB write) before
 every call, as a real model's layers do to each other. Achieved bandwidth = bytes of codes
 and scales read / time, beside a measured copy bandwidth (bytes read + written / time).
+
+Per ISA path (lowbit.supported_isas(), each forced with lowbit.use_isa): NF4Linear's time over
+fp32 F.linear at batch 1 to 512 on the three shapes and 576x576, GB/s at batch 1, and the
+machine's read bandwidth (a sum over 1 GiB) to compare it with.
 """
 
 import argparse
@@ -24,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import lowbit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import best_time, print_table  # noqa: E402
@@ -73,6 +79,7 @@ def quality(a):
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in] of Llama-7B's Linears
 BATCHES = [1, 16]
+ISA_BATCHES = [1, 2, 4, 8, 16, 32, 128, 512]
 _EVICT = torch.empty(2**28)  # 1 GiB, written before each cold call
 
 
@@ -104,50 +111,46 @@ def bnb_linear(w, quant_type="nf4"):
     return layer.to("cpu").eval()
 
 
-def speed():
+def read_bandwidth() -> float:
+    """Memory read bandwidth, GB/s: a sum over a 1 GiB float tensor (fastest of 3)."""
+    big = torch.ones(2**28)
+    return big.numel() * 4 / best_time(lambda: big.sum(), warmup=1, repeat=3, min_seconds=0) / 1e9
+
+
+def isa_tables():
+    """Per ISA path: NF4Linear (blocksize 64, fp32 activations) time over fp32 F.linear at every
+    batch size, and the NF4 payload bytes read per second at batch 1 (warm)."""
+    from lowbit.nn import NF4Linear
+
     torch.manual_seed(0)
-    rows, cold_rows = [], []
-    for n, k in SHAPES:
-        w = torch.randn(n, k) * 0.02
-        packed, state = F.nf4_quantize(w, 64, "nf4")
-        packed_dq, state_dq = F.nf4_quantize(w, 64, "nf4", double_quant=True)
-        payload = packed.numel() + state.absmax.numel() * 4
-        bnb = bnb_linear(w)
-
-        def dequant_then_matmul(x):
-            weight = reference.dequantize(packed, state.absmax, 64, "nf4", (n, k), torch.float32)
-            return torch.nn.functional.linear(x, weight)
-
-        for m in BATCHES:
-            x = torch.randn(m, k)
-            with torch.inference_mode():
-                bnb(x)  # the first call repacks
-                t = {"lowbit": best_time(lambda: F.nf4_linear(x, packed, state)),
-                     "lowbit_dq": best_time(lambda: F.nf4_linear(x, packed_dq, state_dq)),
-                     "dense": best_time(lambda: torch.nn.functional.linear(x, w)),
-                     "torch": best_time(lambda: dequant_then_matmul(x), repeat=3),
-                     "bnb": best_time(lambda: bnb(x), repeat=3)}
-                if m == 1:
-                    cold = {"lowbit": cold_time(lambda: F.nf4_linear(x, packed, state)),
-                            "dense": cold_time(lambda: torch.nn.functional.linear(x, w))}
-            rows.append([f"{n}x{k}", m, f"{t['lowbit'] * 1e3:.2f}", f"{t['lowbit'] / t['dense']:.2f}x",
-                         f"{t['lowbit_dq'] / t['dense']:.2f}x", f"{t['lowbit'] / t['torch']:.3f}x",
-                         f"{t['lowbit'] / t['bnb']:.3f}x", f"{t['dense'] * 1e3:.2f}", f"{t['torch'] * 1e3:.1f}",
-                         f"{t['bnb'] * 1e3:.1f}", f"{payload / t['lowbit'] / 1e9:.1f}"])
-            if m == 1:
-                cold_rows.append([f"{n}x{k}", f"{cold['lowbit'] * 1e3:.2f}", f"{cold['dense'] * 1e3:.2f}",
-                                  f"{cold['lowbit'] / cold['dense']:.2f}x", f"{payload / cold['lowbit'] / 1e9:.1f}",
-                                  f"{n * k * 4 / cold['dense'] / 1e9:.1f}"])
-    print(f"\nfused NF4 matmul (blocksize 64, fp32 activations, {torch.get_num_threads()} threads), warm; "
-          "ratios are lowbit's time over the peer's")
-    print_table(["shape [out x in]", "batch", "lowbit ms", "vs fp32 dense", "NF4+DQ vs dense",
-                 "vs dequant+matmul (PyTorch)", "vs bitsandbytes", "dense ms", "dequant+matmul ms", "bitsandbytes ms",
-                 "lowbit GB/s"], rows)
-    print("\nbatch 1, cold (caches evicted before every call)")
-    print_table(["shape [out x in]", "lowbit ms", "dense ms", "lowbit vs dense", "lowbit GB/s", "dense GB/s"],
-                cold_rows)
-    print(f"\ncopy bandwidth (read + write): 1 GiB buffers {copy_bandwidth(2**30, cold_time):.1f} GB/s (memory), "
-          f"16 MiB buffers {copy_bandwidth(2**24, best_time):.1f} GB/s (cache)")
+    cases = []
+    for n, k in SHAPES + [(576, 576)]:
+        linear = torch.nn.Linear(k, n, bias=False)
+        module = NF4Linear.from_linear(linear)
+        payload = nbytes(module.weight, module.absmax)
+        cases.append((f"{n}x{k}", linear.weight.detach(), module, payload))
+    dense = {}
+    with torch.inference_mode():
+        for name, w, _, _ in cases:
+            for m in ISA_BATCHES:
+                x = torch.randn(m, w.shape[1])
+                dense[name, m] = best_time(lambda: torch.nn.functional.linear(x, w), repeat=5 if m < 128 else 3)
+        for isa in lowbit.supported_isas():
+            rows = []
+            with lowbit.use_isa(isa):
+                for name, w, module, payload in cases:
+                    ratios = []
+                    for m in ISA_BATCHES:
+                        x = torch.randn(m, w.shape[1])
+                        t = best_time(lambda: module(x), repeat=5 if m < 128 else 3)
+                        ratios.append(f"{t / dense[name, m]:.2f}x")
+                        if m == 1:
+                            gbs = payload / t / 1e9
+                    rows.append([name, *ratios, f"{gbs:.1f}"])
+            print(f"\nNF4Linear / fp32 F.linear time, {isa} path, {lowbit.cpu_info()['cpu']}, "
+                  f"{torch.get_num_threads()} threads (warm)")
+            print_table(["shape [out x in]", *(f"batch {m}" for m in ISA_BATCHES), "GB/s at batch 1"], rows)
+    print(f"\nmemory read bandwidth (sum over 1 GiB): {read_bandwidth():.1f} GB/s")
 
 
 def main():
@@ -155,11 +158,14 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-isa-tables", action="store_true")
     a = ap.parse_args()
     if not a.skip_quality:
         quality(a)
     if not a.skip_speed:
         speed()
+    if not a.skip_isa_tables:
+        isa_tables()
 
 
 if __name__ == "__main__":

@@ -247,3 +247,29 @@ def test_corrupt_state():
         F.nf4_dequantize(packed[:100], state)
     with pytest.raises(TypeError, match="NF4QuantState"):
         F.nf4_dequantize(packed, {"absmax": state.absmax})
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
+@pytest.mark.parametrize("out_features,in_features,blocksize", [
+    (13, 96, 32),     # 64 + a 32-column tail: the vector kernels' half chunk
+    (5, 160, 32),     # two chunks + a tail, blocks of 32 paired per chunk
+    (3, 128, 64),     # bitsandbytes' default blocksize
+    (7, 384, 128),    # several chunks per block
+    (2, 4096, 4096),  # one block per row
+])
+def test_fused_linear_kernel_shapes(gen, quant_type, double_quant, out_features, in_features, blocksize):
+    """Every kernel on this ISA path (fused for few tokens, decode + GEMM for more), K tails and
+    row counts off the vector width, fp16 / bf16 / strided x, against the reference decode."""
+    w = weight((out_features, in_features), torch.float32, gen)
+    packed, state = F.nf4_quantize(w, blocksize, quant_type, double_quant=double_quant)
+    absmax = state.absmax
+    if double_quant:
+        absmax = ops.blockwise8_dequantize(absmax, state.nested_absmax, R.dynamic_map(), 256) + state.offset
+    dense = R.dequantize(packed, absmax, blocksize, quant_type, w.shape, torch.float32)
+    for tokens, dtype in [(1, torch.float32), (3, torch.bfloat16), (8, torch.float32), (9, torch.float16),
+                          (33, torch.float32)]:
+        x = noncontig(torch.randn(tokens, in_features, generator=gen)).to(dtype)
+        got = F.nf4_linear(x, packed, state)
+        expected = torch.nn.functional.linear(x.float(), dense).to(dtype)
+        tol = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)

@@ -13,6 +13,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -236,25 +237,78 @@ LOWBIT_VECTOR_LOOP void decode_block(const uint8_t* bytes, const float* table, f
   }
 }
 
+// Row r's weights decoded to fp32 in natural column order.
+LOWBIT_VECTOR_LOOP void decode_row_portable(const uint8_t* wp, const Codebook& c, const BlockScales& scales, int64_t r,
+                                            int64_t K, int64_t blocksize, float* dst) {
+  const int64_t blocks_per_row = K / blocksize;
+  float table[16];
+  for (int64_t b = 0; b < blocks_per_row; ++b) {
+    const float am = scales(r * blocks_per_row + b);
+    for (int i = 0; i < 16; ++i) table[i] = c.values[i] * am;
+    decode_block(wp + (r * K + b * blocksize) / 2, table, dst + b * blocksize, blocksize);
+  }
+}
+
 // acc[0..16) += w[k] * x[k] over n (a multiple of 16) elements: 16 independent lanes, which the
-// compiler keeps in one vector register (no reordered float reduction needed).
+// compiler keeps in vector registers (no reordered float reduction needed).
 LOWBIT_VECTOR_LOOP void dot16(const float* w, const float* x, int64_t n, float* acc) {
   for (int64_t k = 0; k < n; k += 16)
     for (int j = 0; j < 16; ++j) acc[j] += w[k + j] * x[k + j];
 }
 
-// Up to this many tokens the AVX-512 kernel multiplies straight from the codes; beyond, rows are
-// decoded once into fp32 tiles for ATen's GEMM (which then reuses each weight enough).
-constexpr int64_t kFusedTokens = 32;
 constexpr int64_t kTokenGroup = 8;  // tokens sharing one pass over a group of rows
 
-// x [M, K] reordered per 32-column chunk into [16 even columns, 16 odd columns]: byte j of a
-// chunk holds columns 2j (high nibble) and 2j + 1 (low nibble), so the two decoded halves of
-// 16 bytes meet contiguous x (the AVX-512 kernels' order).
-at::Tensor deinterleave_chunks(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1);
-  return x.view({M, K / 32, 16, 2}).transpose(2, 3).contiguous().view({M, K});
+// Up to this many tokens every thread multiplies its rows straight from the codes; beyond, rows
+// are decoded once into fp32 tiles for ATen's GEMM, which then reuses each weight enough.
+int64_t fused_tokens(Isa isa) {
+  switch (isa) {
+    case Isa::avx512: return 32;
+    case Isa::avx2: return 16;
+    default: return 8;
+  }
 }
+
+// x [M, K] as contiguous fp32 [M, Kp], read once whatever its dtype and strides, with each chunk of
+// `chunk` columns stored in the order a vector kernel decodes that chunk's codes: position p of
+// a chunk holds its column order[p]; Kp rounds K up to whole chunks, the padding 0. chunk 0:
+// natural order, no padding.
+at::Tensor prepare_x(const at::Tensor& x, int64_t chunk, const uint8_t* order) {
+  if (chunk == 0) return x.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), Kp = ceil_div(K, chunk) * chunk, sm = x.stride(0), sk = x.stride(1);
+  at::Tensor out = at::empty({M, Kp}, x.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lowbit_nf4_x", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / Kp), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        for (int64_t c0 = 0; c0 < Kp; c0 += chunk)
+          for (int64_t p = 0; p < chunk; ++p) {
+            const int64_t col = c0 + order[p];
+            op[m * Kp + c0 + p] = col < K ? static_cast<float>(xp[m * sm + col * sk]) : 0.0f;
+          }
+    });
+  });
+  return out;
+}
+
+// The AVX-512 kernels decode 32 columns (16 bytes) as 16 high nibbles (even columns), then 16
+// low nibbles (odd columns).
+constexpr std::array<uint8_t, 32> kOrderAvx512 = [] {
+  std::array<uint8_t, 32> o{};
+  for (int p = 0; p < 32; ++p) o[p] = static_cast<uint8_t>(p < 16 ? 2 * p : 2 * (p - 16) + 1);
+  return o;
+}();
+
+// The AVX2 kernels decode 64 columns (32 bytes j) as high nibbles (column 2j), then low nibbles
+// (2j + 1), each as 4 vectors q of 8 lanes e that the unpacks fill with j = 16 (e / 4) + 4 q + e % 4.
+constexpr std::array<uint8_t, 64> kOrderAvx2 = [] {
+  std::array<uint8_t, 64> o{};
+  for (int p = 0; p < 64; ++p) {
+    const int low = p / 32, q = p % 32 / 8, e = p % 8;
+    o[p] = static_cast<uint8_t>(2 * (e / 4 * 16 + q * 4 + e % 4) + low);
+  }
+  return o;
+}();
 
 #ifdef LOWBIT_X86
 
@@ -361,7 +415,7 @@ LOWBIT_TARGET_AVX512 void nf4_fused_avx512(const uint8_t* wp, const BlockScales&
   }
 }
 
-// One row decoded into fp32 in the deinterleaved column order of deinterleave_chunks.
+// One row decoded into fp32 in prepare_x's column order (chunks of 32).
 LOWBIT_TARGET_AVX512 void decode_row_avx512(const uint8_t* row, const BlockScales& scales, const float* codes, float* dst,
                                      int64_t K, int64_t blocksize, int64_t first_block) {
   const __m512 code_vec = _mm512_loadu_ps(codes);
@@ -374,11 +428,162 @@ LOWBIT_TARGET_AVX512 void decode_row_avx512(const uint8_t* row, const BlockScale
     }
   }
 }
+
+// AVX2 has no 16-lane permute, and its 8-lane vpermps is slow on AMD: codes are decoded 64 at a
+// time (32 bytes) with in-lane byte shuffles instead. Each code's fp32 value is assembled from
+// four 16-entry tables, one per byte of the float (vpshufb), and the bytes interleaved into
+// floats by unpacks, which leave the columns in kOrderAvx2. Times the block scale, that is the
+// value nf4_dequantize computes.
+struct BytePlanes {
+  __m256i byte[4];
+};
+
+LOWBIT_TARGET_AVX2 BytePlanes byte_planes_avx2(const float* codes) {
+  alignas(16) uint8_t planes[4][16];
+  for (int i = 0; i < 16; ++i) {
+    uint32_t u;
+    std::memcpy(&u, codes + i, 4);
+    for (int k = 0; k < 4; ++k) planes[k][i] = static_cast<uint8_t>(u >> (8 * k));
+  }
+  BytePlanes t;
+  for (int k = 0; k < 4; ++k)
+    t.byte[k] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(planes[k])));
+  return t;
+}
+
+// The 32 weights of 32 nibbles (one per byte of idx) times scale, as 4 vectors in kOrderAvx2.
+LOWBIT_TARGET_AVX2 inline void lookup32_avx2(const BytePlanes& t, __m256i idx, __m256 scale, __m256 out[4]) {
+  const __m256i b0 = _mm256_shuffle_epi8(t.byte[0], idx), b1 = _mm256_shuffle_epi8(t.byte[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(t.byte[2], idx), b3 = _mm256_shuffle_epi8(t.byte[3], idx);
+  const __m256i lo01 = _mm256_unpacklo_epi8(b0, b1), hi01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i lo23 = _mm256_unpacklo_epi8(b2, b3), hi23 = _mm256_unpackhi_epi8(b2, b3);
+  out[0] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(lo01, lo23)), scale);
+  out[1] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(lo01, lo23)), scale);
+  out[2] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(hi01, hi23)), scale);
+  out[3] = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(hi01, hi23)), scale);
+}
+
+LOWBIT_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Calls chunk(bytes, scale, k, half) for each 64 columns of a row (its codes `row`, its block
+// scales `rs`): the lower lane decodes columns k..k+31, the upper k+32..k+63, which lie in two
+// blocks when blocksize is 32. A row of 64 j + 32 columns ends with a half chunk whose upper
+// lane is padding (scale 0, against zero x). No divisions in the loop.
+template <typename Chunk>
+LOWBIT_TARGET_AVX2 inline void for_chunks_avx2(const uint8_t* row, const float* rs, int64_t K, int64_t blocksize,
+                                               const Chunk& chunk) {
+  if (blocksize >= 64) {
+    for (int64_t k = 0; k < K; k += blocksize, ++rs) {
+      const __m256 scale = _mm256_set1_ps(*rs);
+      for (int64_t j = k; j < k + blocksize; j += 64) chunk(row + j / 2, scale, j, std::false_type{});
+    }
+    return;
+  }
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64, rs += 2)
+    chunk(row + k / 2, _mm256_setr_m128(_mm_set1_ps(rs[0]), _mm_set1_ps(rs[1])), k, std::false_type{});
+  if (k < K) chunk(row + k / 2, _mm256_setr_m128(_mm_set1_ps(rs[0]), _mm_setzero_ps()), k, std::true_type{});
+}
+
+// 32 bytes of codes (16 when Half) -> high nibbles, low nibbles.
+template <bool Half>
+LOWBIT_TARGET_AVX2 inline void nibbles_avx2(const uint8_t* bytes, __m256i& hi, __m256i& lo) {
+  const __m256i v = Half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)))
+                         : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+  const __m256i mask = _mm256_set1_epi8(15);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+  lo = _mm256_and_si256(v, mask);
+}
+
+// y[m0 + t, r] for T tokens (x prepared with row stride Kp, an FMA memory operand): each decoded
+// weight vector serves the T tokens; A accumulators per token keep enough FMA chains in flight.
+template <int T>
+LOWBIT_TARGET_AVX2 void nf4_row_avx2(const uint8_t* row, const float* rs, const BytePlanes& planes, const float* x0,
+                                     float* out, int64_t N, int64_t K, int64_t Kp, int64_t blocksize) {
+  constexpr int A = T <= 4 ? 2 : 1;
+  __m256 acc[T][A];
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 2
+    for (int a = 0; a < A; ++a) acc[t][a] = _mm256_setzero_ps();
+  for_chunks_avx2(row, rs, K, blocksize, [&](const uint8_t* bytes, __m256 scale, int64_t k, auto half) LOWBIT_TARGET_AVX2
+                                             __attribute__((always_inline)) {
+    __m256i hi, lo;
+    nibbles_avx2<decltype(half)::value>(bytes, hi, lo);
+    __m256 w[4];
+    lookup32_avx2(planes, hi, scale, w);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)
+        acc[t][q % A] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x0 + t * Kp + k + 8 * q), acc[t][q % A]);
+    lookup32_avx2(planes, lo, scale, w);
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q)
+        acc[t][q % A] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x0 + t * Kp + k + 32 + 8 * q), acc[t][q % A]);
+  });
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) out[t * N] = hsum_avx2(A == 2 ? _mm256_add_ps(acc[t][0], acc[t][A - 1]) : acc[t][0]);
+}
+
+// Rows [begin, end) for T tokens from m0; double-quantized scales decoded once per row, outside
+// the hot loop.
+template <int T>
+void nf4_rows_avx2(const uint8_t* wp, const BlockScales& scales, const BytePlanes& planes, const float* xr,
+                   float* op, int64_t N, int64_t K, int64_t Kp, int64_t blocksize, int64_t begin, int64_t end,
+                   int64_t m0) {
+  const int64_t bpr = K / blocksize;
+  std::vector<float> buf(scales.plain ? 0 : bpr);
+  for (int64_t r = begin; r < end; ++r) {
+    const float* rs = scales.plain ? scales.plain + r * bpr : buf.data();
+    for (int64_t b = 0; !scales.plain && b < bpr; ++b) buf[b] = scales(r * bpr + b);
+    nf4_row_avx2<T>(wp + r * (K / 2), rs, planes, xr + m0 * Kp, op + m0 * N + r, N, K, Kp, blocksize);
+  }
+}
+
+LOWBIT_TARGET_AVX2 void nf4_fused_avx2(const uint8_t* wp, const BlockScales& scales, const float* codes,
+                                       const float* xr, float* op, int64_t M, int64_t N, int64_t K, int64_t Kp,
+                                       int64_t blocksize, int64_t begin, int64_t end) {
+  const BytePlanes planes = byte_planes_avx2(codes);
+  for (int64_t m0 = 0; m0 < M; m0 += kTokenGroup) {
+    switch (std::min(kTokenGroup, M - m0)) {
+      case 1: nf4_rows_avx2<1>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+      case 2: nf4_rows_avx2<2>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+      case 3: nf4_rows_avx2<3>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+      case 4: nf4_rows_avx2<4>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+      case 5: nf4_rows_avx2<5>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+      case 6: nf4_rows_avx2<6>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+      case 7: nf4_rows_avx2<7>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+      default: nf4_rows_avx2<8>(wp, scales, planes, xr, op, N, K, Kp, blocksize, begin, end, m0); break;
+    }
+  }
+}
+
+// One row decoded into fp32 [Kp] in kOrderAvx2 (the padding 0).
+LOWBIT_TARGET_AVX2 void decode_row_avx2(const uint8_t* row, const float* rs, const BytePlanes& planes, float* dst,
+                                        int64_t K, int64_t blocksize) {
+  for_chunks_avx2(row, rs, K, blocksize, [&](const uint8_t* bytes, __m256 scale, int64_t k, auto half) LOWBIT_TARGET_AVX2
+                                             __attribute__((always_inline)) {
+    __m256i hi, lo;
+    nibbles_avx2<decltype(half)::value>(bytes, hi, lo);
+    __m256 w[4];
+    lookup32_avx2(planes, hi, scale, w);
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + k + 8 * q, w[q]);
+    lookup32_avx2(planes, lo, scale, w);
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + k + 32 + 8 * q, w[q]);
+  });
+}
 #endif
 
 // y [M, N] = x [M, K] @ W^T (+ bias), W [N, K] stored as 4-bit codes with per-block absmax
 // (blocks along K: K % blocksize == 0), fp32 or double-quantized (absmax uint8 with
-// nested_absmax, nested_code and offset). Up to kFusedTokens tokens, every thread multiplies
+// nested_absmax, nested_code and offset). Up to fused_tokens(isa) tokens, every thread multiplies
 // its rows straight from the codes (the weight is read once per 8 tokens). More tokens: tiles
 // of rows are decoded into fp32 and multiplied with ATen's GEMM.
 at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& absmax_in,
@@ -441,39 +646,28 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
     absmax = absmax_in.reshape(-1).to(at::kFloat).contiguous();
     scales.plain = absmax.data_ptr<float>();
   }
-  const at::Tensor x = x_in.reshape({-1, K}).to(at::kFloat).contiguous();
-  const at::Tensor packed = packed_in.reshape(-1).contiguous();
-  const int64_t M = x.size(0), blocks_per_row = K / blocksize;
-  const uint8_t* wp = packed.data_ptr<uint8_t>();
-  at::Tensor out = at::empty({M, N}, x.options());
-  float* op = out.data_ptr<float>();
-  const bool have_avx512 = active_isa() == Isa::avx512;
-  // Rows decoded in natural column order (portable) or in deinterleave_chunks' order (AVX-512).
-  auto decode_row = [&](int64_t r, float* dst) {
-#ifdef LOWBIT_X86
-    if (have_avx512) return decode_row_avx512(wp + r * K / 2, scales, c.values, dst, K, blocksize, r * blocks_per_row);
-#endif
-    float table[16];
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const float am = scales(r * blocks_per_row + b);
-      for (int i = 0; i < 16; ++i) table[i] = c.values[i] * am;
-      decode_block(wp + (r * K + b * blocksize) / 2, table, dst + b * blocksize, blocksize);
-    }
-  };
-  const at::Tensor xs = have_avx512 ? deinterleave_chunks(x) : x;
+  const Isa isa = active_isa();
+  const at::Tensor x2 = x_in.reshape({-1, K});
+  const int64_t M = x2.size(0), blocks_per_row = K / blocksize;
+  const at::Tensor xs = isa == Isa::avx512 ? prepare_x(x2, 32, kOrderAvx512.data())
+                        : isa == Isa::avx2 ? prepare_x(x2, 64, kOrderAvx2.data())
+                                           : prepare_x(x2, 0, nullptr);
+  const int64_t Kp = xs.size(1);
   const float* xp = xs.data_ptr<float>();
-  if (M <= kFusedTokens && have_avx512) {
+  const at::Tensor packed = packed_in.reshape(-1).contiguous();
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  at::Tensor out = at::empty({M, N}, xs.options());
+  float* op = out.data_ptr<float>();
+  if (M <= fused_tokens(isa)) {
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
 #ifdef LOWBIT_X86
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      nf4_fused_avx512(wp, scales, c.values, xp, op, M, N, K, blocksize, begin, end);
-    });
+      if (isa == Isa::avx512) return nf4_fused_avx512(wp, scales, c.values, xp, op, M, N, K, blocksize, begin, end);
+      if (isa == Isa::avx2) return nf4_fused_avx2(wp, scales, c.values, xp, op, M, N, K, Kp, blocksize, begin, end);
 #endif
-  } else if (M <= kTokenGroup) {
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       std::vector<float> row(K);
       run_for_isa([&] {
         for (int64_t r = begin; r < end; ++r) {
-          decode_row(r, row.data());
+          decode_row_portable(wp, c, scales, r, K, blocksize, row.data());
           for (int64_t m = 0; m < M; ++m) {
             float acc[16] = {0};
             dot16(row.data(), xp + m * K, K, acc);
@@ -485,14 +679,35 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
       });
     });
   } else {
-    const int64_t tile = std::max<int64_t>(16, (1 << 20) / K);
-    at::Tensor buf = at::empty({std::min(tile, N), K}, x.options());
+    // Rows decoded to fp32 [Kp] in xs's column order, a tile at a time, for ATen's GEMM.
+    const int64_t tile = std::max<int64_t>(16, (1 << 20) / Kp);
+    at::Tensor buf = at::empty({std::min(tile, N), Kp}, xs.options());
     float* bp = buf.data_ptr<float>();
     for (int64_t r0 = 0; r0 < N; r0 += tile) {
       const int64_t r1 = std::min(N, r0 + tile);
-      at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+#ifdef LOWBIT_X86
+        if (isa == Isa::avx512) {
+          for (int64_t r = begin; r < end; ++r)
+            decode_row_avx512(wp + r * K / 2, scales, c.values, bp + (r - r0) * Kp, K, blocksize, r * blocks_per_row);
+          return;
+        }
+        if (isa == Isa::avx2) {
+          const BytePlanes planes = byte_planes_avx2(c.values);
+          std::vector<float> row_scales(scales.plain ? 0 : blocks_per_row);
+          for (int64_t r = begin; r < end; ++r) {
+            const float* rs = scales.plain + r * blocks_per_row;
+            if (!scales.plain) {
+              for (int64_t b = 0; b < blocks_per_row; ++b) row_scales[b] = scales(r * blocks_per_row + b);
+              rs = row_scales.data();
+            }
+            decode_row_avx2(wp + r * K / 2, rs, planes, bp + (r - r0) * Kp, K, blocksize);
+          }
+          return;
+        }
+#endif
         run_for_isa([&] {
-          for (int64_t r = b; r < e; ++r) decode_row(r, bp + (r - r0) * K);
+          for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, bp + (r - r0) * Kp);
         });
       });
       out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
