@@ -26,9 +26,9 @@ class _FrozenWeightMatmul(torch.autograd.Function):
 
 
 def check_input(x: Tensor, in_features: int, module: Optional[nn.Module] = None) -> None:
-    """The checks a quantized Linear's forward needs on x, and on where `module`'s tensors
-    live (its buffers were shaped at construction: cheap attribute tests, not the
-    functional API's full validation; check_state() validates loaded values)."""
+    """What a quantized Linear's forward needs of x, and of where `module`'s tensors live (its
+    buffers were shaped at construction; check_state() validates loaded values): a TypeError or
+    ValueError that says what is wrong and how to fix it."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.device.type != "cpu":
@@ -41,14 +41,30 @@ def check_input(x: Tensor, in_features: int, module: Optional[nn.Module] = None)
         raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
 
 
-def frozen_linear(module: nn.Module, x: Tensor) -> Tensor:
+def frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """module's x @ W^T + bias: the fused kernel (bias inside) when no gradient is wanted, else
-    through _FrozenWeightMatmul so gradients reach x (and a bias that requires them)."""
-    bias = module.bias
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _FrozenWeightMatmul.apply(x, module)
-        return y if bias is None else y + bias.to(y.dtype)
-    return module.quantized_matmul(x, bias)
+    through _FrozenWeightMatmul so gradients reach x (and a bias that requires them). With a
+    compute_dtype, x is cast to it for the kernel and the result back to x's dtype.
+
+    No checks run before the kernel: a forward is called for every token of every layer, and
+    the kernels check their own arguments. When one refuses, check_input() names the problem
+    in the module's terms (or, if it finds none, the kernel's own error stands)."""
+    try:
+        # A meta x would pass the kernels' fake implementations, and a float64 one the dense
+        # fallbacks: two attribute tests keep them out.
+        if x.device.type != "cpu" or x.dtype not in FLOATS:
+            check_input(x, module.in_features, module)
+        xc = x if compute_dtype is None else x.to(compute_dtype)
+        bias = module.bias
+        if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _FrozenWeightMatmul.apply(xc, module)
+            y = y if bias is None else y + bias.to(y.dtype)
+        else:
+            y = module.quantized_matmul(xc, bias)
+        return y if compute_dtype is None else y.to(x.dtype)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        check_input(x, module.in_features, module)
+        raise
 
 
 class KeepsScalesFp32:

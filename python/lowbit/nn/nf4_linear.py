@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from .. import ops
-from .frozen import (KeepsScalesFp32, StateError, check_bias, check_buffer, check_features, check_input,
+from .frozen import (KeepsScalesFp32, StateError, check_bias, check_buffer, check_features,
                      check_positive_finite, frozen_linear)
 
 DType = Union[None, str, torch.dtype]
@@ -139,11 +139,7 @@ class NF4Linear(KeepsScalesFp32, nn.Linear):
                               self.nested_absmax, F.DYNAMIC_MAP, self.offset)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features, self)
-        input_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        return frozen_linear(self, x).to(input_dtype)
+        return frozen_linear(self, x, self.compute_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

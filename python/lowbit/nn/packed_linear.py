@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
-from .frozen import (FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite,
+from .frozen import (FLOATS, StateError, check_bias, check_buffer, check_features, check_positive_finite,
                      check_range, frozen_linear)
 
 
@@ -138,7 +138,6 @@ class PackedLinear(nn.Linear):
         check_bias(err, self)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features, self)
         return frozen_linear(self, x)
 
     def quantized_matmul(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
