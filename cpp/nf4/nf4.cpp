@@ -258,6 +258,92 @@ LOWBIT_VECTOR_LOOP void dot16(const float* w, const float* x, int64_t n, float* 
 
 constexpr int64_t kTokenGroup = 8;  // tokens sharing one pass over a group of rows
 
+// ---------------------------------------------------------------- portable fused kernel (SSE2)
+// Baseline x86-64 has no byte shuffle to decode codes in registers: each byte's two weights come
+// from a table of code pairs (256 x 2 floats, 2 KB, in L1), four columns per vector, and the
+// block's absmax multiplies a vector of partial sums once per block.
+#ifdef LOWBIT_X86
+struct CodePairs {
+  alignas(16) float pairs[256][2];
+  explicit CodePairs(const float* codes) {
+    for (int b = 0; b < 256; ++b) {
+      pairs[b][0] = codes[b >> 4];  // the first column is the high nibble
+      pairs[b][1] = codes[b & 15];
+    }
+  }
+  __m128 four(const uint8_t* bytes) const {  // columns 2j .. 2j + 3 of bytes j, j + 1
+    const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(pairs[bytes[0]])));
+    return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(pairs[bytes[1]]));
+  }
+};
+
+// Rows [begin, end) for tokens [m0, m0 + T); K is a multiple of blocksize (itself of 16).
+template <int T>
+void nf4_rows_sse2(const uint8_t* wp, const BlockScales& scales, const CodePairs& table, const float* xp, float* op,
+                   int64_t N, int64_t K, int64_t blocksize, int64_t begin, int64_t end, int64_t m0) {
+  const int64_t blocks_per_row = K / blocksize;
+  constexpr int A = T == 1 ? 4 : T == 2 ? 2 : 1;  // accumulators per token: independent add chains
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* row = wp + r * K / 2;
+    __m128 total[T];
+    for (int t = 0; t < T; ++t) total[t] = _mm_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      __m128 acc[T][A];
+      for (int t = 0; t < T; ++t)
+        for (int j = 0; j < A; ++j) acc[t][j] = _mm_setzero_ps();
+      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 16)
+        for (int i = 0; i < 4; ++i) {
+          const __m128 w = table.four(row + k / 2 + 2 * i);
+          for (int t = 0; t < T; ++t)
+            acc[t][i % A] = _mm_add_ps(acc[t][i % A], _mm_mul_ps(w, _mm_loadu_ps(xp + (m0 + t) * K + k + 4 * i)));
+        }
+      const __m128 am = _mm_set1_ps(scales(r * blocks_per_row + b));
+      for (int t = 0; t < T; ++t) {
+        __m128 sum = acc[t][0];
+        for (int j = 1; j < A; ++j) sum = _mm_add_ps(sum, acc[t][j]);
+        total[t] = _mm_add_ps(total[t], _mm_mul_ps(sum, am));
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      alignas(16) float v[4];
+      _mm_store_ps(v, total[t]);
+      op[(m0 + t) * N + r] = (v[0] + v[2]) + (v[1] + v[3]);
+    }
+  }
+}
+
+// Row r's weights decoded to fp32 in natural column order, four columns per step.
+void decode_row_sse2(const uint8_t* wp, const BlockScales& scales, const CodePairs& table, int64_t r, int64_t K,
+                     int64_t blocksize, float* dst) {
+  const int64_t blocks_per_row = K / blocksize;
+  const uint8_t* row = wp + r * K / 2;
+  for (int64_t b = 0; b < blocks_per_row; ++b) {
+    const __m128 am = _mm_set1_ps(scales(r * blocks_per_row + b));
+    for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 4)
+      _mm_storeu_ps(dst + k, _mm_mul_ps(table.four(row + k / 2), am));
+  }
+}
+
+void nf4_fused_sse2(const uint8_t* wp, const BlockScales& scales, const CodePairs& table, const float* xp, float* op,
+                    int64_t M, int64_t N, int64_t K, int64_t blocksize, int64_t begin, int64_t end) {
+  constexpr int64_t kRowBlock = 16;  // rows whose codes stay in L1 across the token groups
+  for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+    const int64_t r1 = std::min(end, r0 + kRowBlock);
+    int64_t m0 = 0;
+    for (; m0 + 8 <= M; m0 += 8) nf4_rows_sse2<8>(wp, scales, table, xp, op, N, K, blocksize, r0, r1, m0);
+    if (m0 + 4 <= M) {
+      nf4_rows_sse2<4>(wp, scales, table, xp, op, N, K, blocksize, r0, r1, m0);
+      m0 += 4;
+    }
+    if (m0 + 2 <= M) {
+      nf4_rows_sse2<2>(wp, scales, table, xp, op, N, K, blocksize, r0, r1, m0);
+      m0 += 2;
+    }
+    if (m0 < M) nf4_rows_sse2<1>(wp, scales, table, xp, op, N, K, blocksize, r0, r1, m0);
+  }
+}
+#endif
+
 // Up to this many tokens every thread multiplies its rows straight from the codes; beyond, rows
 // are decoded once into fp32 tiles for ATen's GEMM, which then reuses each weight enough.
 int64_t fused_tokens(Isa isa) {
@@ -658,11 +744,15 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   at::Tensor out = at::empty({M, N}, xs.options());
   float* op = out.data_ptr<float>();
+#ifdef LOWBIT_X86
+  const CodePairs pairs(c.values);
+#endif
   if (M <= fused_tokens(isa)) {
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
 #ifdef LOWBIT_X86
       if (isa == Isa::avx512) return nf4_fused_avx512(wp, scales, c.values, xp, op, M, N, K, blocksize, begin, end);
       if (isa == Isa::avx2) return nf4_fused_avx2(wp, scales, c.values, xp, op, M, N, K, Kp, blocksize, begin, end);
+      return nf4_fused_sse2(wp, scales, pairs, xp, op, M, N, K, blocksize, begin, end);
 #endif
       std::vector<float> row(K);
       run_for_isa([&] {
@@ -706,9 +796,11 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
           return;
         }
 #endif
-        run_for_isa([&] {
-          for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, bp + (r - r0) * Kp);
-        });
+#ifdef LOWBIT_X86
+        for (int64_t r = begin; r < end; ++r) decode_row_sse2(wp, scales, pairs, r, K, blocksize, bp + (r - r0) * Kp);
+#else
+        for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, bp + (r - r0) * Kp);
+#endif
       });
       out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
     }
