@@ -132,13 +132,20 @@ at::Tensor nf4_dequantize(const at::Tensor& packed_in, const at::Tensor& absmax_
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lowbit_nf4_dequantize", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, blocks, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const int64_t e0 = b * blocksize, e1 = std::min(numel, e0 + blocksize);
-        for (int64_t e = e0; e < e1; ++e) {
-          const uint8_t byte = pp[e / 2];
-          op[e] = static_cast<scalar_t>(c.values[(e & 1) ? byte & 15 : byte >> 4] * ap[b]);
+      run_for_isa([&] {
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t e0 = b * blocksize, e1 = std::min(numel, e0 + blocksize);
+          scalar_t table[16];  // the block's 16 values, rounded once
+          for (int i = 0; i < 16; ++i) table[i] = static_cast<scalar_t>(c.values[i] * ap[b]);
+          int64_t e = e0;
+          for (; e + 1 < e1; e += 2) {  // blocksize is even: a block starts on a byte
+            const uint8_t byte = pp[e / 2];
+            op[e] = table[byte >> 4];
+            op[e + 1] = table[byte & 15];
+          }
+          if (e < e1) op[e] = table[pp[e / 2] >> 4];
         }
-      }
+      });
     });
   });
   return out;
