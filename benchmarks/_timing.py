@@ -26,3 +26,17 @@ def print_table(headers, rows):
     print("-|-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+
+
+def cold_weights(make, weight_bytes: int, budget: int = 128 << 20):
+    """A callable that cycles through enough independent copies (from make(), each a callable
+    over its own weights) to span `budget` bytes, so every call reads its weights from memory
+    as a layer in a whole model does, not from a cache that the previous call warmed."""
+    fns = [make() for _ in range(max(1, -(-budget // max(weight_bytes, 1))))]
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
