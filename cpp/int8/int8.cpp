@@ -382,8 +382,15 @@ void int8_gemm_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int3
 // 13 ms of fp32 dense for 16x4096x4096), so no other path calls it.
 constexpr int64_t kOneDnnTokens = 12;
 
-// Below this many multiply-adds a call runs on one thread (waking the pool costs more).
+// Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
 constexpr int64_t kParallelMacs = 1 << 20;
+
+// body(begin, end) over b's rows [0, N): split across the threads for large products.
+template <typename F>
+void over_rows(int64_t M, int64_t N, int64_t K, const F& body) {
+  if (M * N * K < kParallelMacs) return body(0, N);
+  at::parallel_for(0, N, 16, body);
+}
 
 // a [M, K] @ b [N, K]^T in int32, both row-major: the VNNI tiles (or at::_int_mm) on the
 // avx512 path of a VNNI CPU, the AVX2 kernel on avx2 and on avx512 without VNNI, the portable
@@ -394,29 +401,26 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
 #ifdef LOWBIT_X86
   if (use_vnni() && M >= kOneDnnTokens && K % 8 == 0 && N % 8 == 0) return at::_int_mm(a, b.t());
 #endif
-  const int64_t grain = M * N * K < kParallelMacs ? N : 16;
   at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
   Gemm g{a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, K};
 #ifdef LOWBIT_X86
   if (use_vnni()) {
     const at::Tensor a_sum = a.to(at::kInt).sum(1, false, at::kInt).contiguous();
     const int32_t* sp = a_sum.data_ptr<int32_t>();
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end);
-    });
+    over_rows(M, N, K, [&](int64_t begin, int64_t end) { int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end); });
     return acc;
   }
   if (active_isa() >= Isa::avx2) {
     const Avx2Operand op = prepare_avx2(a);
     if (op.fix_ptr.empty()) {
-      at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemm_avx2(g, begin, end); });
+      over_rows(M, N, K, [&](int64_t begin, int64_t end) { gemm_avx2(g, begin, end); });
       return acc;
     }
     const int64_t E = static_cast<int64_t>(op.extra_of.size());
     at::Tensor full = E ? at::empty({M + E, N}, acc.options()) : acc;
     const Gemm gf{op.codes.data_ptr<int8_t>(), g.b, full.data_ptr<int32_t>(), M + E, N, K, op.fix_ptr.data(),
                   op.fix_k.data()};
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemm_avx2(gf, begin, end); });
+    over_rows(M + E, N, K, [&](int64_t begin, int64_t end) { gemm_avx2(gf, begin, end); });
     if (E == 0) return acc;
     full = full.narrow(0, 0, M).index_add_(0, at::tensor(op.extra_of, a.options().dtype(at::kLong)),
                                            full.narrow(0, M, E));
@@ -426,7 +430,7 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor a16 = at::empty({M, K}, a.options().dtype(at::kShort));
   int16_t* a16p = a16.data_ptr<int16_t>();
   run_for_isa([&] { widen(g.a, M * K, a16p); });
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { gemm_generic(g, a16p, begin, end); });
+  over_rows(M, N, K, [&](int64_t begin, int64_t end) { gemm_generic(g, a16p, begin, end); });
   return acc;
 }
 
@@ -443,6 +447,11 @@ at::Tensor int8_matmul(const at::Tensor& a_in, const at::Tensor& b_in) {
   TORCH_CHECK_VALUE(a_in.size(1) <= kMaxInt8K, "lowbit: K = ", a_in.size(1), " exceeds ", kMaxInt8K,
                     " (the int32 accumulator could overflow)");
   return int8_matmul_impl(a_in.contiguous(), b_in.contiguous());
+}
+
+// bitsandbytes' order: acc * (row * col) * 1/127^2.
+LOWBIT_VECTOR_LOOP void rescale_row(const int32_t* acc, float row, const float* col, int64_t N, float* out) {
+  for (int64_t n = 0; n < N; ++n) out[n] = static_cast<float>(acc[n]) * (row * col[n]) * kInvSquare127;
 }
 
 // LLM.int8(): y = dequant(int8(x) @ w^T) + x[:, outliers] @ dequant(w[:, outliers])^T (+ bias),
@@ -475,10 +484,13 @@ at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const a
   const int32_t* cp = acc.data_ptr<int32_t>();
   const float *rp = q.absmax.data_ptr<float>(), *sp = scb.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)  // bitsandbytes' order: acc * (row * col) * 1/127^2
-      for (int64_t n = 0; n < N; ++n) op[m * N + n] = static_cast<float>(cp[m * N + n]) * (rp[m] * sp[n]) * kInvSquare127;
-  });
+  const auto rescale = [&](int64_t begin, int64_t end) {
+    run_for_isa([&] {
+      for (int64_t m = begin; m < end; ++m) rescale_row(cp + m * N, rp[m], sp, N, op + m * N);
+    });
+  };
+  if (M * N < kParallelMacs / 16) rescale(0, M);
+  else at::parallel_for(0, M, 1, rescale);
   const at::Tensor idx = q.outlier.nonzero().view({-1});
   if (idx.numel() > 0) {  // the outlier columns in floating point, against the int8-dequantized weight
     const at::Tensor sub_x = x.reshape({M, K}).index_select(1, idx).to(at::kFloat);

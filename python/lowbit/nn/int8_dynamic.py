@@ -12,6 +12,7 @@ from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationScheme, resolve_scheme
 from .frozen import FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite
+from .int8_outlier import _plausible
 
 
 class Int8DynamicLinear(nn.Module):
@@ -56,7 +57,17 @@ class Int8DynamicLinear(nn.Module):
         check_bias(err, self)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features, self)
+        # The kernels check their arguments: the module's own messages (check_input) run only for
+        # an input that fails, off the per-call path.
+        if not _plausible(x, self.in_features):
+            check_input(x, self.in_features, self)
+        try:
+            return self._forward(x)
+        except (TypeError, ValueError, RuntimeError):
+            check_input(x, self.in_features, self)
+            raise
+
+    def _forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, self.in_features)
         # per token: lowbit's scale and codes kernels, then its int8 x int8 -> int32 GEMM
         x_scale, _ = ops.quant_params(x2d, 8, True, self.in_features)
