@@ -22,18 +22,29 @@ constexpr double kInv127 = 7.874015718698502e-3;  // and its 1 / 127
 
 // One row of float16 values (held as fp32): its absmax over the non-outlier elements
 // (|v| >= threshold, threshold > 0, are outliers), the outlier columns it marks, and whether
-// every value is finite (v - v is 0 only for finite v).
+// every value is finite (v - v is 0 only for finite v). Lanes of partial results let the
+// compiler vectorise the reductions (max and a NaN test do not depend on the order).
 LOWBIT_VECTOR_LOOP float row_absmax(const float* row, int64_t K, float threshold, uint8_t* outlier, bool* finite) {
-  float am = 0.0f, nonfinite = 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
+  constexpr int kLanes = 16;
+  float am[kLanes] = {}, nonfinite[kLanes] = {};
+  const auto step = [&](int64_t k, int j) {
     const float a = std::fabs(row[k]);
     const bool out = threshold > 0.0f && a >= threshold;
     outlier[k] |= out;
-    am = std::max(am, out ? 0.0f : a);
-    nonfinite += row[k] - row[k];
+    am[j] = std::max(am[j], out ? 0.0f : a);
+    nonfinite[j] += row[k] - row[k];
+  };
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) step(k + j, j);
+  for (int j = 0; k < K; ++k, ++j) step(k, j);
+  float m = 0.0f, bad = 0.0f;
+  for (int j = 0; j < kLanes; ++j) {
+    m = std::max(m, am[j]);
+    bad += nonfinite[j];
   }
-  *finite = nonfinite == 0.0f;
-  return am;
+  *finite = bad == 0.0f;
+  return m;
 }
 
 // Its int8 codes; the codes of every outlier column are 0.
