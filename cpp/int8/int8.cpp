@@ -135,8 +135,9 @@ struct Gemm {
   const int32_t* fix_k = nullptr;
 };
 
-// Calls tile(m0, T, n0, k0, kc) over token blocks x K blocks x weight rows [n_begin, n_end) in
-// steps of R x groups of up to T_MAX tokens (tile writes c on the first K block, adds after).
+// Calls tile(m0, tokens, n0, rows, k0, kc) over token blocks x K blocks x weight rows
+// [n_begin, n_end) in steps of R, groups of up to T_MAX tokens (tile writes c on the first K
+// block, adds after).
 template <int R, int T_MAX, typename Tile>
 void for_each_tile(const Gemm& g, int64_t n_begin, int64_t n_end, const Tile& tile) {
   const int64_t kb = g.K <= kKBlock + kKBlock / 2 ? g.K : kKBlock;
@@ -147,7 +148,8 @@ void for_each_tile(const Gemm& g, int64_t n_begin, int64_t n_end, const Tile& ti
       const int64_t kc = std::min(kb, g.K - k0);
       for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
         const int rows = static_cast<int>(std::min<int64_t>(R, n_end - n0));
-        for (int64_t m = m0; m < m1; m += T_MAX) tile(m, static_cast<int>(std::min<int64_t>(T_MAX, m1 - m)), n0, rows, k0, kc);
+        for (int64_t m = m0; m < m1; m += T_MAX)
+          tile(m, static_cast<int>(std::min<int64_t>(T_MAX, m1 - m)), n0, rows, k0, kc);
       }
     }
   }
@@ -194,7 +196,8 @@ LOWBIT_VECTOR_LOOP void tile_generic(const Gemm& g, const int16_t* a16, int16_t*
 void gemm_generic(const Gemm& g, const int16_t* a16, int64_t n_begin, int64_t n_end) {
   std::vector<int16_t> w16(kGenericRows * std::min(g.K, kKBlock + kKBlock / 2));
   run_for_isa([&] {
-    for_each_tile<kGenericRows, 4>(g, n_begin, n_end, [&](int64_t m0, int t, int64_t n0, int rows, int64_t k0, int64_t kc) {
+    for_each_tile<kGenericRows, 4>(g, n_begin, n_end, [&](int64_t m0, int t, int64_t n0, int rows, int64_t k0,
+                                                          int64_t kc) {
       switch (t) {
         case 1: tile_generic<1>(g, a16, w16.data(), m0, n0, rows, k0, kc); break;
         case 2: tile_generic<2>(g, a16, w16.data(), m0, n0, rows, k0, kc); break;
@@ -242,7 +245,8 @@ LOWBIT_TARGET_AVX2 void tile_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * K + k));
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i)
-        acc[i][t] = _mm256_add_epi32(acc[i][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(x, w[i])), ones));
+        acc[i][t] = _mm256_add_epi32(
+            acc[i][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(x, w[i])), ones));
     }
   }
 #pragma GCC unroll 8
@@ -396,10 +400,13 @@ constexpr int64_t kOneDnnTokens = 12;
 // Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
 constexpr int64_t kParallelMacs = 1 << 20;
 
-// body(begin, end) over b's rows [0, N): split across the threads for large products.
+// body(begin, end) over b's rows [0, N): split across the threads for large products. With
+// `gemv_alone`, one token stays on the calling thread: the AVX2 and VNNI kernels stream the
+// weight at about one core's read bandwidth (16 GB/s of int8 weight on an AVX2 EPYC, 0.3x fp32
+// dense), and a second thread adds little but a wait on the pool, long on a busy machine.
 template <typename F>
-void over_rows(int64_t M, int64_t N, int64_t K, const F& body) {
-  if (M * N * K < kParallelMacs) return body(0, N);
+void over_rows(int64_t M, int64_t N, int64_t K, bool gemv_alone, const F& body) {
+  if ((gemv_alone && M == 1) || M * N * K < kParallelMacs) return body(0, N);
   at::parallel_for(0, N, 16, body);
 }
 
@@ -418,20 +425,22 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   if (use_vnni()) {
     const at::Tensor a_sum = a.to(at::kInt).sum(1, false, at::kInt).contiguous();
     const int32_t* sp = a_sum.data_ptr<int32_t>();
-    over_rows(M, N, K, [&](int64_t begin, int64_t end) { int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end); });
+    over_rows(M, N, K, true, [&](int64_t begin, int64_t end) {
+      int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end);
+    });
     return acc;
   }
   if (active_isa() >= Isa::avx2) {
     const Avx2Operand op = prepare_avx2(a);
     if (op.fix_ptr.empty()) {
-      over_rows(M, N, K, [&](int64_t begin, int64_t end) { gemm_avx2(g, begin, end); });
+      over_rows(M, N, K, true, [&](int64_t begin, int64_t end) { gemm_avx2(g, begin, end); });
       return acc;
     }
     const int64_t E = static_cast<int64_t>(op.extra_of.size());
     at::Tensor full = E ? at::empty({M + E, N}, acc.options()) : acc;
     const Gemm gf{op.codes.data_ptr<int8_t>(), g.b, full.data_ptr<int32_t>(), M + E, N, K, op.fix_ptr.data(),
                   op.fix_k.data()};
-    over_rows(M + E, N, K, [&](int64_t begin, int64_t end) { gemm_avx2(gf, begin, end); });
+    over_rows(M + E, N, K, true, [&](int64_t begin, int64_t end) { gemm_avx2(gf, begin, end); });
     if (E == 0) return acc;
     full = full.narrow(0, 0, M).index_add_(0, at::tensor(op.extra_of, a.options().dtype(at::kLong)),
                                            full.narrow(0, M, E));
@@ -441,7 +450,7 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor a16 = at::empty({M, K}, a.options().dtype(at::kShort));
   int16_t* a16p = a16.data_ptr<int16_t>();
   run_for_isa([&] { widen(g.a, M * K, a16p); });
-  over_rows(M, N, K, [&](int64_t begin, int64_t end) { gemm_generic(g, a16p, begin, end); });
+  over_rows(M, N, K, false, [&](int64_t begin, int64_t end) { gemm_generic(g, a16p, begin, end); });
   return acc;
 }
 
