@@ -1,6 +1,7 @@
 """LLM.int8() in one run: quality on the real model, then the speed of the int8 matmul.
 
     python benchmarks/bench_int8.py [--eval-tokens 8192] [--samples 16] [--skip-quality] [--skip-speed]
+                                    [--batches 1,2,4,8,16,32,128,512] [--repeat 10]
 
 Quality: held-out perplexity of SmolLM2-135M-Instruct with every Linear but lm_head as
 Int8OutlierLinear (oneshot with LLMInt8Modifier, threshold 6.0 (bitsandbytes' default), 3.0,
@@ -8,17 +9,19 @@ Int8OutlierLinear (oneshot with LLMInt8Modifier, threshold 6.0 (bitsandbytes' de
 and the fraction of input dimensions per layer that held an outlier (|x| >= 6) on the
 calibration data.
 
-Speed: lowbit's int8_outlier_matmul (activations quantized per token, outlier columns in
-floating point, int8 x int8 -> int32) at batch 1, 16 and 128 on 7B shapes, against fp32 dense
-F.linear, bitsandbytes' Linear8bitLt on the CPU (its own int8 quantization in PyTorch and
-torch._int_mm) and torch._int_mm on the already-quantized operands (the bare GEMM, no
-quantization or rescaling), all timed the same way (fastest of
-repeated calls). Activations are Gaussian with 0.1% of the columns planted at 10x, about
-LLM.int8()'s outlier rate in large models, so threshold 6.0 decomposes them.
+Speed, per ISA path (every path lowbit.supported_isas() lists, through lowbit.use_isa): the
+time of Int8OutlierLinear (LLM.int8(), threshold 6.0) and Int8DynamicLinear (W8A8) over fp32
+F.linear on the same float weight, at batch 1 to 512 on 7B shapes and SmolLM2's 576x576, with
+torch._int_mm on the already-quantized operands (the bare GEMM: no quantization, no
+rescaling) as a peer column; then batch 1's weight bytes per second against the machine's read
+bandwidth (torch.sum over 1 GiB). Each pair is timed alternately, fastest of repeated calls
+(the machines are shared). Activations are Gaussian with 0.1% of the columns planted at 10x,
+about LLM.int8()'s outlier rate in large models, so threshold 6.0 decomposes them.
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -30,9 +33,10 @@ import lowbit  # noqa: E402
 from lowbit import examples  # noqa: E402
 from lowbit import functional as F  # noqa: E402
 from lowbit.eval import perplexity  # noqa: E402
+from lowbit.nn import Int8DynamicLinear, Int8OutlierLinear  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096)]  # [out, in]
-BATCHES = [1, 16, 128]
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (576, 576)]  # [out, in]
+BATCHES = "1,2,4,8,16,32,128,512"
 
 
 def quality(a):
@@ -64,42 +68,63 @@ def quality(a):
     print("largest: " + ", ".join(f"{n} {100 * f:.2f}%" for n, f in worst))
 
 
-def bnb_linear(w, threshold):
-    import bitsandbytes as bnb
+def alternate(fns, repeat):
+    """Fastest time of each fn, called in turn (a burst of load hits all of them alike)."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
 
-    layer = bnb.nn.Linear8bitLt(w.shape[1], w.shape[0], bias=False, has_fp16_weights=False, threshold=threshold)
-    layer.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False)
-    return layer.to("cpu").eval()  # .to() quantizes
+
+def bandwidth():
+    x = torch.ones(1 << 28)  # 1 GiB of fp32
+    return x.numel() * 4 / best_time(lambda: x.sum(), repeat=5)
 
 
-def speed():
+def speed(a):
     torch.manual_seed(0)
-    rows = []
+    batches = [int(b) for b in a.batches.split(",")]
+    layers = {}
     for n, k in SHAPES:
-        w = torch.randn(n, k) * 0.02
-        codes, scb, _ = F.int8_quantize_rowwise(w)
-        bnb6, bnb0 = bnb_linear(w, 6.0), bnb_linear(w, 0.0)
-        outliers = torch.randperm(k)[: max(1, k // 1000)]
-        for m in BATCHES:
-            x = torch.randn(m, k)
-            x[:, outliers] *= 10
-            x_codes = F.int8_quantize_rowwise(x).codes
-            with torch.inference_mode():
-                t = {"t6": best_time(lambda: F.int8_outlier_matmul(x, codes, scb, 6.0)),
-                     "t0": best_time(lambda: F.int8_outlier_matmul(x, codes, scb, 0.0)),
-                     "dense": best_time(lambda: torch.nn.functional.linear(x, w)),
-                     "bnb6": best_time(lambda: bnb6(x), repeat=5),
-                     "bnb0": best_time(lambda: bnb0(x), repeat=5)}
-                t["int_mm"] = best_time(lambda: torch._int_mm(x_codes, codes.t()))
-            int_mm = f"{t['int_mm'] * 1e3:.2f} ms ({t['t0'] / t['int_mm']:.2f}x)"
-            rows.append([f"{n}x{k}", m, f"{t['t6'] * 1e3:.2f}", f"{t['t6'] / t['dense']:.2f}x",
-                         f"{t['t0'] / t['dense']:.2f}x", f"{t['t6'] / t['bnb6']:.2f}x", f"{t['t0'] / t['bnb0']:.2f}x",
-                         int_mm, f"{t['dense'] * 1e3:.2f}", f"{t['bnb6'] * 1e3:.2f}"])
-    print(f"\nLLM.int8() matmul ({torch.get_num_threads()} threads; 0.1% outlier columns at 10x); ratios are "
-          "lowbit's time over the peer's")
-    print_table(["shape [out x in]", "batch", "lowbit t=6 ms", "t=6 vs fp32 dense", "t=0 vs fp32 dense",
-                 "t=6 vs bitsandbytes", "t=0 vs bitsandbytes", "torch._int_mm alone (lowbit t=0 vs it)",
-                 "dense ms", "bitsandbytes t=6 ms"], rows)
+        linear = torch.nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            linear.weight.normal_(0, 0.02)
+        layers[n, k] = (linear.weight.detach(), Int8OutlierLinear.from_linear(linear, 6.0),
+                        Int8DynamicLinear.from_linear(linear))
+    cpu, threads = lowbit.cpu_info()["cpu"], torch.get_num_threads()
+    read = bandwidth()
+    int_mm = {}
+    for isa in lowbit.supported_isas():
+        rows, gbs = [], []
+        with lowbit.use_isa(isa), torch.inference_mode():
+            for (n, k), (w, llm, w8a8) in layers.items():
+                outliers = torch.randperm(k)[: max(1, k // 1000)]
+                for m in batches:
+                    x = torch.randn(m, k)
+                    x[:, outliers] *= 10
+                    x_codes = F.int8_quantize_rowwise(x).codes
+                    repeat = max(3, min(a.repeat, int(2e9 / (m * n * k))))
+                    fns = [lambda: torch.nn.functional.linear(x, w), lambda: llm(x), lambda: w8a8(x)]
+                    if (n, k, m) not in int_mm:  # ATen's: the same on every lowbit path
+                        fns.append(lambda: torch._int_mm(x_codes, llm.weight.t()))
+                    dense, t_llm, t_w8a8, *t_mm = alternate(fns, repeat)
+                    t_mm = int_mm.setdefault((n, k, m), t_mm[0] if t_mm else None)
+                    rows.append([f"{n}x{k}", m, f"{dense * 1e3:.3f}", f"{t_llm / dense:.2f}x",
+                                 f"{t_w8a8 / dense:.2f}x", f"{t_mm / dense:.2f}x"])
+                    if m == 1:
+                        gbs.append([f"{n}x{k}", f"{n * k / t_llm / 1e9:.1f}", f"{n * k / t_w8a8 / 1e9:.1f}",
+                                    f"{n * k * 4 / dense / 1e9:.1f}"])
+        print(f"\n{cpu}, {threads} threads, lowbit path {isa}: time over fp32 F.linear (0.1% outlier columns "
+              "at 10x)")
+        print_table(["shape [out x in]", "batch", "fp32 dense ms", "LLM.int8() t=6", "W8A8",
+                     "torch._int_mm alone"], rows)
+        print(f"\nbatch 1 weight GB/s on path {isa} (read bandwidth, torch.sum over 1 GiB: {read / 1e9:.1f} GB/s)")
+        print_table(["shape", "LLM.int8()", "W8A8", "fp32 dense"], gbs)
 
 
 def main():
@@ -108,11 +133,13 @@ def main():
     ap.add_argument("--samples", type=int, default=16, help="calibration paragraphs of Emma (outlier report)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--batches", default=BATCHES, help="comma-separated token counts")
+    ap.add_argument("--repeat", type=int, default=10, help="timed calls per column (fewer for the largest)")
     a = ap.parse_args()
     if not a.skip_quality:
         quality(a)
     if not a.skip_speed:
-        speed()
+        speed(a)
 
 
 if __name__ == "__main__":

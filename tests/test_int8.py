@@ -23,7 +23,7 @@ from torch import nn
 import lowbit
 from lowbit import functional as F
 from lowbit import ops
-from lowbit.nn import Int8OutlierLinear
+from lowbit.nn import Int8DynamicLinear, Int8OutlierLinear
 from lowbit.reference import int8 as R
 
 from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig
@@ -104,6 +104,66 @@ def test_int8_matmul_extremes():
     a = torch.full((3, 4096), -127, dtype=torch.int8)
     b = torch.full((5, 4096), -127, dtype=torch.int8)
     assert torch.equal(ops.int8_matmul(a, b), torch.full((3, 5), 127 * 127 * 4096, dtype=torch.int32))
+
+
+GEMM_TOKENS = [1, 3, 7, 8, 9, 12, 17, 33, 130]
+
+
+@pytest.mark.parametrize("m", GEMM_TOKENS)
+@pytest.mark.parametrize("k,n", [(31, 5), (100, 37), (4096 + 2081, 9)])
+def test_int8_gemm_exact_with_minus_128(gen, m, k, n):
+    """Every int8 code, -128 included on both sides (the AVX2 kernel's sign trick moves a -128
+    of a to -127 plus a correction: listed per column when few, a second row when many), K tails
+    (K % 32; 6177 = a 4096 block + a tail block), odd N, strided inputs: the exact product."""
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    a[0, : k // 2] = -128  # a row with many -128 codes
+    b[-1] = -128
+    expected = (a.long() @ b.long().t()).int()
+    assert torch.equal(ops.int8_matmul(a, b), expected)
+    assert torch.equal(ops.int8_matmul(noncontig(a), noncontig(b, "transpose")), expected)
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_int8_gemm_extremes_exact(m):
+    """The largest pair sums: 128 * 128 * 2 in one vpmaddubsw pair would saturate int16; the
+    kernel never forms it. And K at its limit without int32 overflow."""
+    for av, bv in ((-128, -128), (-128, 127), (127, -128), (-127, -127)):
+        a = torch.full((m, 4096 + 5), av, dtype=torch.int8)
+        b = torch.full((3, 4096 + 5), bv, dtype=torch.int8)
+        assert torch.equal(ops.int8_matmul(a, b), torch.full((m, 3), av * bv * (4096 + 5), dtype=torch.int32))
+    a = torch.full((m, 65536), 127, dtype=torch.int8)
+    b = torch.full((2, 65536), -127, dtype=torch.int8)
+    assert torch.equal(ops.int8_matmul(a, b), torch.full((m, 2), -127 * 127 * 65536, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("tokens", GEMM_TOKENS)
+def test_modules_match_reference(gen, dtype, tokens):
+    """Int8OutlierLinear (threshold 6) and Int8DynamicLinear (W8A8) against lowbit.reference.int8,
+    K = 200 (tails), 37 outputs, strided activations; W8A8 rows whose absmax is negative quantize
+    it to -128."""
+    layer = nn.Linear(200, 37).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(37, 200, generator=gen) * 0.05)
+    x = noncontig(activations(tokens, 200, gen, dtype))
+    with torch.no_grad():
+        x[:, 7] = -127.5  # each row's absmax: scale 1, code -127.5 rounds to -128
+    llm = Int8OutlierLinear.from_linear(layer, 6.0)
+    expected = R.outlier_matmul(x, llm.weight, llm.SCB, 6.0, llm.bias)
+    tol = OUTLIER_TOL if dtype == torch.float32 else 1e-2
+    with torch.no_grad():
+        got = llm(x)
+    assert got.dtype == dtype and got.shape == (tokens, 37)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+    w8a8 = Int8DynamicLinear.from_linear(layer)
+    x_scale, _ = ops.quant_params(x.contiguous(), 8, True, 200)
+    assert (ops.quantize(x.contiguous(), x_scale, None, 8, 200) == -128).any()
+    with torch.no_grad():
+        got = w8a8(x)
+    expected = R.dynamic_linear(x, w8a8.weight, w8a8.weight_scale, w8a8.bias)
+    assert got.dtype == dtype and got.shape == (tokens, 37)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------- decomposed matmul

@@ -22,18 +22,29 @@ constexpr double kInv127 = 7.874015718698502e-3;  // and its 1 / 127
 
 // One row of float16 values (held as fp32): its absmax over the non-outlier elements
 // (|v| >= threshold, threshold > 0, are outliers), the outlier columns it marks, and whether
-// every value is finite (v - v is 0 only for finite v).
+// every value is finite (v - v is 0 only for finite v). Lanes of partial results let the
+// compiler vectorise the reductions (max and a NaN test do not depend on the order).
 LOWBIT_VECTOR_LOOP float row_absmax(const float* row, int64_t K, float threshold, uint8_t* outlier, bool* finite) {
-  float am = 0.0f, nonfinite = 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
+  constexpr int kLanes = 16;
+  float am[kLanes] = {}, nonfinite[kLanes] = {};
+  const auto step = [&](int64_t k, int j) {
     const float a = std::fabs(row[k]);
     const bool out = threshold > 0.0f && a >= threshold;
     outlier[k] |= out;
-    am = std::max(am, out ? 0.0f : a);
-    nonfinite += row[k] - row[k];
+    am[j] = std::max(am[j], out ? 0.0f : a);
+    nonfinite[j] += row[k] - row[k];
+  };
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) step(k + j, j);
+  for (int j = 0; k < K; ++k, ++j) step(k, j);
+  float m = 0.0f, bad = 0.0f;
+  for (int j = 0; j < kLanes; ++j) {
+    m = std::max(m, am[j]);
+    bad += nonfinite[j];
   }
-  *finite = nonfinite == 0.0f;
-  return am;
+  *finite = bad == 0.0f;
+  return m;
 }
 
 // Its int8 codes; the codes of every outlier column are 0.
@@ -106,18 +117,216 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rowwise(const at::T
   return {q.codes.view(x.sizes()), q.absmax, q.outlier.nonzero().view({-1})};
 }
 
-// acc[m, n] = sum_k a[m, k] * b[n, k] (int32), a [M, K], b [N, K] row-major int8.
-LOWBIT_VECTOR_LOOP void int8_dot_rows(const int8_t* a, const int8_t* b, int32_t* acc, int64_t M, int64_t N,
-                                      int64_t K, int64_t begin, int64_t end) {
-  for (int64_t n = begin; n < end; ++n)
-    for (int64_t m = 0; m < M; ++m) {
-      int32_t s = 0;
-      for (int64_t k = 0; k < K; ++k) s += static_cast<int32_t>(a[m * K + k]) * b[n * K + k];
-      acc[m * N + n] = s;
+// ---------------------------------------------------------------- int8 x int8 -> int32 GEMM
+// c [M, N] = a [M, K] @ b [N, K]^T, a the activations (tokens), b the weight rows, both
+// row-major. Every kernel streams the weight once per block of tokens: the token block's
+// K block stays in L2 while tiles of weight rows (in L1) meet every token of it.
+constexpr int64_t kKBlock = 4096;         // columns per K block (a multiple of 32)
+constexpr int64_t kBlockBytes = 1 << 18;  // one token block's K block: half of a 512 KiB L2
+
+struct Gemm {
+  const int8_t* a;
+  const int8_t* b;
+  int32_t* c;
+  int64_t M, N, K;
+  // The AVX2 kernel's -128 codes of a (see prepare_avx2): token m's columns
+  // fix_k[fix_ptr[m] .. fix_ptr[m + 1]) hold -127 in a and take b[n, k] off c[m, n].
+  const int64_t* fix_ptr = nullptr;
+  const int32_t* fix_k = nullptr;
+};
+
+// Calls tile(m0, tokens, n0, rows, k0, kc) over token blocks x K blocks x weight rows
+// [n_begin, n_end) in steps of R, groups of up to T_MAX tokens (tile writes c on the first K
+// block, adds after).
+template <int R, int T_MAX, typename Tile>
+void for_each_tile(const Gemm& g, int64_t n_begin, int64_t n_end, const Tile& tile) {
+  const int64_t kb = g.K <= kKBlock + kKBlock / 2 ? g.K : kKBlock;
+  const int64_t tb = std::max<int64_t>(T_MAX, kBlockBytes / kb / T_MAX * T_MAX);
+  for (int64_t m0 = 0; m0 < g.M; m0 += tb) {
+    const int64_t m1 = std::min(g.M, m0 + tb);
+    for (int64_t k0 = 0; k0 < g.K; k0 += kb) {
+      const int64_t kc = std::min(kb, g.K - k0);
+      for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+        const int rows = static_cast<int>(std::min<int64_t>(R, n_end - n0));
+        for (int64_t m = m0; m < m1; m += T_MAX)
+          tile(m, static_cast<int>(std::min<int64_t>(T_MAX, m1 - m)), n0, rows, k0, kc);
+      }
+    }
+  }
+}
+
+// Portable kernel: int16 products summed in int32 (exact for every int8, -128 included), plain
+// loops that run_for_isa() vectorises (pmaddwd). The tokens are widened to int16 once per call,
+// each tile's weight rows once per K block.
+template <int R, int T>
+LOWBIT_VECTOR_LOOP void dot_tile_i16(const int16_t* a, int64_t lda, const int16_t* w, int64_t ldw, int64_t kc,
+                                     int32_t* out) {
+  int32_t s[R * T] = {};
+  for (int64_t k = 0; k < kc; ++k)
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) s[i * T + t] += static_cast<int32_t>(a[t * lda + k]) * w[i * ldw + k];
+  for (int i = 0; i < R * T; ++i) out[i] = s[i];
+}
+
+LOWBIT_VECTOR_LOOP void widen(const int8_t* x, int64_t n, int16_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i];
+}
+
+// Weight rows per portable tile: R x T accumulators, R weight and one token vector fit the 16
+// SSE registers of baseline x86-64.
+constexpr int kGenericRows = 2;
+
+template <int T>
+LOWBIT_VECTOR_LOOP void tile_generic(const Gemm& g, const int16_t* a16, int16_t* w16, int64_t m0, int64_t n0,
+                                     int rows, int64_t k0, int64_t kc) {
+  constexpr int R = kGenericRows;
+  int32_t s[R * T];
+  for (int i = 0; i < rows; ++i) widen(g.b + (n0 + i) * g.K + k0, kc, w16 + i * kc);
+  for (int i = rows; i < R; ++i) std::fill(w16 + i * kc, w16 + (i + 1) * kc, int16_t(0));
+  dot_tile_i16<R, T>(a16 + m0 * g.K + k0, g.K, w16, kc, kc, s);
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < rows; ++i) {
+      int32_t& c = g.c[(m0 + t) * g.N + n0 + i];
+      c = (k0 == 0 ? 0 : c) + s[i * T + t];
     }
 }
 
+void gemm_generic(const Gemm& g, const int16_t* a16, int64_t n_begin, int64_t n_end) {
+  std::vector<int16_t> w16(kGenericRows * std::min(g.K, kKBlock + kKBlock / 2));
+  run_for_isa([&] {
+    for_each_tile<kGenericRows, 4>(g, n_begin, n_end, [&](int64_t m0, int t, int64_t n0, int rows, int64_t k0,
+                                                          int64_t kc) {
+      switch (t) {
+        case 1: tile_generic<1>(g, a16, w16.data(), m0, n0, rows, k0, kc); break;
+        case 2: tile_generic<2>(g, a16, w16.data(), m0, n0, rows, k0, kc); break;
+        case 3: tile_generic<3>(g, a16, w16.data(), m0, n0, rows, k0, kc); break;
+        default: tile_generic<4>(g, a16, w16.data(), m0, n0, rows, k0, kc); break;
+      }
+    });
+  });
+}
+
 #ifdef LOWBIT_X86
+
+LOWBIT_TARGET_AVX2 inline int32_t hsum_avx2(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// R weight rows x T tokens over one K block, llama.cpp's AVX2 int8 dot: vpmaddubsw multiplies
+// |w| (unsigned, 128 for -128) by a carrying w's sign (vpsignb), vpmaddwd with ones widens
+// the pairs to int32. Exact while a holds no -128 (its sign flip would wrap): |pair| <=
+// 2 * 128 * 127 < 2^15, no saturation. A tail of K % 32 columns runs in scalar code.
+template <int R, int T>
+LOWBIT_TARGET_AVX2 void tile_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t k0, int64_t kc) {
+  const int64_t K = g.K;
+  const int8_t* a = g.a + m0 * K + k0;
+  const int8_t* b = g.b + n0 * K + k0;
+  __m256i acc[R][T];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[i][t] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t k = 0;
+  for (; k + 32 <= kc; k += 32) {
+    __m256i w[R], wa[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i * K + k));
+      wa[i] = _mm256_abs_epi8(w[i]);
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + t * K + k));
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i)
+        acc[i][t] = _mm256_add_epi32(
+            acc[i][t], _mm256_madd_epi16(_mm256_maddubs_epi16(wa[i], _mm256_sign_epi8(x, w[i])), ones));
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      int32_t s = hsum_avx2(acc[i][t]);
+      for (int64_t j = k; j < kc; ++j) s += static_cast<int32_t>(a[t * K + j]) * b[i * K + j];
+      if (k0 == 0 && g.fix_ptr)
+        for (int64_t f = g.fix_ptr[m0 + t]; f < g.fix_ptr[m0 + t + 1]; ++f) s -= g.b[(n0 + i) * K + g.fix_k[f]];
+      int32_t& c = g.c[(m0 + t) * g.N + n0 + i];
+      c = (k0 == 0 ? 0 : c) + s;
+    }
+}
+
+template <int R>
+void tile_avx2_tokens(const Gemm& g, int64_t m0, int t, int64_t n0, int64_t k0, int64_t kc) {
+  switch (t) {
+    case 1: return tile_avx2<R, 1>(g, m0, n0, k0, kc);
+    case 2: return tile_avx2<R, 2>(g, m0, n0, k0, kc);
+    case 3: return tile_avx2<R, 3>(g, m0, n0, k0, kc);
+    default: return tile_avx2<R, 4>(g, m0, n0, k0, kc);
+  }
+}
+
+void gemm_avx2(const Gemm& g, int64_t n_begin, int64_t n_end) {
+  for_each_tile<2, 4>(g, n_begin, n_end, [&](int64_t m0, int t, int64_t n0, int rows, int64_t k0, int64_t kc) {
+    if (rows == 2) tile_avx2_tokens<2>(g, m0, t, n0, k0, kc);
+    else tile_avx2_tokens<1>(g, m0, t, n0, k0, kc);
+  });
+}
+
+// The AVX2 kernel's operand: a -128 code becomes -127, its missing -b[n, k] a correction.
+// Few per token (a W8A8 token's most negative value may quantize to -128) are listed and taken
+// off in the tiles; a token holding many gets a second row instead, -1 at those columns, whose
+// products are added to the token's afterwards.
+struct Avx2Operand {
+  at::Tensor codes;                      // [M + extra, K]: a with -128 -> -127, then the extra rows
+  std::vector<int64_t> fix_ptr{};        // [M + extra + 1] (empty when a holds no -128)
+  std::vector<int32_t> fix_k{};
+  std::vector<int64_t> extra_of{};       // the token of each extra row
+};
+
+LOWBIT_VECTOR_LOOP int64_t count_min(const int8_t* x, int64_t n) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += x[i] == -128;
+  return count;
+}
+
+Avx2Operand prepare_avx2(const at::Tensor& a) {
+  const int64_t M = a.size(0), K = a.size(1);
+  const int8_t* ap = a.data_ptr<int8_t>();
+  std::vector<int64_t> counts(M);
+  int64_t total = 0;
+  run_for_isa([&] {
+    for (int64_t m = 0; m < M; ++m) total += counts[m] = count_min(ap + m * K, K);
+  });
+  if (total == 0) return {a};
+  const int64_t sparse = std::max<int64_t>(4, K / 64);  // list corrections cost ~1/8 of a token's tile work here
+  std::vector<int64_t> extra_of;
+  for (int64_t m = 0; m < M; ++m)
+    if (counts[m] > sparse) extra_of.push_back(m);
+  const int64_t E = static_cast<int64_t>(extra_of.size());
+  Avx2Operand op{at::zeros({M + E, K}, a.options()), std::vector<int64_t>(M + E + 1, 0), {}, std::move(extra_of)};
+  int8_t* cp = op.codes.data_ptr<int8_t>();
+  std::copy(ap, ap + M * K, cp);
+  for (int64_t m = 0, e = 0; m < M; ++m) {
+    const bool dense = e < E && op.extra_of[e] == m;
+    for (int64_t k = 0; k < K && counts[m] > 0; ++k) {
+      if (cp[m * K + k] != -128) continue;
+      cp[m * K + k] = -127;
+      if (dense) cp[(M + e) * K + k] = -1;
+      else op.fix_k.push_back(static_cast<int32_t>(k));
+    }
+    e += dense;
+    op.fix_ptr[m + 1] = static_cast<int64_t>(op.fix_k.size());
+  }
+  for (int64_t m = M; m < M + E; ++m) op.fix_ptr[m + 1] = op.fix_ptr[m];
+  return op;
+}
 
 // R weight rows x T tokens of int32 dot products with vpdpbusd (unsigned x signed bytes): the
 // weight bytes are flipped to unsigned (w + 128, an xor) and each token's 128 * sum(a) is
@@ -182,31 +391,66 @@ void int8_gemm_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int3
 }
 #endif
 
-// From this many tokens on, ATen's int8 GEMM (oneDNN, with AMX tiles on CPUs that have them)
-// beats register tiles that re-read the activations for every few weight rows (measured
-// crossover: 12 tokens on 4096x4096 and 11008x4096; below it these tiles take half its time).
+// On the avx512 path with VNNI, from this many tokens on ATen's int8 GEMM (oneDNN, with AMX
+// tiles on CPUs that have them) beats the VNNI tiles (measured crossover: 12 tokens on 4096x4096
+// and 11008x4096). Without VNNI it is far slower than lowbit's AVX2 kernel (86 ms against
+// 13 ms of fp32 dense for 16x4096x4096), so no other path calls it.
 constexpr int64_t kOneDnnTokens = 12;
 
-// a [M, K] @ b [N, K]^T in int32: lowbit's VNNI tiles for few tokens, at::_int_mm for more
-// (it needs K and N multiples of 8), a portable loop on CPUs without VNNI.
+// Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
+constexpr int64_t kParallelMacs = 1 << 20;
+
+// body(begin, end) over b's rows [0, N): split across the threads for large products. With
+// `gemv_alone`, one token stays on the calling thread: the AVX2 and VNNI kernels stream the
+// weight at about one core's read bandwidth (16 GB/s of int8 weight on an AVX2 EPYC, 0.3x fp32
+// dense), and a second thread adds little but a wait on the pool, long on a busy machine.
+template <typename F>
+void over_rows(int64_t M, int64_t N, int64_t K, bool gemv_alone, const F& body) {
+  if ((gemv_alone && M == 1) || M * N * K < kParallelMacs) return body(0, N);
+  at::parallel_for(0, N, 16, body);
+}
+
+// a [M, K] @ b [N, K]^T in int32, both row-major: the VNNI tiles (or at::_int_mm) on the
+// avx512 path of a VNNI CPU, the AVX2 kernel on avx2 and on avx512 without VNNI, the portable
+// one otherwise. Parallel over b's rows.
 at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a.options().dtype(at::kInt));
-  if (M >= kOneDnnTokens && K % 8 == 0 && N % 8 == 0) return at::_int_mm(a, b.t());
+#ifdef LOWBIT_X86
+  if (use_vnni() && M >= kOneDnnTokens && K % 8 == 0 && N % 8 == 0) return at::_int_mm(a, b.t());
+#endif
   at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
-  const int8_t *ap = a.data_ptr<int8_t>(), *bp = b.data_ptr<int8_t>();
-  int32_t* cp = acc.data_ptr<int32_t>();
+  Gemm g{a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, K};
 #ifdef LOWBIT_X86
   if (use_vnni()) {
     const at::Tensor a_sum = a.to(at::kInt).sum(1, false, at::kInt).contiguous();
     const int32_t* sp = a_sum.data_ptr<int32_t>();
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) { int8_gemm_vnni(ap, bp, sp, cp, M, N, K, begin, end); });
+    over_rows(M, N, K, true, [&](int64_t begin, int64_t end) {
+      int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end);
+    });
     return acc;
   }
+  if (active_isa() >= Isa::avx2) {
+    const Avx2Operand op = prepare_avx2(a);
+    if (op.fix_ptr.empty()) {
+      over_rows(M, N, K, true, [&](int64_t begin, int64_t end) { gemm_avx2(g, begin, end); });
+      return acc;
+    }
+    const int64_t E = static_cast<int64_t>(op.extra_of.size());
+    at::Tensor full = E ? at::empty({M + E, N}, acc.options()) : acc;
+    const Gemm gf{op.codes.data_ptr<int8_t>(), g.b, full.data_ptr<int32_t>(), M + E, N, K, op.fix_ptr.data(),
+                  op.fix_k.data()};
+    over_rows(M + E, N, K, true, [&](int64_t begin, int64_t end) { gemm_avx2(gf, begin, end); });
+    if (E == 0) return acc;
+    full = full.narrow(0, 0, M).index_add_(0, at::tensor(op.extra_of, a.options().dtype(at::kLong)),
+                                           full.narrow(0, M, E));
+    return full.contiguous();
+  }
 #endif
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    run_for_isa([&] { int8_dot_rows(ap, bp, cp, M, N, K, begin, end); });
-  });
+  at::Tensor a16 = at::empty({M, K}, a.options().dtype(at::kShort));
+  int16_t* a16p = a16.data_ptr<int16_t>();
+  run_for_isa([&] { widen(g.a, M * K, a16p); });
+  over_rows(M, N, K, false, [&](int64_t begin, int64_t end) { gemm_generic(g, a16p, begin, end); });
   return acc;
 }
 
@@ -223,6 +467,11 @@ at::Tensor int8_matmul(const at::Tensor& a_in, const at::Tensor& b_in) {
   TORCH_CHECK_VALUE(a_in.size(1) <= kMaxInt8K, "lowbit: K = ", a_in.size(1), " exceeds ", kMaxInt8K,
                     " (the int32 accumulator could overflow)");
   return int8_matmul_impl(a_in.contiguous(), b_in.contiguous());
+}
+
+// bitsandbytes' order: acc * (row * col) * 1/127^2.
+LOWBIT_VECTOR_LOOP void rescale_row(const int32_t* acc, float row, const float* col, int64_t N, float* out) {
+  for (int64_t n = 0; n < N; ++n) out[n] = static_cast<float>(acc[n]) * (row * col[n]) * kInvSquare127;
 }
 
 // LLM.int8(): y = dequant(int8(x) @ w^T) + x[:, outliers] @ dequant(w[:, outliers])^T (+ bias),
@@ -255,10 +504,13 @@ at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const a
   const int32_t* cp = acc.data_ptr<int32_t>();
   const float *rp = q.absmax.data_ptr<float>(), *sp = scb.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m)  // bitsandbytes' order: acc * (row * col) * 1/127^2
-      for (int64_t n = 0; n < N; ++n) op[m * N + n] = static_cast<float>(cp[m * N + n]) * (rp[m] * sp[n]) * kInvSquare127;
-  });
+  const auto rescale = [&](int64_t begin, int64_t end) {
+    run_for_isa([&] {
+      for (int64_t m = begin; m < end; ++m) rescale_row(cp + m * N, rp[m], sp, N, op + m * N);
+    });
+  };
+  if (M * N < kParallelMacs / 16) rescale(0, M);
+  else at::parallel_for(0, M, 1, rescale);
   const at::Tensor idx = q.outlier.nonzero().view({-1});
   if (idx.numel() > 0) {  // the outlier columns in floating point, against the int8-dequantized weight
     const at::Tensor sub_x = x.reshape({M, K}).index_select(1, idx).to(at::kFloat);

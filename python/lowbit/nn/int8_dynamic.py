@@ -12,6 +12,7 @@ from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationScheme, resolve_scheme
 from .frozen import FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite
+from .int8_outlier import _plausible
 
 
 class Int8DynamicLinear(nn.Module):
@@ -56,16 +57,24 @@ class Int8DynamicLinear(nn.Module):
         check_bias(err, self)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_features, self)
-        if x.dtype not in FLOATS:
-            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        # The kernels check their arguments: the module's own messages (check_input) run only for
+        # an input that fails, off the per-call path.
+        if not _plausible(x, self.in_features):
+            check_input(x, self.in_features, self)
+        try:
+            return self._forward(x)
+        except (TypeError, ValueError, RuntimeError):
+            check_input(x, self.in_features, self)
+            raise
+
+    def _forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, self.in_features)
-        x_scale, _ = ops.quant_params(x2d, 8, True, self.in_features)  # per token
-        x_codes = ops.quantize(x2d, x_scale, None, 8, self.in_features)
-        acc = torch._int_mm(x_codes, self.weight.t())
-        y = acc.float() * x_scale.float() * self.weight_scale.float().t()
+        # per token: lowbit's scale and codes kernels, then its int8 x int8 -> int32 GEMM
+        x_scale, _ = ops.quant_params(x2d, 8, True, self.in_features)
+        acc = ops.int8_matmul(ops.quantize(x2d, x_scale, None, 8, self.in_features), self.weight)
+        y = acc.float().mul_(x_scale.float()).mul_(self.weight_scale.float().t())
         if self.bias is not None:
-            y = y + self.bias.float()
+            y.add_(self.bias.float())
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

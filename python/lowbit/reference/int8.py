@@ -40,3 +40,20 @@ def outlier_matmul(x: Tensor, w: Tensor, w_scale: Tensor, threshold: float, bias
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def dynamic_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """W8A8 (Int8DynamicLinear): x's tokens quantized symmetric int8 per token (compressed-tensors'
+    min-max scale, codes may reach -128), times int8 w [out, in] exactly, rescaled by
+    x_scale * w_scale [out, 1] in fp32 (+ bias), returned in x's dtype."""
+    from . import quant
+
+    k = x.shape[-1]
+    x2d = x.reshape(-1, k)
+    x_scale, _ = quant.quant_params(x2d, 8, True, k)
+    codes = quant.quantize(x2d, x_scale, None, 8, k)
+    acc = (codes.double() @ w.double().t()).float()  # exact: integers below 2^53
+    y = acc * x_scale.float() * w_scale.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
