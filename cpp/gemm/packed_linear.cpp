@@ -93,7 +93,7 @@ using DequantizeRows = void (*)(const LinearArgs&, int64_t, int64_t, float*);
 // out = x @ W^T, W dequantized a tile of rows at a time (about 4 MB of fp32, cache-sized)
 // by `dequant`, in the column order that x is given in.
 void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out, DequantizeRows dequant) {
-  const int64_t tile = std::max<int64_t>(16, (1 << 20) / std::max<int64_t>(a.K, 1));
+  const int64_t tile = std::max<int64_t>(kMinTileRows, (1 << 20) / std::max<int64_t>(a.K, 1));
   at::Tensor buf = at::empty({std::min(tile, a.N), a.K}, x.options());
   float* bp = buf.data_ptr<float>();
   for (int64_t r0 = 0; r0 < a.N; r0 += tile) {
@@ -121,16 +121,16 @@ typedef float F4 __attribute__((vector_size(16)));
 template <int BITS>
 struct ShiftDecoder {
   using V = F8;
-  static constexpr int W = 8;
+  static constexpr int W = 8, kBits = BITS;
   LOWBIT_VECTOR_LOOP static V load(const float* p) {
     V v;
     std::memcpy(&v, p, sizeof v);
     return v;
   }
-  LOWBIT_VECTOR_LOOP static V decode(const uint8_t* wrow, int64_t k) {
+  // The 8 codes starting at byte p: one word (4 bits) or two (8 bits).
+  LOWBIT_VECTOR_LOOP static V decode(const uint8_t* p) {
     uint32_t w[2];
-    // 8 codes: one word (4 bits) or two (8 bits); k >= 0, so a shift rather than a signed division.
-    std::memcpy(w, wrow + ((k * BITS) >> 3), BITS);
+    std::memcpy(w, p, BITS);
     // Converted from signed lanes (the values fit), which is one instruction.
     if (BITS == 4) return __builtin_convertvector((I8)(((U8){} + w[0]) >> (U8){0, 4, 8, 12, 16, 20, 24, 28} & 15), F8);
     const U8 words = {w[0], w[0], w[0], w[0], w[1], w[1], w[1], w[1]};
@@ -157,15 +157,14 @@ const NibblePairs kNibblePairs;
 template <int BITS>
 struct TableDecoder {
   using V = F4;
-  static constexpr int W = 4;
+  static constexpr int W = 4, kBits = BITS;
   LOWBIT_VECTOR_LOOP static V load(const float* p) {
     V v;
     std::memcpy(&v, p, sizeof v);
     return v;
   }
 #ifdef LOWBIT_X86
-  LOWBIT_VECTOR_LOOP static V decode(const uint8_t* wrow, int64_t k) {
-    const uint8_t* p = wrow + ((k * BITS) >> 3);
+  LOWBIT_VECTOR_LOOP static V decode(const uint8_t* p) {  // the 4 codes starting at byte p
     if (BITS == 4) {
       const __m128 lo = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(kNibblePairs.pairs[p[0]])));
       return _mm_loadh_pi(lo, reinterpret_cast<const __m64*>(kNibblePairs.pairs[p[1]]));
@@ -177,8 +176,7 @@ struct TableDecoder {
     return _mm_cvtepi32_ps(_mm_unpacklo_epi16(bytes, zero));
   }
 #else
-  LOWBIT_VECTOR_LOOP static V decode(const uint8_t* wrow, int64_t k) {
-    const uint8_t* p = wrow + ((k * BITS) >> 3);
+  LOWBIT_VECTOR_LOOP static V decode(const uint8_t* p) {
     if (BITS == 4) return V{float(p[0] & 15), float(p[0] >> 4), float(p[1] & 15), float(p[1] >> 4)};
     return V{float(p[0]), float(p[1]), float(p[2]), float(p[3])};
   }
@@ -194,7 +192,7 @@ LOWBIT_VECTOR_LOOP void dequantize_rows_vec(const LinearArgs& a, int64_t r0, int
     for (int64_t g = 0; g < a.ngroups; ++g) {
       const float s = a.scale[r * a.ngroups + g], zs = a.zero_at(r, g) * s;
       for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += D::W) {
-        const typename D::V v = D::decode(wrow, k) * s - zs;
+        const typename D::V v = D::decode(wrow + ((k * D::kBits) >> 3)) * s - zs;
         std::memcpy(row + k, &v, sizeof v);
       }
     }
@@ -225,7 +223,7 @@ LOWBIT_VECTOR_LOOP void fused_tile(const LinearArgs& a, const float* xp, const f
       V acc[MB][A] = {};
       for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 32)
         for (int i = 0; i < kSteps; ++i) {
-          const V c = D::decode(wrow, k + i * D::W);
+          const V c = D::decode(wrow + ((k * D::kBits) >> 3) + i * D::W * D::kBits / 8);
           for (int m = 0; m < MB; ++m) acc[m][i % A] += c * D::load(xp + (m0 + m) * a.K + k + i * D::W);
         }
       const float s = a.scale[r * a.ngroups + g], zs = a.zero_at(r, g) * s;

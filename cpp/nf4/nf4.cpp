@@ -777,7 +777,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
     });
   } else {
     // Rows decoded to fp32 [Kp] in xs's column order, a tile at a time, for ATen's GEMM.
-    const int64_t tile = std::max<int64_t>(16, (1 << 20) / Kp);
+    const int64_t tile = std::max<int64_t>(kMinTileRows, (1 << 20) / Kp);
     at::Tensor buf = at::empty({std::min(tile, N), Kp}, xs.options());
     float* bp = buf.data_ptr<float>();
     for (int64_t r0 = 0; r0 < N; r0 += tile) {
