@@ -40,3 +40,11 @@ def cold_weights(make, weight_bytes: int, budget: int = 128 << 20):
         return fns[state["i"]]()
 
     return call
+
+
+def read_bandwidth() -> float:
+    """GB/s of a streaming read (torch.sum over 1 GiB of fp32): what a memory-bound kernel can reach."""
+    import torch
+
+    big = torch.ones(1 << 28)
+    return big.numel() * 4 / best_time(lambda: big.sum(), repeat=5) / 1e9

@@ -20,6 +20,7 @@ about LLM.int8()'s outlier rate in large models, so threshold 6.0 decomposes the
 """
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_time, print_table  # noqa: E402
+from _timing import best_time, cold_weights, print_table, read_bandwidth  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import examples  # noqa: E402
@@ -81,11 +82,6 @@ def alternate(fns, repeat):
     return best
 
 
-def bandwidth():
-    x = torch.ones(1 << 28)  # 1 GiB of fp32
-    return x.numel() * 4 / best_time(lambda: x.sum(), repeat=5)
-
-
 def speed(a):
     torch.manual_seed(0)
     batches = [int(b) for b in a.batches.split(",")]
@@ -97,7 +93,7 @@ def speed(a):
         layers[n, k] = (linear.weight.detach(), Int8OutlierLinear.from_linear(linear, 6.0),
                         Int8DynamicLinear.from_linear(linear))
     cpu, threads = lowbit.cpu_info()["cpu"], torch.get_num_threads()
-    read = bandwidth()
+    read = read_bandwidth()
     int_mm = {}
     for isa in lowbit.supported_isas():
         rows, gbs = [], []
@@ -109,7 +105,10 @@ def speed(a):
                     x[:, outliers] *= 10
                     x_codes = F.int8_quantize_rowwise(x).codes
                     repeat = max(3, min(a.repeat, int(2e9 / (m * n * k))))
-                    fns = [lambda: torch.nn.functional.linear(x, w), lambda: llm(x), lambda: w8a8(x)]
+                    # weights out of cache (copies cycled), as the layers of a model are
+                    fns = [cold_weights(lambda: (lambda w=w.clone(): torch.nn.functional.linear(x, w)), n * k * 4),
+                           cold_weights(lambda: (lambda c=copy.deepcopy(llm): c(x)), n * k),
+                           cold_weights(lambda: (lambda c=copy.deepcopy(w8a8): c(x)), n * k)]
                     if (n, k, m) not in int_mm:  # ATen's: the same on every lowbit path
                         fns.append(lambda: torch._int_mm(x_codes, llm.weight.t()))
                     dense, t_llm, t_w8a8, *t_mm = alternate(fns, repeat)
@@ -123,7 +122,7 @@ def speed(a):
               "at 10x)")
         print_table(["shape [out x in]", "batch", "fp32 dense ms", "LLM.int8() t=6", "W8A8",
                      "torch._int_mm alone"], rows)
-        print(f"\nbatch 1 weight GB/s on path {isa} (read bandwidth, torch.sum over 1 GiB: {read / 1e9:.1f} GB/s)")
+        print(f"\nbatch 1 weight GB/s on path {isa} (read bandwidth, torch.sum over 1 GiB: {read:.1f} GB/s)")
         print_table(["shape", "LLM.int8()", "W8A8", "fp32 dense"], gbs)
 
 

@@ -23,6 +23,7 @@ machine's read bandwidth (a sum over 1 GiB) to compare it with.
 """
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 import lowbit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_time, print_table  # noqa: E402
+from _timing import best_time, cold_weights, print_table, read_bandwidth  # noqa: E402
 
 from lowbit import examples  # noqa: E402
 from lowbit import functional as F  # noqa: E402
@@ -111,15 +112,10 @@ def bnb_linear(w, quant_type="nf4"):
     return layer.to("cpu").eval()
 
 
-def read_bandwidth() -> float:
-    """Memory read bandwidth, GB/s: a sum over a 1 GiB float tensor (fastest of 3)."""
-    big = torch.ones(2**28)
-    return big.numel() * 4 / best_time(lambda: big.sum(), warmup=1, repeat=3, min_seconds=0) / 1e9
-
-
 def isa_tables():
     """Per ISA path: NF4Linear (blocksize 64, fp32 activations) time over fp32 F.linear at every
-    batch size, and the NF4 payload bytes read per second at batch 1 (warm)."""
+    batch size, and the NF4 payload bytes read per second at batch 1; both with their weights out of
+    cache (copies cycled, as the layers of a model are)."""
     from lowbit.nn import NF4Linear
 
     torch.manual_seed(0)
@@ -134,7 +130,8 @@ def isa_tables():
         for name, w, _, _ in cases:
             for m in ISA_BATCHES:
                 x = torch.randn(m, w.shape[1])
-                dense[name, m] = best_time(lambda: torch.nn.functional.linear(x, w), repeat=5 if m < 128 else 3)
+                cold = cold_weights(lambda: (lambda w=w.clone(): torch.nn.functional.linear(x, w)), w.numel() * 4)
+                dense[name, m] = best_time(cold, repeat=5 if m < 128 else 3)
         for isa in lowbit.supported_isas():
             rows = []
             with lowbit.use_isa(isa):
@@ -142,13 +139,14 @@ def isa_tables():
                     ratios = []
                     for m in ISA_BATCHES:
                         x = torch.randn(m, w.shape[1])
-                        t = best_time(lambda: module(x), repeat=5 if m < 128 else 3)
+                        cold = cold_weights(lambda: (lambda c=copy.deepcopy(module): c(x)), payload)
+                        t = best_time(cold, repeat=5 if m < 128 else 3)
                         ratios.append(f"{t / dense[name, m]:.2f}x")
                         if m == 1:
                             gbs = payload / t / 1e9
                     rows.append([name, *ratios, f"{gbs:.1f}"])
             print(f"\nNF4Linear / fp32 F.linear time, {isa} path, {lowbit.cpu_info()['cpu']}, "
-                  f"{torch.get_num_threads()} threads (warm)")
+                  f"{torch.get_num_threads()} threads (weights out of cache)")
             print_table(["shape [out x in]", *(f"batch {m}" for m in ISA_BATCHES), "GB/s at batch 1"], rows)
     print(f"\nmemory read bandwidth (sum over 1 GiB): {read_bandwidth():.1f} GB/s")
 

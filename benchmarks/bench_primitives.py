@@ -22,7 +22,7 @@ from lowbit import functional as LF
 from lowbit import reference as R
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_time, cold_weights, print_table  # noqa: E402
+from _timing import best_time, cold_weights, print_table, read_bandwidth  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
 SMALL = (576, 576)  # SmolLM2-135M's attention projections: the fixed cost per call
@@ -135,12 +135,6 @@ def main():
 def scheme_with_group(name, group):
     scheme = lowbit.resolve_scheme(name)
     return dataclasses.replace(scheme, weights=dataclasses.replace(scheme.weights, group_size=group))
-
-
-def read_bandwidth() -> float:
-    """GB/s of a streaming read (torch.sum over 1 GiB of fp32): what a memory-bound kernel can reach."""
-    big = torch.ones(1 << 28)
-    return big.numel() * 4 / best_time(lambda: big.sum(), repeat=5) / 1e9
 
 
 if __name__ == "__main__":

@@ -400,13 +400,10 @@ constexpr int64_t kOneDnnTokens = 12;
 // Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
 constexpr int64_t kParallelMacs = 1 << 20;
 
-// body(begin, end) over b's rows [0, N): split across the threads for large products. With
-// `gemv_alone`, one token stays on the calling thread: the AVX2 and VNNI kernels stream the
-// weight at about one core's read bandwidth (16 GB/s of int8 weight on an AVX2 EPYC, 0.3x fp32
-// dense), and a second thread adds little but a wait on the pool, long on a busy machine.
+// body(begin, end) over b's rows [0, N), split across the threads for large products.
 template <typename F>
-void over_rows(int64_t M, int64_t N, int64_t K, bool gemv_alone, const F& body) {
-  if ((gemv_alone && M == 1) || M * N * K < kParallelMacs) return body(0, N);
+void over_rows(int64_t M, int64_t N, int64_t K, const F& body) {
+  if (M * N * K < kParallelMacs) return body(0, N);
   at::parallel_for(0, N, 16, body);
 }
 
@@ -425,7 +422,7 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   if (use_vnni()) {
     const at::Tensor a_sum = a.to(at::kInt).sum(1, false, at::kInt).contiguous();
     const int32_t* sp = a_sum.data_ptr<int32_t>();
-    over_rows(M, N, K, true, [&](int64_t begin, int64_t end) {
+    over_rows(M, N, K, [&](int64_t begin, int64_t end) {
       int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end);
     });
     return acc;
@@ -433,14 +430,14 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   if (active_isa() >= Isa::avx2) {
     const Avx2Operand op = prepare_avx2(a);
     if (op.fix_ptr.empty()) {
-      over_rows(M, N, K, true, [&](int64_t begin, int64_t end) { gemm_avx2(g, begin, end); });
+      over_rows(M, N, K, [&](int64_t begin, int64_t end) { gemm_avx2(g, begin, end); });
       return acc;
     }
     const int64_t E = static_cast<int64_t>(op.extra_of.size());
     at::Tensor full = E ? at::empty({M + E, N}, acc.options()) : acc;
     const Gemm gf{op.codes.data_ptr<int8_t>(), g.b, full.data_ptr<int32_t>(), M + E, N, K, op.fix_ptr.data(),
                   op.fix_k.data()};
-    over_rows(M + E, N, K, true, [&](int64_t begin, int64_t end) { gemm_avx2(gf, begin, end); });
+    over_rows(M + E, N, K, [&](int64_t begin, int64_t end) { gemm_avx2(gf, begin, end); });
     if (E == 0) return acc;
     full = full.narrow(0, 0, M).index_add_(0, at::tensor(op.extra_of, a.options().dtype(at::kLong)),
                                            full.narrow(0, M, E));
@@ -450,7 +447,7 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor a16 = at::empty({M, K}, a.options().dtype(at::kShort));
   int16_t* a16p = a16.data_ptr<int16_t>();
   run_for_isa([&] { widen(g.a, M * K, a16p); });
-  over_rows(M, N, K, false, [&](int64_t begin, int64_t end) { gemm_generic(g, a16p, begin, end); });
+  over_rows(M, N, K, [&](int64_t begin, int64_t end) { gemm_generic(g, a16p, begin, end); });
   return acc;
 }
 
