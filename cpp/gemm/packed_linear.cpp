@@ -27,6 +27,9 @@ namespace {
 constexpr int64_t kMaxDecodeTokens = 24;
 constexpr int64_t kMaxFusedTokensPortable = 4;
 constexpr int kTokenBlock = 8;
+// Weights per thread below which a call stays on fewer threads: waking a second thread and
+// joining it costs more than it saves on a small layer (SmolLM2's 576x576 and 192x576).
+constexpr int64_t kParallelWeights = 1 << 19;
 
 struct LinearArgs {
   int64_t M, N, K, ngroups, group_size, words, bits;
@@ -72,7 +75,7 @@ void dequantize_rows_portable(const LinearArgs& a, int64_t r0, int64_t r1, float
 // Few tokens, any bit width and ISA: each row is dequantized once into an L1-sized buffer and
 // multiplied with every token there, so the weights are read once and never written out.
 void fused_linear_portable(const LinearArgs& a, const float* xp) {
-  const int64_t grain = std::max<int64_t>(16, (1 << 16) / a.K);
+  const int64_t grain = std::max<int64_t>(16, kParallelWeights / a.K);
   at::parallel_for(0, a.N, grain, [&](int64_t b, int64_t e) {
     std::vector<float> row(a.K);
     run_for_isa([&] {
@@ -283,7 +286,7 @@ void fused_linear(const LinearArgs& a, const float* xp, Isa isa) {
       xsum[m * a.ngroups + g] = sum;
     }
   // Small layers stay on fewer threads: a thread's share must outweigh waking it.
-  const int64_t grain = std::max<int64_t>(16, (1 << 16) / a.K);
+  const int64_t grain = std::max<int64_t>(16, kParallelWeights / a.K);
   at::parallel_for(0, a.N, grain, [&](int64_t b, int64_t e) {
 #ifdef LOWBIT_X86
     if (isa != Isa::generic)
