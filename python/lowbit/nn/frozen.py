@@ -41,6 +41,14 @@ def check_input(x: Tensor, in_features: int, module: Optional[nn.Module] = None)
         raise ValueError(f"x must have {in_features} features in its last dimension, got shape {tuple(x.shape)}")
 
 
+def plausible_input(x, in_features: int) -> bool:
+    """What the kernels cannot check, in a few attribute tests: x a float tensor on the CPU (a
+    meta x would pass their fake implementations, a float64 one the dense fallbacks) with
+    in_features in its last dimension (a reshape to [-1, in_features] would hide a mismatch)."""
+    return (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in FLOATS and x.dim() > 0
+            and x.shape[-1] == in_features)
+
+
 def frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """module's x @ W^T + bias: the fused kernel (bias inside) when no gradient is wanted, else
     through _FrozenWeightMatmul so gradients reach x (and a bias that requires them). With a
@@ -49,11 +57,9 @@ def frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dt
     No checks run before the kernel: a forward is called for every token of every layer, and
     the kernels check their own arguments. When one refuses, check_input() names the problem
     in the module's terms (or, if it finds none, the kernel's own error stands)."""
+    if not plausible_input(x, module.in_features):
+        check_input(x, module.in_features, module)
     try:
-        # A meta x would pass the kernels' fake implementations, and a float64 one the dense
-        # fallbacks: two attribute tests keep them out.
-        if x.device.type != "cpu" or x.dtype not in FLOATS:
-            check_input(x, module.in_features, module)
         xc = x if compute_dtype is None else x.to(compute_dtype)
         bias = module.bias
         if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationScheme, resolve_scheme
-from .frozen import FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite
-from .int8_outlier import _plausible
+from .frozen import (FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite,
+                     plausible_input)
 
 
 class Int8DynamicLinear(nn.Module):
@@ -58,8 +58,8 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The kernels check their arguments: the module's own messages (check_input) run only for
-        # an input that fails, off the per-call path.
-        if not _plausible(x, self.in_features):
+        # an input that fails, off the per-call path (as frozen_linear does).
+        if not plausible_input(x, self.in_features):
             check_input(x, self.in_features, self)
         try:
             return self._forward(x)
