@@ -119,17 +119,20 @@ typedef uint32_t U8 __attribute__((vector_size(32)));
 typedef int32_t I8 __attribute__((vector_size(32)));
 typedef float F4 __attribute__((vector_size(16)));
 
+// A vector of floats from unaligned memory.
+template <typename V>
+LOWBIT_VECTOR_LOOP V load_floats(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 // AVX2 (compiled under run_avx2): one word broadcast and shifted lane by lane (vpsrlvd), masked
 // and converted: five instructions per 8 weights.
 template <int BITS>
 struct ShiftDecoder {
   using V = F8;
   static constexpr int W = 8, kBits = BITS;
-  LOWBIT_VECTOR_LOOP static V load(const float* p) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
   // The 8 codes starting at byte p: one word (4 bits) or two (8 bits).
   LOWBIT_VECTOR_LOOP static V decode(const uint8_t* p) {
     uint32_t w[2];
@@ -161,11 +164,6 @@ template <int BITS>
 struct TableDecoder {
   using V = F4;
   static constexpr int W = 4, kBits = BITS;
-  LOWBIT_VECTOR_LOOP static V load(const float* p) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-  }
 #ifdef LOWBIT_X86
   LOWBIT_VECTOR_LOOP static V decode(const uint8_t* p) {  // the 4 codes starting at byte p
     if (BITS == 4) {
@@ -227,7 +225,7 @@ LOWBIT_VECTOR_LOOP void fused_tile(const LinearArgs& a, const float* xp, const f
       for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 32)
         for (int i = 0; i < kSteps; ++i) {
           const V c = D::decode(wrow + ((k * D::kBits) >> 3) + i * D::W * D::kBits / 8);
-          for (int m = 0; m < MB; ++m) acc[m][i % A] += c * D::load(xp + (m0 + m) * a.K + k + i * D::W);
+          for (int m = 0; m < MB; ++m) acc[m][i % A] += c * load_floats<V>(xp + (m0 + m) * a.K + k + i * D::W);
         }
       const float s = a.scale[r * a.ngroups + g], zs = a.zero_at(r, g) * s;
       for (int m = 0; m < MB; ++m) {
