@@ -27,9 +27,10 @@ namespace {
 constexpr int64_t kMaxDecodeTokens = 24;
 constexpr int64_t kMaxFusedTokensPortable = 4;
 constexpr int kTokenBlock = 8;
-// Weights per thread below which a call stays on fewer threads: waking a second thread and
-// joining it costs more than it saves on a small layer (SmolLM2's 576x576 and 192x576).
-constexpr int64_t kParallelWeights = 1 << 19;
+// Multiply-adds per thread below which a call stays on fewer threads: waking a second thread
+// and joining it costs more than it saves on a small layer at one token (SmolLM2's 576x576 and
+// 192x576), not with several tokens.
+constexpr int64_t kParallelMacs = 1 << 19;
 
 struct LinearArgs {
   int64_t M, N, K, ngroups, group_size, words, bits;
@@ -42,6 +43,9 @@ struct LinearArgs {
     return zero ? zero[r * ngroups + g] : static_cast<float>(1 << (bits - 1));
   }
 };
+
+// Rows per task of the fused kernels' parallel loop.
+int64_t fused_grain(const LinearArgs& a) { return std::max<int64_t>(16, kParallelMacs / (a.K * a.M)); }
 
 // ---------------------------------------------------------------- portable tile path
 // Dequantizes rows [r0, r1) into dst [r1 - r0, K] (fp32, natural column order).
@@ -75,8 +79,7 @@ void dequantize_rows_portable(const LinearArgs& a, int64_t r0, int64_t r1, float
 // Few tokens, any bit width and ISA: each row is dequantized once into an L1-sized buffer and
 // multiplied with every token there, so the weights are read once and never written out.
 void fused_linear_portable(const LinearArgs& a, const float* xp) {
-  const int64_t grain = std::max<int64_t>(16, kParallelWeights / a.K);
-  at::parallel_for(0, a.N, grain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, a.N, fused_grain(a), [&](int64_t b, int64_t e) {
     std::vector<float> row(a.K);
     run_for_isa([&] {
       for (int64_t r = b; r < e; ++r) {
@@ -97,12 +100,14 @@ using DequantizeRows = void (*)(const LinearArgs&, int64_t, int64_t, float*);
 // by `dequant`, in the column order that x is given in.
 void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out, DequantizeRows dequant) {
   const int64_t tile = std::max<int64_t>(kMinTileRows, (1 << 20) / std::max<int64_t>(a.K, 1));
-  at::Tensor buf = at::empty({std::min(tile, a.N), a.K}, x.options());
+  const at::Tensor buf = tile_buffer(std::min(tile, a.N) * a.K).view({std::min(tile, a.N), a.K});
   float* bp = buf.data_ptr<float>();
   for (int64_t r0 = 0; r0 < a.N; r0 += tile) {
     const int64_t r1 = std::min(a.N, r0 + tile);
     at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) { dequant(a, b, e, bp + (b - r0) * a.K); });
-    out.narrow(1, r0, r1 - r0).copy_(at::mm(x, buf.narrow(0, 0, r1 - r0).t()));
+    at::Tensor dst = out;
+    if (r1 - r0 == a.N) at::mm_out(dst, x, buf.t());  // one tile: straight into out
+    else out.narrow(1, r0, r1 - r0).copy_(at::mm(x, buf.narrow(0, 0, r1 - r0).t()));
   }
 }
 
@@ -284,8 +289,7 @@ void fused_linear(const LinearArgs& a, const float* xp, Isa isa) {
       xsum[m * a.ngroups + g] = sum;
     }
   // Small layers stay on fewer threads: a thread's share must outweigh waking it.
-  const int64_t grain = std::max<int64_t>(16, kParallelWeights / a.K);
-  at::parallel_for(0, a.N, grain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, a.N, fused_grain(a), [&](int64_t b, int64_t e) {
 #ifdef LOWBIT_X86
     if (isa != Isa::generic)
       return run_avx2([&] { fused_rows_all_tokens<ShiftDecoder<BITS>>(a, xp, xsum.data(), b, e); });

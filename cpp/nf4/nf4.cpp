@@ -778,7 +778,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
   } else {
     // Rows decoded to fp32 [Kp] in xs's column order, a tile at a time, for ATen's GEMM.
     const int64_t tile = std::max<int64_t>(kMinTileRows, (1 << 20) / Kp);
-    at::Tensor buf = at::empty({std::min(tile, N), Kp}, xs.options());
+    const at::Tensor buf = tile_buffer(std::min(tile, N) * Kp).view({std::min(tile, N), Kp});
     float* bp = buf.data_ptr<float>();
     for (int64_t r0 = 0; r0 < N; r0 += tile) {
       const int64_t r1 = std::min(N, r0 + tile);
@@ -809,7 +809,8 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
         for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, bp + (r - r0) * Kp);
 #endif
       });
-      out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
+      if (r1 - r0 == N) at::mm_out(out, xs, buf.t());  // one tile: straight into out
+      else out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
     }
   }
   return finish_linear(out, bias, x_in);

@@ -106,6 +106,14 @@ inline void check_finite_nonneg(double v, const char* name) {
 // well below its peak (measured on 4096x11008: 95-row tiles 1.2-1.3x the dense time).
 constexpr int64_t kMinTileRows = 256;
 
+// The calling thread's fp32 tile buffer of at least n elements, kept between calls: a fresh
+// multi-megabyte allocation is fresh pages, and their faults cost a small layer more than its GEMM.
+inline at::Tensor tile_buffer(int64_t n) {
+  thread_local at::Tensor buf;
+  if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  return buf.narrow(0, 0, n);
+}
+
 // ceil(n / d) for n >= 0, d > 0, without the overflow of (n + d - 1) / d.
 inline int64_t ceil_div(int64_t n, int64_t d) { return n == 0 ? 0 : (n - 1) / d + 1; }
 
