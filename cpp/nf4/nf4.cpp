@@ -233,6 +233,12 @@ struct BlockScales {
   const float* dyn = nullptr;
   float offset = 0.0f;
   float operator()(int64_t b) const { return plain ? plain[b] : dyn[codes[b]] * nested[b / 256] + offset; }
+  // Scales of blocks [first, first + count): a view of the fp32 absmax, or decoded into buf.
+  const float* span(int64_t first, int64_t count, float* buf) const {
+    if (plain) return plain + first;
+    for (int64_t b = 0; b < count; ++b) buf[b] = (*this)(first + b);
+    return buf;
+  }
 };
 
 // Weights of one block (blocksize codes from `bytes`, high nibble first) decoded through a
@@ -562,26 +568,6 @@ LOWBIT_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Calls chunk(bytes, scale, k, half) for each 64 columns of a row (its codes `row`, its block
-// scales `rs`): the lower lane decodes columns k..k+31, the upper k+32..k+63, which lie in two
-// blocks when blocksize is 32. A row of 64 j + 32 columns ends with a half chunk whose upper
-// lane is padding (scale 0, against zero x). No divisions in the loop.
-template <typename Chunk>
-LOWBIT_TARGET_AVX2 inline void for_chunks_avx2(const uint8_t* row, const float* rs, int64_t K, int64_t blocksize,
-                                               const Chunk& chunk) {
-  if (blocksize >= 64) {
-    for (int64_t k = 0; k < K; k += blocksize, ++rs) {
-      const __m256 scale = _mm256_set1_ps(*rs);
-      for (int64_t j = k; j < k + blocksize; j += 64) chunk(row + j / 2, scale, j, std::false_type{});
-    }
-    return;
-  }
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64, rs += 2)
-    chunk(row + k / 2, _mm256_setr_m128(_mm_set1_ps(rs[0]), _mm_set1_ps(rs[1])), k, std::false_type{});
-  if (k < K) chunk(row + k / 2, _mm256_setr_m128(_mm_set1_ps(rs[0]), _mm_setzero_ps()), k, std::true_type{});
-}
-
 // 32 bytes of codes (16 when Half) -> high nibbles, low nibbles.
 template <bool Half>
 LOWBIT_TARGET_AVX2 inline void nibbles_avx2(const uint8_t* bytes, __m256i& hi, __m256i& lo) {
@@ -590,6 +576,41 @@ LOWBIT_TARGET_AVX2 inline void nibbles_avx2(const uint8_t* bytes, __m256i& hi, _
   const __m256i mask = _mm256_set1_epi8(15);
   hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
   lo = _mm256_and_si256(v, mask);
+}
+
+// One 64-column chunk at k: consume(w, k) with the 32 weights of its high nibbles, then
+// consume(w, k + 32) with those of its low nibbles (4 vectors each, in kOrderAvx2).
+template <bool Half, typename Consume>
+LOWBIT_TARGET_AVX2 inline void decode_chunk_avx2(const uint8_t* bytes, const BytePlanes& planes, __m256 scale,
+                                                 int64_t k, const Consume& consume) {
+  __m256i hi, lo;
+  nibbles_avx2<Half>(bytes, hi, lo);
+  __m256 w[4];
+  lookup32_avx2(planes, hi, scale, w);
+  consume(w, k);
+  lookup32_avx2(planes, lo, scale, w);
+  consume(w, k + 32);
+}
+
+// Decodes a row (its codes `row`, its block scales `rs`) 64 columns at a time, handing the
+// weights to consume (decode_chunk_avx2): the lower lane decodes columns k..k+31, the upper
+// k+32..k+63, which lie in two blocks when blocksize is 32. A row of 64 j + 32 columns ends with
+// a half chunk whose upper lane is padding (scale 0, against zero x). No divisions in the loop.
+template <typename Consume>
+LOWBIT_TARGET_AVX2 inline void for_weights_avx2(const uint8_t* row, const float* rs, const BytePlanes& planes,
+                                                int64_t K, int64_t blocksize, const Consume& consume) {
+  if (blocksize >= 64) {
+    for (int64_t k = 0; k < K; k += blocksize, ++rs) {
+      const __m256 scale = _mm256_set1_ps(*rs);
+      for (int64_t j = k; j < k + blocksize; j += 64) decode_chunk_avx2<false>(row + j / 2, planes, scale, j, consume);
+    }
+    return;
+  }
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64, rs += 2)
+    decode_chunk_avx2<false>(row + k / 2, planes, _mm256_setr_m128(_mm_set1_ps(rs[0]), _mm_set1_ps(rs[1])), k, consume);
+  if (k < K)
+    decode_chunk_avx2<true>(row + k / 2, planes, _mm256_setr_m128(_mm_set1_ps(rs[0]), _mm_setzero_ps()), k, consume);
 }
 
 // y[m0 + t, r] for T tokens (x prepared with row stride Kp, an FMA memory operand): each decoded
@@ -603,23 +624,13 @@ LOWBIT_TARGET_AVX2 void nf4_row_avx2(const uint8_t* row, const float* rs, const 
   for (int t = 0; t < T; ++t)
 #pragma GCC unroll 2
     for (int a = 0; a < A; ++a) acc[t][a] = _mm256_setzero_ps();
-  for_chunks_avx2(row, rs, K, blocksize, [&](const uint8_t* bytes, __m256 scale, int64_t k, auto half) LOWBIT_TARGET_AVX2
-                                             __attribute__((always_inline)) {
-    __m256i hi, lo;
-    nibbles_avx2<decltype(half)::value>(bytes, hi, lo);
-    __m256 w[4];
-    lookup32_avx2(planes, hi, scale, w);
+  for_weights_avx2(row, rs, planes, K, blocksize, [&](const __m256* w, int64_t k) LOWBIT_TARGET_AVX2
+                                                   __attribute__((always_inline)) {
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t)
 #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q)
         acc[t][q % A] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x0 + t * Kp + k + 8 * q), acc[t][q % A]);
-    lookup32_avx2(planes, lo, scale, w);
-#pragma GCC unroll 8
-    for (int t = 0; t < T; ++t)
-#pragma GCC unroll 4
-      for (int q = 0; q < 4; ++q)
-        acc[t][q % A] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(x0 + t * Kp + k + 32 + 8 * q), acc[t][q % A]);
   });
 #pragma GCC unroll 8
   for (int t = 0; t < T; ++t) out[t * N] = hsum_avx2(A == 2 ? _mm256_add_ps(acc[t][0], acc[t][A - 1]) : acc[t][0]);
@@ -634,8 +645,7 @@ void nf4_rows_avx2(const uint8_t* wp, const BlockScales& scales, const BytePlane
   const int64_t bpr = K / blocksize;
   std::vector<float> buf(scales.plain ? 0 : bpr);
   for (int64_t r = begin; r < end; ++r) {
-    const float* rs = scales.plain ? scales.plain + r * bpr : buf.data();
-    for (int64_t b = 0; !scales.plain && b < bpr; ++b) buf[b] = scales(r * bpr + b);
+    const float* rs = scales.span(r * bpr, bpr, buf.data());
     nf4_row_avx2<T>(wp + r * (K / 2), rs, planes, xr + m0 * Kp, op + m0 * N + r, N, K, Kp, blocksize);
   }
 }
@@ -661,15 +671,9 @@ LOWBIT_TARGET_AVX2 void nf4_fused_avx2(const uint8_t* wp, const BlockScales& sca
 // One row decoded into fp32 [Kp] in kOrderAvx2 (the padding 0).
 LOWBIT_TARGET_AVX2 void decode_row_avx2(const uint8_t* row, const float* rs, const BytePlanes& planes, float* dst,
                                         int64_t K, int64_t blocksize) {
-  for_chunks_avx2(row, rs, K, blocksize, [&](const uint8_t* bytes, __m256 scale, int64_t k, auto half) LOWBIT_TARGET_AVX2
-                                             __attribute__((always_inline)) {
-    __m256i hi, lo;
-    nibbles_avx2<decltype(half)::value>(bytes, hi, lo);
-    __m256 w[4];
-    lookup32_avx2(planes, hi, scale, w);
+  for_weights_avx2(row, rs, planes, K, blocksize, [&](const __m256* w, int64_t k) LOWBIT_TARGET_AVX2
+                                                   __attribute__((always_inline)) {
     for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + k + 8 * q, w[q]);
-    lookup32_avx2(planes, lo, scale, w);
-    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dst + k + 32 + 8 * q, w[q]);
   });
 }
 #endif
@@ -792,14 +796,9 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
         if (isa == Isa::avx2) {
           const BytePlanes planes = byte_planes_avx2(c.values);
           std::vector<float> row_scales(scales.plain ? 0 : blocks_per_row);
-          for (int64_t r = begin; r < end; ++r) {
-            const float* rs = scales.plain + r * blocks_per_row;
-            if (!scales.plain) {
-              for (int64_t b = 0; b < blocks_per_row; ++b) row_scales[b] = scales(r * blocks_per_row + b);
-              rs = row_scales.data();
-            }
-            decode_row_avx2(wp + r * K / 2, rs, planes, bp + (r - r0) * Kp, K, blocksize);
-          }
+          for (int64_t r = begin; r < end; ++r)
+            decode_row_avx2(wp + r * K / 2, scales.span(r * blocks_per_row, blocks_per_row, row_scales.data()), planes,
+                            bp + (r - r0) * Kp, K, blocksize);
           return;
         }
 #endif
