@@ -96,19 +96,9 @@ void fused_linear_portable(const LinearArgs& a, const float* xp) {
 
 using DequantizeRows = void (*)(const LinearArgs&, int64_t, int64_t, float*);
 
-// out = x @ W^T, W dequantized a tile of rows at a time (about 4 MB of fp32, cache-sized)
-// by `dequant`, in the column order that x is given in.
+// out = x @ W^T through tiled_matmul, the rows dequantized by `dequant` in x's column order.
 void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out, DequantizeRows dequant) {
-  const int64_t tile = std::max<int64_t>(kMinTileRows, (1 << 20) / std::max<int64_t>(a.K, 1));
-  const at::Tensor buf = tile_buffer(std::min(tile, a.N) * a.K).view({std::min(tile, a.N), a.K});
-  float* bp = buf.data_ptr<float>();
-  for (int64_t r0 = 0; r0 < a.N; r0 += tile) {
-    const int64_t r1 = std::min(a.N, r0 + tile);
-    at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) { dequant(a, b, e, bp + (b - r0) * a.K); });
-    at::Tensor dst = out;
-    if (r1 - r0 == a.N) at::mm_out(dst, x, buf.t());  // one tile: straight into out
-    else out.narrow(1, r0, r1 - r0).copy_(at::mm(x, buf.narrow(0, 0, r1 - r0).t()));
-  }
+  tiled_matmul(x, out, a.N, [&](int64_t begin, int64_t end, float* dst) { dequant(a, begin, end, dst); });
 }
 
 // ---------------------------------------------------------------- fused kernel, AVX2 and portable

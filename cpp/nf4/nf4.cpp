@@ -781,36 +781,26 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
     });
   } else {
     // Rows decoded to fp32 [Kp] in xs's column order, a tile at a time, for ATen's GEMM.
-    const int64_t tile = std::max<int64_t>(kMinTileRows, (1 << 20) / Kp);
-    const at::Tensor buf = tile_buffer(std::min(tile, N) * Kp).view({std::min(tile, N), Kp});
-    float* bp = buf.data_ptr<float>();
-    for (int64_t r0 = 0; r0 < N; r0 += tile) {
-      const int64_t r1 = std::min(N, r0 + tile);
-      at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) {
+    tiled_matmul(xs, out, N, [&](int64_t begin, int64_t end, float* dst) {
 #ifdef LOWBIT_X86
-        if (isa == Isa::avx512) {
-          for (int64_t r = begin; r < end; ++r)
-            decode_row_avx512(wp + r * K / 2, scales, c.values, bp + (r - r0) * Kp, K, blocksize, r * blocks_per_row);
-          return;
-        }
-        if (isa == Isa::avx2) {
-          const BytePlanes planes = byte_planes_avx2(c.values);
-          std::vector<float> row_scales(scales.plain ? 0 : blocks_per_row);
-          for (int64_t r = begin; r < end; ++r)
-            decode_row_avx2(wp + r * K / 2, scales.span(r * blocks_per_row, blocks_per_row, row_scales.data()), planes,
-                            bp + (r - r0) * Kp, K, blocksize);
-          return;
-        }
-#endif
-#ifdef LOWBIT_X86
-        for (int64_t r = begin; r < end; ++r) decode_row_sse2(wp, scales, pairs, r, K, blocksize, bp + (r - r0) * Kp);
+      if (isa == Isa::avx512) {
+        for (int64_t r = begin; r < end; ++r)
+          decode_row_avx512(wp + r * K / 2, scales, c.values, dst + (r - begin) * Kp, K, blocksize, r * blocks_per_row);
+        return;
+      }
+      if (isa == Isa::avx2) {
+        const BytePlanes planes = byte_planes_avx2(c.values);
+        std::vector<float> row_scales(scales.plain ? 0 : blocks_per_row);
+        for (int64_t r = begin; r < end; ++r)
+          decode_row_avx2(wp + r * K / 2, scales.span(r * blocks_per_row, blocks_per_row, row_scales.data()), planes,
+                          dst + (r - begin) * Kp, K, blocksize);
+        return;
+      }
+      for (int64_t r = begin; r < end; ++r) decode_row_sse2(wp, scales, pairs, r, K, blocksize, dst + (r - begin) * Kp);
 #else
-        for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, bp + (r - r0) * Kp);
+      for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, dst + (r - begin) * Kp);
 #endif
-      });
-      if (r1 - r0 == N) at::mm_out(out, xs, buf.t());  // one tile: straight into out
-      else out.narrow(1, r0, r1 - r0).copy_(at::mm(xs, buf.narrow(0, 0, r1 - r0).t()));
-    }
+    });
   }
   return finish_linear(out, bias, x_in);
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cmath>
 #include <cstdint>
@@ -101,9 +102,9 @@ inline void check_finite_nonneg(double v, const char* name) {
   TORCH_CHECK_VALUE(std::isfinite(v) && v >= 0.0, "lowbit: ", name, " must be a finite number >= 0, got ", v);
 }
 
-// Rows of fp32 weights dequantized per tile for ATen's GEMM (the tile path of the linear
-// kernels): about 4 MB, but never fewer than this many rows, a GEMM narrower than that runs
-// well below its peak (measured on 4096x11008: 95-row tiles 1.2-1.3x the dense time).
+// Rows of fp32 weights dequantized per tile by tiled_matmul: about 4 MB, but never fewer than
+// this many rows: a GEMM narrower than that runs well below its peak (measured on 4096x11008:
+// 95-row tiles 1.2-1.3x the dense time).
 constexpr int64_t kMinTileRows = 256;
 
 // The calling thread's fp32 tile buffer of at least n elements, kept between calls: a fresh
@@ -112,6 +113,24 @@ inline at::Tensor tile_buffer(int64_t n) {
   thread_local at::Tensor buf;
   if (!buf.defined() || buf.numel() < n) buf = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
   return buf.narrow(0, 0, n);
+}
+
+// out [M, N] = x [M, K] @ W^T for a weight held in a compressed form (the many-token path of the
+// linear kernels): W is decoded a tile of rows at a time, in parallel, by decode(begin, end, dst)
+// -- rows [begin, end) as fp32 into dst, row `begin` first, in x's column order -- and each tile
+// meets x in ATen's GEMM.
+template <typename Decode>
+void tiled_matmul(const at::Tensor& x, at::Tensor out, int64_t N, const Decode& decode) {
+  const int64_t K = x.size(1);
+  const int64_t tile = std::max<int64_t>(kMinTileRows, (1 << 20) / std::max<int64_t>(K, 1));
+  const at::Tensor buf = tile_buffer(std::min(tile, N) * K).view({std::min(tile, N), K});
+  float* bp = buf.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < N; r0 += tile) {
+    const int64_t r1 = std::min(N, r0 + tile);
+    at::parallel_for(r0, r1, 16, [&](int64_t begin, int64_t end) { decode(begin, end, bp + (begin - r0) * K); });
+    if (r1 - r0 == N) at::mm_out(out, x, buf.t());  // one tile: straight into out
+    else out.narrow(1, r0, r1 - r0).copy_(at::mm(x, buf.narrow(0, 0, r1 - r0).t()));
+  }
 }
 
 // ceil(n / d) for n >= 0, d > 0, without the overflow of (n + d - 1) / d.
