@@ -8,6 +8,7 @@ first kernel runs) or :func:`set_isa` asks for a lower one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 
@@ -18,6 +19,7 @@ from . import _C
 ISAS = ("avx512", "avx2", "generic")  # best first
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:

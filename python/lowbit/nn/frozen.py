@@ -49,28 +49,36 @@ def plausible_input(x, in_features: int) -> bool:
             and x.shape[-1] == in_features)
 
 
-def frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """module's x @ W^T + bias: the fused kernel (bias inside) when no gradient is wanted, else
-    through _FrozenWeightMatmul so gradients reach x (and a bias that requires them). With a
-    compute_dtype, x is cast to it for the kernel and the result back to x's dtype.
-
-    No checks run before the kernel: a forward is called for every token of every layer, and
-    the kernels check their own arguments. When one refuses, check_input() names the problem
-    in the module's terms (or, if it finds none, the kernel's own error stands)."""
+def checked_call(module: nn.Module, x: Tensor, fn, *args):
+    """fn(*args) for module's forward on x, with no checks before it: a forward runs for every
+    token of every layer, and the kernels check their own arguments. Only what they cannot see is
+    tested first (plausible_input); when a kernel refuses, check_input() names the problem in the
+    module's terms (or, if it finds none, the kernel's own error stands)."""
     if not plausible_input(x, module.in_features):
         check_input(x, module.in_features, module)
     try:
-        xc = x if compute_dtype is None else x.to(compute_dtype)
-        bias = module.bias
-        if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
-            y = _FrozenWeightMatmul.apply(xc, module)
-            y = y if bias is None else y + bias.to(y.dtype)
-        else:
-            y = module.quantized_matmul(xc, bias)
-        return y if compute_dtype is None else y.to(x.dtype)
+        return fn(*args)
     except (TypeError, ValueError, RuntimeError, AttributeError):
         check_input(x, module.in_features, module)
         raise
+
+
+def frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """module's x @ W^T + bias: the fused kernel (bias inside) when no gradient is wanted, else
+    through _FrozenWeightMatmul so gradients reach x (and a bias that requires them). With a
+    compute_dtype, x is cast to it for the kernel and the result back to x's dtype."""
+    return checked_call(module, x, _frozen_linear, module, x, compute_dtype)
+
+
+def _frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dtype]) -> Tensor:
+    xc = x if compute_dtype is None else x.to(compute_dtype)
+    bias = module.bias
+    if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
+        y = _FrozenWeightMatmul.apply(xc, module)
+        y = y if bias is None else y + bias.to(y.dtype)
+    else:
+        y = module.quantized_matmul(xc, bias)
+    return y if compute_dtype is None else y.to(x.dtype)
 
 
 class KeepsScalesFp32:

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from .. import functional as F
 from .. import ops
 from ..schemes import QuantizationScheme, resolve_scheme
-from .frozen import (FLOATS, StateError, check_bias, check_buffer, check_features, check_input, check_positive_finite,
-                     plausible_input)
+from .frozen import (FLOATS, StateError, check_bias, check_buffer, check_features, check_positive_finite,
+                     checked_call)
 
 
 class Int8DynamicLinear(nn.Module):
@@ -57,15 +57,7 @@ class Int8DynamicLinear(nn.Module):
         check_bias(err, self)
 
     def forward(self, x: Tensor) -> Tensor:
-        # The kernels check their arguments: the module's own messages (check_input) run only for
-        # an input that fails, off the per-call path (as frozen_linear does).
-        if not plausible_input(x, self.in_features):
-            check_input(x, self.in_features, self)
-        try:
-            return self._forward(x)
-        except (TypeError, ValueError, RuntimeError):
-            check_input(x, self.in_features, self)
-            raise
+        return checked_call(self, x, self._forward, x)
 
     def _forward(self, x: Tensor) -> Tensor:
         x2d = x.reshape(-1, self.in_features)
