@@ -63,15 +63,6 @@ LOWBIT_VECTOR_LOOP void dequantize_rows(const LinearArgs& a, int64_t r0, int64_t
   }
 }
 
-// acc[0..8) += w[k] * x[k] over n elements: 8 independent lanes the compiler keeps in a vector
-// register (a float reduction it may not reorder would stay scalar).
-LOWBIT_VECTOR_LOOP void dot_lanes(const float* w, const float* x, int64_t n, float* acc) {
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += w[k + j] * x[k + j];
-  for (; k < n; ++k) acc[0] += w[k] * x[k];
-}
-
 void dequantize_rows_portable(const LinearArgs& a, int64_t r0, int64_t r1, float* dst) {
   run_for_isa([&] { dequantize_rows(a, r0, r1, dst); });
 }
@@ -86,7 +77,7 @@ void fused_linear_portable(const LinearArgs& a, const float* xp) {
         dequantize_rows(a, r, r + 1, row.data());
         for (int64_t m = 0; m < a.M; ++m) {
           float acc[8] = {0};
-          dot_lanes(row.data(), xp + m * a.K, a.K, acc);
+          dot_lanes<8>(row.data(), xp + m * a.K, a.K, acc);
           a.out[m * a.N + r] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
         }
       }

@@ -262,13 +262,6 @@ LOWBIT_VECTOR_LOOP void decode_row_portable(const uint8_t* wp, const Codebook& c
   }
 }
 
-// acc[0..16) += w[k] * x[k] over n (a multiple of 16) elements: 16 independent lanes, which the
-// compiler keeps in vector registers (no reordered float reduction needed).
-LOWBIT_VECTOR_LOOP void dot16(const float* w, const float* x, int64_t n, float* acc) {
-  for (int64_t k = 0; k < n; k += 16)
-    for (int j = 0; j < 16; ++j) acc[j] += w[k + j] * x[k + j];
-}
-
 constexpr int64_t kTokenGroup = 8;  // tokens sharing one pass over a group of rows
 
 // ---------------------------------------------------------------- portable fused kernel (SSE2)
@@ -771,7 +764,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
           decode_row_portable(wp, c, scales, r, K, blocksize, row.data());
           for (int64_t m = 0; m < M; ++m) {
             float acc[16] = {0};
-            dot16(row.data(), xp + m * K, K, acc);
+            dot_lanes<16>(row.data(), xp + m * K, K, acc);
             float sum = 0.0f;
             for (float a : acc) sum += a;
             op[m * N + r] = sum;

@@ -165,6 +165,17 @@ inline int64_t check_groups(const at::Tensor& w, int64_t group_size) {
   return w.size(1) / group_size;
 }
 
+// acc[0..L) += w[k] * x[k] over n elements: L independent lanes the compiler keeps in vector
+// registers (a float reduction it may not reorder would stay scalar); a tail of n % L elements
+// goes to lane 0.
+template <int L>
+LOWBIT_VECTOR_LOOP void dot_lanes(const float* w, const float* x, int64_t n, float* acc) {
+  int64_t k = 0;
+  for (; k + L <= n; k += L)
+    for (int j = 0; j < L; ++j) acc[j] += w[k + j] * x[k + j];
+  for (; k < n; ++k) acc[0] += w[k] * x[k];
+}
+
 // Round half to even, the rounding of torch.round (the default FP environment).
 inline float round_even(float x) { return std::nearbyint(x); }
 
