@@ -229,6 +229,25 @@ def test_functional_packed_linear_matches_module():
     assert torch.equal(y_raw, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.int64, torch.uint8])
+def test_raw_op_takes_any_integer_zero_point(dtype):
+    """The kernel reads int8 zero points in place; wider ones give the same result, and values
+    that no int8 holds (no <= 8-bit grid has them) are refused rather than wrapped."""
+    lin = make_linear(256, 65, torch.float32, "zero-dtype")
+    m = PackedLinear.from_linear(lin, "W4A16_ASYM")
+    x = torch.randn(3, 256, generator=make_generator("zero-dtype-x"))
+    zero = m.weight_zero_point
+    if dtype == torch.uint8:
+        zero = zero.clamp(min=0)
+    y8 = lowbit.ops.packed_linear(x, m.weight_packed, m.weight_scale, zero, 4, 128, m.bias)
+    assert torch.equal(lowbit.ops.packed_linear(x, m.weight_packed, m.weight_scale, zero.to(dtype), 4, 128, m.bias), y8)
+    if dtype != torch.uint8:
+        wide = zero.to(dtype).clone()
+        wide[0, 0] = 300
+        with pytest.raises(ValueError, match="fit in int8"):
+            lowbit.ops.packed_linear(x, m.weight_packed, m.weight_scale, wide, 4, 128, m.bias)
+
+
 def test_quantization_error_is_small():
     """A sanity check independent of the reference: 8-bit per-channel output stays close to
     the float layer, 2-bit is much worse (so the test can tell them apart)."""

@@ -36,11 +36,12 @@ struct LinearArgs {
   int64_t M, N, K, ngroups, group_size, words, bits;
   const uint8_t* w;      // packed rows, words * 4 bytes each
   const float* scale;    // [N, ngroups]
-  const float* zero;     // [N, ngroups] unsigned-domain zero point, or null: 2^(bits-1)
+  const int8_t* zero;    // [N, ngroups] signed zero point as stored, or null (symmetric)
   float* out;            // [M, N]
 
+  // The zero point in the unsigned code domain: zero_point + 2^(bits-1).
   float zero_at(int64_t r, int64_t g) const {
-    return zero ? zero[r * ngroups + g] : static_cast<float>(1 << (bits - 1));
+    return static_cast<float>((zero ? zero[r * ngroups + g] : 0) + (1 << (bits - 1)));
   }
 };
 
@@ -201,19 +202,28 @@ template <class D, int MB>
 LOWBIT_VECTOR_LOOP void fused_tile(const LinearArgs& a, const float* xp, const float* xsum, int64_t m0, int64_t r0,
                                    int64_t r1, int64_t g0, int64_t g1, RowSums<D>* state) {
   using V = typename D::V;
-  constexpr int kSteps = 32 / D::W;  // decodes per 32 columns
+  constexpr int kSteps = 32 / D::W;                   // decodes per 32 columns
+  constexpr int kChunkBytes = 32 * D::kBits / 8;      // packed bytes of 32 columns
   constexpr int A = MB == 1 ? 4 : MB == 2 ? 2 : 1;  // accumulators per token
+  const int64_t chunks = a.group_size / 32;
+  const float offset = static_cast<float>(1 << (a.bits - 1));
+  // Pointers stepped through the loops (not indices recomputed from k): the hot loop then needs
+  // no address arithmetic beyond its increments, which keeps its registers free.
+  const float* x0 = xp + m0 * a.K + g0 * a.group_size;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* wrow = a.w + r * a.words * 4;
+    const uint8_t* wp = a.w + r * a.words * 4 + g0 * chunks * kChunkBytes;
+    const float* scale = a.scale + r * a.ngroups + g0;
+    const int8_t* zero = a.zero ? a.zero + r * a.ngroups + g0 : nullptr;
+    const float* xg = x0;
     RowSums<D>& st = state[r - r0];
-    for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t g = g0; g < g1; ++g, ++scale) {
       V acc[MB][A] = {};
-      for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 32)
+      for (int64_t c = 0; c < chunks; ++c, wp += kChunkBytes, xg += 32)
         for (int i = 0; i < kSteps; ++i) {
-          const V c = D::decode(wrow + ((k * D::kBits) >> 3) + i * D::W * D::kBits / 8);
-          for (int m = 0; m < MB; ++m) acc[m][i % A] += c * load_floats<V>(xp + (m0 + m) * a.K + k + i * D::W);
+          const V code = D::decode(wp + i * D::W * D::kBits / 8);
+          for (int m = 0; m < MB; ++m) acc[m][i % A] += code * load_floats<V>(xg + m * a.K + i * D::W);
         }
-      const float s = a.scale[r * a.ngroups + g], zs = a.zero_at(r, g) * s;
+      const float s = *scale, zs = (zero ? *zero++ + offset : offset) * s;
       for (int m = 0; m < MB; ++m) {
         V sum = acc[m][0];
         for (int j = 1; j < A; ++j) sum += acc[m][j];
@@ -228,8 +238,11 @@ template <class D, int MB>
 LOWBIT_VECTOR_LOOP void fused_rows(const LinearArgs& a, const float* xp, const float* xsum, int64_t m0, int64_t r0,
                                    int64_t r1, RowSums<D>* state) {
   for (int64_t r = r0; r < r1; ++r) state[r - r0] = RowSums<D>{};
-  // K blocks whose MB rows of x take at most 32 KB, so x stays in L1 across the rows.
-  const int64_t groups_per_block = std::max<int64_t>(1, (32 << 10) / (MB * 4) / a.group_size);
+  // Several tokens: K blocks whose MB rows of x take at most 32 KB, so x stays in L1 across the
+  // rows. One token: whole rows (x up to 256 KB, in L2), so the weights stream sequentially
+  // (4096x11008 at one token: 17% faster than in 32 KB blocks; 5% slower with 8 tokens).
+  const int64_t x_budget = MB == 1 ? 256 << 10 : 32 << 10;
+  const int64_t groups_per_block = std::max<int64_t>(1, x_budget / (MB * 4) / a.group_size);
   for (int64_t g0 = 0; g0 < a.ngroups; g0 += groups_per_block)
     fused_tile<D, MB>(a, xp, xsum, m0, r0, r1, g0, std::min(a.ngroups, g0 + groups_per_block), state);
   for (int64_t r = r0; r < r1; ++r)
@@ -287,11 +300,11 @@ void dequantize_rows_fast(const LinearArgs& a, int64_t r0, int64_t r1, float* ds
   run_generic([&] { dequantize_rows_vec<TableDecoder<BITS>>(a, r0, r1, dst); });
 }
 
-// Above this many tokens the dequantize-tile + GEMM path wins.
-// Above this many tokens the dequantize-tile + GEMM path wins (measured on 4096x4096 and
-// 11008x4096 g128: AVX2 fused 0.75x dense at 16 tokens against 0.94x for tiles, 1.4x at 32
-// against 0.82x; the SSE2 code loses to tiles from 8 tokens).
-int64_t max_fused_tokens(Isa isa) { return isa == Isa::generic ? 4 : 16; }
+// Above this many tokens the dequantize-tile + GEMM path wins (measured on the three large shapes,
+// g128, weights cold: AVX2 fused 0.6-0.75x dense at 16 tokens against 0.8-0.94x for tiles, 1.4x
+// at 32 against 0.82x; the SSE2 code 0.6x at 8 tokens against 0.7-1.6x for tiles, and even with
+// them at 16).
+int64_t max_fused_tokens(Isa isa) { return isa == Isa::generic ? 8 : 16; }
 
 // true when it handled the call: 4 or 8 bits, groups of whole 32-column chunks.
 bool vector_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out, Isa isa) {
@@ -326,15 +339,16 @@ struct GroupDecoder {
   __m512 lut, s, zs;
   // Scale and zero point are read in place (broadcasts from memory use a load port, not a
   // vector ALU port); a null zero point is the symmetric 2^(bits-1).
-  LOWBIT_TARGET_AVX512 GroupDecoder(const float* scale, const float* zero) {
+  LOWBIT_TARGET_AVX512 GroupDecoder(const float* scale, const int8_t* zero) {
+    constexpr float kOffset = 1 << (BITS - 1);
     s = _mm512_set1_ps(*scale);
     if (BITS == 4) {
       const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-      const __m512 centred = zero ? _mm512_sub_ps(iota, _mm512_set1_ps(*zero))
-                                  : _mm512_sub_ps(iota, _mm512_set1_ps(8.0f));  // folded to a constant
+      const __m512 centred = zero ? _mm512_sub_ps(iota, _mm512_set1_ps(*zero + kOffset))
+                                  : _mm512_sub_ps(iota, _mm512_set1_ps(kOffset));  // folded to a constant
       lut = _mm512_mul_ps(centred, s);
     } else {
-      zs = _mm512_mul_ps(_mm512_set1_ps(zero ? *zero : 128.0f), s);
+      zs = _mm512_mul_ps(_mm512_set1_ps(zero ? *zero + kOffset : kOffset), s);
     }
   }
   // The 32 weights of columns [k, k + 32) of a row, in prepare_x's order (k >= 0: a shift,
@@ -484,13 +498,24 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const at::Tensor wp = packed.contiguous();
   const at::Tensor sf = scale.to(at::kFloat).contiguous();
-  const float offset = static_cast<float>(1 << (bits - 1));
-  const at::Tensor zf = has_zero ? (zero_point->to(at::kFloat) + offset).contiguous() : at::Tensor();
+  // Zero points are read in place as int8 (PackedLinear's buffer: no per-call conversion of
+  // N x ngroups values), converted only when given wider; those of <= 8-bit codes fit in int8.
+  at::Tensor z8;
+  if (has_zero) {
+    z8 = zero_point->contiguous();
+    if (z8.scalar_type() != at::kChar) {
+      TORCH_CHECK_VALUE(z8.numel() == 0 || (z8.min().item<int64_t>() >= -128 && z8.max().item<int64_t>() <= 127),
+                        "lowbit: zero_point values must fit in int8 ([-128, 127]; the ", bits, "-bit grid is [",
+                        -(1 << (bits - 1)), ", ", (1 << (bits - 1)) - 1, "]), got ", z8.min().item<int64_t>(),
+                        " .. ", z8.max().item<int64_t>());
+      z8 = z8.to(at::kChar);
+    }
+  }
   const int64_t M = xf.size(0);
   at::Tensor out = at::empty({M, N}, xf.options());
   LinearArgs a{M, N, K, ngroups, group_size, packed.size(1), bits,
                reinterpret_cast<const uint8_t*>(wp.data_ptr<int32_t>()), sf.data_ptr<float>(),
-               has_zero ? zf.data_ptr<float>() : nullptr, out.data_ptr<float>()};
+               has_zero ? z8.data_ptr<int8_t>() : nullptr, out.data_ptr<float>()};
   if (M == 0 || N == 0) return finish_linear(out, bias, x);
   const Isa isa = active_isa();
   bool done = false;
