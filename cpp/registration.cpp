@@ -10,9 +10,10 @@
 
 TORCH_LIBRARY(lowbit, m) {
   // Per-group scale (weight dtype) and int8 zero point of a [rows, cols] weight; observer
-  // "minmax" or "mse" (shrink search over p = 1 - i/grid, i < maxshrink*grid, |err|^norm).
+  // "minmax", "mse" (shrink search over p = 1 - i/grid, i < maxshrink*grid, |err|^norm) or
+  // "imatrix_mse" (the same search, each column's error weighted by importance[col]).
   m.def("quant_params(Tensor w, int bits, bool symmetric, int group_size, str observer='minmax', "
-        "float maxshrink=0.8, int grid=100, float norm=2.4) -> (Tensor scale, Tensor zero_point)");
+        "float maxshrink=0.8, int grid=100, float norm=2.4, Tensor? importance=None) -> (Tensor scale, Tensor zero_point)");
   // Signed int8 codes: round(clamp(w / scale + zero_point, qmin, qmax)).
   m.def("quantize(Tensor w, Tensor scale, Tensor? zero_point, int bits, int group_size) -> Tensor");
   // (codes - zero_point) * scale in the given dtype.

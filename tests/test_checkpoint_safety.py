@@ -158,7 +158,7 @@ def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     before = _files(tmp_path / "ckpt")
     from lowbit.formats import compressed_tensors
 
-    def disk_full(state, directory):
+    def disk_full(state, directory, *args):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(compressed_tensors, "_write_safetensors", disk_full)

@@ -65,7 +65,7 @@ def _params(table):
     ("unknown-strategy", W, dict(strategy="block"), ValueError,
      r"strategy must be one of .*'tensor', 'channel', 'group'.*got 'block'"),
     ("unknown-observer", W, dict(observer="percentile"), ValueError,
-     r"observer must be 'minmax' or 'mse', got 'percentile'"),
+     r"observer must be one of \('minmax', 'mse', 'imatrix_mse'\).*got 'percentile'"),
     ("not-a-tensor", [[1.0, 2.0]], {}, TypeError, r"weight must be a torch.Tensor, got list"),
 ]))
 def test_bad_weights(fn, weight, kw, exc, match):
@@ -257,7 +257,7 @@ def test_unknown_scheme_lists_presets():
     (dict(strategy="block"), r"strategy must be one of .*got 'block'"),
     (dict(strategy="group", group_size=-32), r"positive integer group_size, got -32"),
     (dict(strategy="channel", group_size=128), r"group_size is only meaningful with strategy 'group'"),
-    (dict(observer="percentile"), r"observer must be 'minmax' or 'mse', got 'percentile'"),
+    (dict(observer="percentile"), r"observer must be one of \('minmax', 'mse', 'imatrix_mse'\).*got 'percentile'"),
 ], ids=["bits-1", "bits-9", "bits-float", "strategy", "group-negative", "channel-with-group", "observer"])
 def test_bad_quantization_args(kw, match):
     with pytest.raises(ValueError, match=match):

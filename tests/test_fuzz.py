@@ -152,12 +152,16 @@ def group_layout(draw, strategy, max_groups=4):
     return rows, cols, gs
 
 
-def ref_params(w, bits, symmetric, strategy, gs, observer):
+def ref_params(w, bits, symmetric, strategy, gs, observer, importance=None):
     rows, cols = w.shape
+    kw = {}
+    if observer == "imatrix_mse":  # lowbit.functional's imatrix search settings, normalised weights
+        imp = importance.float() / (importance.float().mean() + torch.finfo(torch.float32).tiny)
+        kw = dict(F.IMATRIX_SEARCH, importance=imp.repeat(rows) if strategy == "tensor" else imp)
     if strategy == "tensor":
-        s, z = RQ.quant_params(w.reshape(1, -1), bits, symmetric, w.numel(), observer)
+        s, z = RQ.quant_params(w.reshape(1, -1), bits, symmetric, w.numel(), observer, **kw)
         return s.reshape(1), z.reshape(1), s.expand(rows, 1), z.expand(rows, 1), cols
-    s, z = RQ.quant_params(w, bits, symmetric, gs, observer)
+    s, z = RQ.quant_params(w, bits, symmetric, gs, observer, **kw)
     return s, z, s, z, gs
 
 
@@ -165,15 +169,16 @@ def per_row(t, rows):
     return t.reshape(1, 1).expand(rows, 1) if t.dim() == 1 else t
 
 
-def recon_error(w, s2d, z2d, bits, gs, norm=2.4):
+def recon_error(w, s2d, z2d, bits, gs, norm=2.4, reduce=True):
     d = RQ.dequantize(RQ.quantize(w, s2d, z2d, bits, gs), s2d, z2d, gs, torch.float32) - w.float()
-    return d.abs().pow(norm).reshape(w.shape[0], -1, gs).sum(-1)
+    e = d.abs().pow(norm).reshape(w.shape[0], -1, gs)
+    return e.sum(-1) if reduce else e
 
 
 # ------------------------------------------------------------ quant_params / quantize / fake
 
 QUANT_MUTATIONS = ["dtype", "nan", "inf", "dim1", "dim3", "empty", "bits", "group_size", "group_not_dividing",
-                   "strategy", "observer", "symmetric", "not_tensor", "meta"]
+                   "strategy", "observer", "symmetric", "not_tensor", "meta", "importance"]
 
 
 def draw_quantization(draw):
@@ -188,13 +193,15 @@ def draw_quantization(draw):
 def test_fuzz_quantize(data):
     draw = data.draw
     strategy, rows, cols, gs, bits, symmetric = draw_quantization(draw)
-    observer = draw(st.sampled_from(["minmax", "minmax", "mse"]))
+    observer = draw(st.sampled_from(["minmax", "minmax", "mse", "imatrix_mse"]))
     dtype, how, seed = draw(DTYPES), draw(LAYOUTS), draw(SEEDS)
     magnitude = draw(st.sampled_from([1e-3, 0.05, 1.0, 300.0]))
     mutation = draw(st.one_of(st.none(), st.sampled_from(QUANT_MUTATIONS)))
     w = layout(weight_values(rows, cols, dtype, seed, magnitude), how)
     kw = dict(bits=bits, symmetric=symmetric, strategy=strategy, group_size=gs if strategy == "group" else None,
               observer=observer)
+    if observer == "imatrix_mse":  # E[x^2]-like weights: non-negative, some columns dominant
+        kw["importance"] = torch.rand(cols, generator=generator(seed)) ** 4 * draw(st.sampled_from([1e-6, 1.0, 1e4]))
     note(f"w {tuple(w.shape)} {dtype} {how}, {kw}, mutation {mutation}")
     fns = (F.quant_params, F.quantize, F.fake_quantize)
     if mutation is not None:
@@ -228,18 +235,25 @@ def test_fuzz_quantize(data):
             bad_w, name = w.tolist(), "weight"
         elif mutation == "meta":
             bad_w, name = w.to("meta"), "weight"
+        elif mutation == "importance":
+            bad_kw["observer"], name = "imatrix_mse", "importance"
+            bad_kw["importance"] = draw(st.sampled_from([
+                torch.ones(cols + 1), torch.ones(1, cols), torch.full((cols,), -1.0), torch.full((cols,), float("nan")),
+                torch.ones(cols, dtype=torch.int64), [1.0] * cols]))
         for fn in fns:
             expect_error(lambda: fn(bad_w, **bad_kw), name)
         return
 
     s, z = F.quant_params(w, **kw)
-    rs, rz, rs2d, rz2d, rgs = ref_params(w, bits, symmetric, strategy, gs, observer)
+    rs, rz, rs2d, rz2d, rgs = ref_params(w, bits, symmetric, strategy, gs, observer, kw.get("importance"))
     assert s.dtype == dtype and z.dtype == torch.int8 and s.shape == rs.shape and z.shape == rz.shape
     if observer == "minmax":
         assert torch.equal(s, rs) and torch.equal(z, rz)
     else:  # the kernel's shrink factor is at least as good as the reference's, up to rounding
-        mine = recon_error(w, per_row(s, rows), per_row(z, rows), bits, rgs)
-        theirs = recon_error(w, rs2d, rz2d, bits, rgs)
+        weights = kw["importance"].float().repeat(rows, 1).reshape(rows, -1, rgs) if "importance" in kw else 1.0
+        norm = F.IMATRIX_SEARCH["norm"] if "importance" in kw else 2.4
+        mine = (recon_error(w, per_row(s, rows), per_row(z, rows), bits, rgs, norm, reduce=False) * weights).sum(-1)
+        theirs = (recon_error(w, rs2d, rz2d, bits, rgs, norm, reduce=False) * weights).sum(-1)
         assert (mine <= theirs * (1 + 1e-4) + 1e-30).all()
     s2d, z2d = per_row(s, rows), per_row(z, rows)
     codes, s_, z_ = F.quantize(w, **kw)

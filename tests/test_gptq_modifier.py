@@ -128,7 +128,9 @@ def test_nan_activations_name_the_layer():
     (dict(dampening_frac=0), r"dampening_frac must be in \(0, 1\]"),
     (dict(block_size=0), r"block_size must be positive"),
     (dict(actorder="dynamic"), r"actorder must be None, 'static', 'weight' or 'group'"),
-    (dict(scheme="W8A8"), r"GPTQModifier quantizes weights only"),
+    (dict(scheme={"weights": {"num_bits": 4, "strategy": "group", "group_size": 32},
+                  "input_activations": {"num_bits": 8, "strategy": "token", "dynamic": True}}),
+     r"Int8DynamicLinear implements W8A8"),
 ])
 def test_bad_arguments(kwargs, match):
     kwargs.setdefault("config_groups", None if "scheme" in kwargs else CONFIG_GROUPS)

@@ -15,7 +15,7 @@ import torch
 import lowbit
 from lowbit.formats import compressed_state_dict
 from lowbit.pipeline import prepare_calibration
-from tiny_models import TEXTS, fixed_ids, logits, make_config, make_model, make_tokenizer, save_float, \
+from tiny_models import TEXTS, fixed_ids, logits, make_config, make_model, make_tokenizer, rel_err, save_float, \
     w4_group_modifier
 
 # ---------------------------------------------------------------- dataset forms
@@ -377,7 +377,7 @@ BAD = {
     "not-a-model": (lambda: dict(model=torch.nn.Linear(4, 4), recipe="W8A8"), ValueError,
                     r"causal language model .*got Linear"),
     "model-path-missing": (lambda: dict(model="/nonexistent/model/dir", recipe="W8A8"), ValueError,
-                           r"model path '/nonexistent/model/dir' is not a directory"),
+                           r"model '/nonexistent/model/dir' is not a local directory"),
     "group-size-not-dividing": (lambda: dict(recipe=w4_group_modifier(group_size=48)), ValueError,
                                 r"group size does not divide the input columns of model\.layers\.0\.self_attn\.q_proj "
                                 r"\(64 columns, group_size 48\)"),
@@ -386,7 +386,7 @@ BAD = {
         r"does not divide the input columns of model\.layers\.0\.self_attn\.q_proj \(64 columns, group_size 128\)"),
     "dataset-missing-file": (lambda: dict(recipe="W8A8", dataset="/nonexistent/calib.jsonl",
                                           tokenizer=make_tokenizer()),
-                             ValueError, r"dataset path '/nonexistent/calib.jsonl' does not exist"),
+                             ValueError, r"dataset '/nonexistent/calib.jsonl' is not a local file"),
     "dataset-bad-type": (lambda: dict(recipe="W8A8", dataset=3.5), TypeError, r"unsupported dataset type float"),
     "dataset-float-tensor": (lambda: dict(recipe="W8A8", dataset=torch.randn(2, 8)), ValueError,
                              r"token id tensors must be integer"),
@@ -480,3 +480,157 @@ def test_oneshot_returns_the_same_model_quantized_in_place():
     assert out is model
     assert _quantized(model) == LLAMA_LINEARS
     assert model.config.quantization_config["quant_method"] == "compressed-tensors"
+
+
+# ---------------------------------------------------------------- llmcompressor's keyword set
+
+def test_unknown_keyword_is_a_type_error():
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['calibration_samples'\]"):
+        lowbit.oneshot(make_model("llama"), "W4A16", calibration_samples=4)
+
+
+def test_keywords_without_effect_warn_once_and_change_nothing():
+    ids = fixed_ids(4, 16)
+    plain = lowbit.oneshot(make_model("llama"), w4_group_modifier(), dataset=ids)
+    with pytest.warns(UserWarning, match=r"no effect in lowbit: batch_size=8 .*; streaming=True") as record:
+        moot = lowbit.oneshot(make_model("llama"), w4_group_modifier(), dataset=ids, batch_size=8, streaming=True,
+                              clear_sparse_session=False, preprocessing_num_workers=None,
+                              tracing_ignore=["_update_causal_mask"], quantization_aware_calibration=True)
+    assert sum("no effect" in str(w.message) for w in record) == 1
+    assert torch.equal(logits(moot, ids), logits(plain, ids))
+
+
+def test_tokenizer_comes_from_the_model_directory(tmp_path):
+    """As llmcompressor: text data with no tokenizer= uses the one saved beside the model."""
+    from transformers import AutoModelForCausalLM
+
+    save_float("llama", tmp_path / "m", tokenizer=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    given = lowbit.oneshot(make_model("llama"), lowbit.GPTQModifier(config_groups=_w4_groups(), ignore=["lm_head"]),
+                           dataset=TEXTS, tokenizer=make_tokenizer(), num_calibration_samples=4)
+    found = lowbit.oneshot(model, lowbit.GPTQModifier(config_groups=_w4_groups(), ignore=["lm_head"]),
+                           dataset=TEXTS, num_calibration_samples=4)
+    ids = fixed_ids()
+    assert torch.equal(logits(found, ids), logits(given, ids))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        lowbit.oneshot(make_model("llama"), lowbit.GPTQModifier(config_groups=_w4_groups(), ignore=["lm_head"]),
+                       dataset=TEXTS)
+
+
+def _w4_groups():
+    return {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group", "group_size": 32}}}
+
+
+def test_splits_pick_and_slice_local_data():
+    ds = _datasets()
+    dd = ds.DatasetDict({"train": ds.Dataset.from_list([{"text": t} for t in TEXTS]),
+                         "test": ds.Dataset.from_list([{"text": "x"}])})
+    tok = make_tokenizer()
+    first_half = prepare_calibration(dd, tok, shuffle=False, splits="train[:50%]")
+    assert [s["input_ids"].shape[-1] for s in first_half] == [len(t) for t in TEXTS[:4]]
+    assert len(prepare_calibration(TEXTS, tok, shuffle=False, splits="train[2:5]")) == 3
+    assert len(prepare_calibration(dd, tok, shuffle=False, splits={"calibration": "test"})) == 1
+    with pytest.raises(ValueError, match=r"has the splits \['test', 'train'\]"):
+        prepare_calibration(dd, tok, splits="validation")
+    with pytest.raises(ValueError, match="not a split spec"):
+        prepare_calibration(TEXTS, tok, splits="train[::2]")
+
+
+def test_concatenate_and_pad():
+    tok = make_tokenizer()
+    pieces = prepare_calibration(TEXTS, tok, shuffle=False, max_seq_length=32, concatenate=True)
+    total = sum(len(t) for t in TEXTS)
+    assert [p["input_ids"].shape[-1] for p in pieces] == [32] * (total // 32) + ([total % 32] if total % 32 else [])
+    assert torch.equal(torch.cat([p["input_ids"][0] for p in pieces]),
+                       torch.cat([tok(t, return_tensors="pt")["input_ids"][0] for t in TEXTS]))
+    padded = prepare_calibration(TEXTS[:2], tok, shuffle=False, max_seq_length=80, pad=True)
+    for p, t in zip(padded, TEXTS[:2]):
+        assert p["input_ids"].shape[-1] == 80 and int(p["attention_mask"].sum()) == len(t)
+        assert (p["input_ids"][0, len(t):] == tok.pad_token_id).all()
+
+
+def test_hub_names_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"'open_platypus' is not a local file.*works offline"):
+        lowbit.oneshot(make_model("llama"), w4_group_modifier(), dataset="open_platypus", tokenizer=make_tokenizer())
+    with pytest.raises(ValueError, match="not a local directory: lowbit works offline"):
+        lowbit.oneshot("meta-llama/Meta-Llama-3-8B-Instruct", "W4A16")
+    with pytest.raises(ValueError, match="model_revision='v2'"):
+        lowbit.oneshot(make_model("llama"), "W4A16", model_revision="v2")
+
+
+def test_pipelines():
+    ids = fixed_ids(4, 16)
+    gptq = lambda: lowbit.GPTQModifier(config_groups=_w4_groups(), ignore=["lm_head"])  # noqa: E731
+    sequential = lowbit.oneshot(make_model("llama"), gptq(), dataset=ids, pipeline="sequential")
+    independent = lowbit.oneshot(make_model("llama"), gptq(), dataset=ids, pipeline="independent")
+    basic = lowbit.oneshot(make_model("llama"), gptq(), dataset=ids, pipeline="basic")
+    probe = fixed_ids()
+    assert torch.equal(logits(sequential, probe), logits(independent, probe))
+    # basic: layer 1 calibrated on float layer-0 outputs, so its GPTQ result differs
+    assert not torch.equal(logits(basic, probe), logits(sequential, probe))
+    with pytest.raises(ValueError, match="pipeline='datafree', but GPTQModifier needs calibration data"):
+        lowbit.oneshot(make_model("llama"), gptq(), dataset=ids, pipeline="datafree")
+    with pytest.raises(ValueError, match="pipeline='magic'"):
+        lowbit.oneshot(make_model("llama"), "W4A16", pipeline="magic")
+
+
+def test_stage_recipe_args_and_log_dir(tmp_path):
+    recipe = """
+    first_stage:
+        quant_modifiers:
+            QuantizationModifier: {scheme: W8A16, targets: Linear, ignore: [lm_head]}
+    second_stage:
+        quant_modifiers:
+            QuantizationModifier: {scheme: W4A16, targets: Linear, ignore: [lm_head]}
+    """
+    model = lowbit.oneshot(make_model("llama_h128"), recipe, stage="second_stage", recipe_args=["alpha=1"],
+                           output_dir=tmp_path / "out", log_dir=tmp_path / "logs")
+    assert model.model.layers[0].mlp.down_proj.args.num_bits == 4
+    written = (tmp_path / "out" / "recipe.yaml").read_text()
+    assert "alpha: '1'" in written and "W4A16" in written and "W8A16" not in written
+    assert "oneshot: 14 modules quantized" in (tmp_path / "logs" / "oneshot.log").read_text()
+    with pytest.raises(ValueError, match=r"stage='third' is not in the recipe"):
+        lowbit.oneshot(make_model("llama_h128"), recipe, stage="third")
+    with pytest.raises(ValueError, match="selects a stage of a YAML recipe"):
+        lowbit.oneshot(make_model("llama_h128"), "W4A16", stage="x")
+    with pytest.raises(ValueError, match="'key=value' strings"):
+        lowbit.oneshot(make_model("llama_h128"), "W4A16", recipe_args=["alpha"])
+
+
+def test_model_loading_arguments(tmp_path):
+    save_float("llama", tmp_path / "m", tokenizer=True)
+    bf16 = lowbit.oneshot(str(tmp_path / "m"), w4_group_modifier(), precision="bfloat16")
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+    untied = lowbit.oneshot(make_model("llama"), w4_group_modifier(), tie_word_embeddings=False)
+    assert untied.config.tie_word_embeddings is False
+    with pytest.raises(ValueError, match=r"sequential_targets=\['MistralDecoderLayer'\].*LlamaDecoderLayer"):
+        lowbit.oneshot(make_model("llama"), w4_group_modifier(), sequential_targets=["MistralDecoderLayer"])
+    lowbit.oneshot(make_model("llama"), w4_group_modifier(), sequential_targets=["LlamaDecoderLayer"])
+    with pytest.raises(ValueError, match="precision='int3'"):
+        lowbit.oneshot(make_model("llama"), "W4A16", precision="int3")
+
+
+def test_save_pretrained_writes_the_checkpoint(tmp_path):
+    """model.save_pretrained after oneshot (and after lowbit.load) writes lowbit's checkpoint;
+    save_compressed=False the decompressed float model, which loads as a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    model = lowbit.oneshot(make_model("llama"), w4_group_modifier(symmetric=False))
+    model.save_pretrained(tmp_path / "c", save_compressed=True)
+    ids = fixed_ids()
+    assert torch.equal(logits(lowbit.load(tmp_path / "c"), ids), logits(model, ids))
+    lowbit.load(tmp_path / "c").save_pretrained(tmp_path / "c2")
+    assert compressed_state_dict(lowbit.load(tmp_path / "c2")).keys() == compressed_state_dict(model).keys()
+    model.save_pretrained(tmp_path / "d", save_compressed=False)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "d")
+    assert getattr(dense.config, "quantization_config", None) is None
+    assert rel_err(logits(dense, ids), logits(model, ids)) < 1e-5
+    with pytest.raises(ValueError, match="safetensors only"):
+        model.save_pretrained(tmp_path / "e", safe_serialization=False)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "e", push_to_hub=True)
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError):  # never replaces a directory that is not a checkpoint
+        model.save_pretrained(tmp_path / "f")
+    assert (tmp_path / "f" / "notes.txt").read_text() == "mine"

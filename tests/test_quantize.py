@@ -249,6 +249,81 @@ def test_mse_matches_reference(layout, bits, symmetric, dtype, gen):
 
 
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("strategy,group_size", [("group", 32), ("channel", None), ("tensor", None)])
+def test_imatrix_mse_matches_reference(strategy, group_size, dtype, symmetric, gen):
+    """imatrix_mse: the MSE search with each column's error weighted by its importance
+    (normalised by the mean), llmcompressor's grid (p = 1 - i/20, i < 20) and |err|^3."""
+    w = rand_weight(13, 96, dtype, gen)
+    importance = torch.rand(96, generator=gen) ** 4 * 10  # a few dominant columns
+    s, z = F.quant_params(w, 4, symmetric, strategy, group_size, observer="imatrix_mse", importance=importance)
+    imp = importance / importance.mean()
+    rs, rz, *_ = reference_params(w, 4, symmetric, strategy, group_size, "imatrix_mse", maxshrink=1.0, grid=20,
+                                  norm=3.0, importance=imp.repeat(13) if strategy == "tensor" else imp)
+    same = (s == rs) & (z == rz)
+    assert same.float().mean() >= 0.99, f"{int((~same).sum())} of {same.numel()} groups differ from the reference"
+    sn, zn = F.quant_params(noncontig(w), 4, symmetric, strategy, group_size, observer="imatrix_mse",
+                            importance=importance)
+    assert torch.equal(sn, s) and torch.equal(zn, z)
+    codes, s3, z3 = F.quantize(w, 4, symmetric, strategy, group_size, "imatrix_mse", importance=importance)
+    assert torch.equal(s3, s) and torch.equal(z3, z)
+
+
+def test_imatrix_weights_move_the_range(gen):
+    """Heavy importance on some columns lowers their weighted error relative to plain MSE, and
+    uniform importance gives the plain search on the imatrix grid."""
+    w = rand_weight(64, 128, torch.float32, gen)
+    importance = torch.ones(128)
+    importance[::16] = 1000.0
+    si, zi = F.quant_params(w, 3, False, "group", 32, "imatrix_mse", importance=importance)
+    sm, zm = F.quant_params(w, 3, False, "group", 32, "mse")
+
+    def weighted(s, z):
+        d = (R.fake_quantize(w, s, z, 3, 32) - w).abs().pow(3)
+        return (d * importance).sum()
+
+    assert weighted(si, zi) < weighted(sm, zm)
+    su, zu = F.quant_params(w, 3, False, "group", 32, "imatrix_mse", importance=torch.full((128,), 7.0))
+    ru, rzu = R.quant_params(w, 3, False, 32, "mse", maxshrink=1.0, grid=20, norm=3.0)
+    assert torch.equal(su, ru) and torch.equal(zu, rzu)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(observer="imatrix_mse", importance=torch.ones(5)), ValueError, r"importance must be a float tensor of shape \[96\]"),
+    (dict(observer="mse", importance=torch.ones(96)), ValueError, r"only used by the 'imatrix_mse' observer"),
+    (dict(observer="imatrix_mse", importance=torch.ones(96, dtype=torch.int64)), ValueError, r"float tensor"),
+])
+def test_imatrix_bad_importance(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        F.quant_params(torch.randn(4, 96), 4, True, "group", 32, **kwargs)
+
+
+def test_imatrix_raw_op_checks():
+    w = torch.randn(4, 96)
+    with pytest.raises(ValueError, match="takes importance weights"):
+        ops.quant_params(w, 4, True, 32, "imatrix_mse")
+    with pytest.raises(ValueError, match="takes importance weights"):
+        ops.quant_params(w, 4, True, 32, "mse", importance=torch.ones(96))
+    with pytest.raises(ValueError, match=r"importance must have shape \[96\]"):
+        ops.quant_params(w, 4, True, 32, "imatrix_mse", importance=torch.ones(95))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        ops.quant_params(w, 4, True, 32, "imatrix_mse", importance=torch.full((96,), -1.0))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        ops.quant_params(w, 4, True, 32, "imatrix_mse", importance=torch.full((96,), float("nan")))
+
+
+def test_imatrix_without_importance_warns_once():
+    import lowbit.functional as LF
+
+    LF._warned_no_importance = False
+    w = torch.randn(8, 64)
+    with pytest.warns(UserWarning, match="no importance data"):
+        s, z = F.quant_params(w, 4, True, "group", 32, "imatrix_mse")
+    ru, rzu = R.quant_params(w, 4, True, 32, "mse", maxshrink=1.0, grid=20, norm=3.0)
+    assert torch.equal(s, ru) and torch.equal(z, rzu)
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("norm,maxshrink,grid", [(2.0, 0.8, 100), (2.0, 0.5, 20), (3.0, 0.25, 40)])
 def test_mse_search_options(norm, maxshrink, grid, symmetric, gen):
     """The raw op's search options (squared error branch included) follow the reference."""

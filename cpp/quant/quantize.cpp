@@ -59,36 +59,31 @@ LOWBIT_VECTOR_LOOP void fake_quantize_span(const T* x, T* out, int64_t n, float 
   }
 }
 
-// Sum of |fake_quant(x) - x|^norm over one group; norm 2 avoids powf.
-LOWBIT_VECTOR_LOOP float group_error(const float* x, int64_t n, float scale, float zero,
+// Sum of w_i |fake_quant(x_i) - x_i|^norm over one group (w = 1 without importance weights);
+// norm 2 avoids powf.
+LOWBIT_VECTOR_LOOP float group_error(const float* x, const float* importance, int64_t n, float scale, float zero,
                                       float qmin, float qmax, float norm) {
   float err = 0.0f;
-  if (norm == 2.0f) {
-    for (int64_t i = 0; i < n; ++i) {
-      float d = (quantize_one(x[i], scale, zero, qmin, qmax) - zero) * scale - x[i];
-      err += d * d;
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      float d = (quantize_one(x[i], scale, zero, qmin, qmax) - zero) * scale - x[i];
-      err += std::pow(std::fabs(d), norm);
-    }
+  for (int64_t i = 0; i < n; ++i) {
+    const float d = (quantize_one(x[i], scale, zero, qmin, qmax) - zero) * scale - x[i];
+    const float e = norm == 2.0f ? d * d : std::pow(std::fabs(d), norm);
+    err += importance ? importance[i] * e : e;
   }
   return err;
 }
 
 // MSE observer: shrink the range by p = 1 - i/grid, i < maxshrink*grid, and keep the
-// candidate with the smallest error (strictly smaller wins, so ties keep the wider range).
-GroupParams mse_search(const float* x, int64_t n, float lo, float hi, const IntRange& r,
-                       bool symmetric, at::ScalarType sd, double maxshrink, int64_t grid,
-                       double norm) {
+// candidate with the smallest (importance-weighted) error (strictly smaller wins, so ties
+// keep the wider range).
+GroupParams mse_search(const float* x, const float* importance, int64_t n, float lo, float hi, const IntRange& r,
+                       bool symmetric, at::ScalarType sd, double maxshrink, int64_t grid, double norm) {
   GroupParams best = params_for_range(lo, hi, r, symmetric, sd);
-  float best_err = group_error(x, n, best.scale, best.zero, r.qmin, r.qmax, norm);
+  float best_err = group_error(x, importance, n, best.scale, best.zero, r.qmin, r.qmax, norm);
   const int64_t steps = static_cast<int64_t>(maxshrink * grid);
   for (int64_t i = 1; i < steps; ++i) {
     const float p = static_cast<float>(1.0 - static_cast<double>(i) / grid);  // as Python's 1 - i/grid
     GroupParams cand = params_for_range(p * lo, p * hi, r, symmetric, sd);
-    float err = group_error(x, n, cand.scale, cand.zero, r.qmin, r.qmax, norm);
+    float err = group_error(x, importance, n, cand.scale, cand.zero, r.qmin, r.qmax, norm);
     if (err < best_err) {
       best_err = err;
       best = cand;
@@ -103,14 +98,32 @@ constexpr int64_t kMaxGrid = 100000;
 std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t bits,
                                                 bool symmetric, int64_t group_size,
                                                 c10::string_view observer, double maxshrink,
-                                                int64_t grid, double norm) {
+                                                int64_t grid, double norm,
+                                                const c10::optional<at::Tensor>& importance_in) {
   check_bits(bits);
   check_cpu(w_in, "weight");
   check_float(w_in, "weight");
   const int64_t ngroups = check_groups(w_in, group_size);
-  const bool mse = observer == "mse";
-  TORCH_CHECK_VALUE(mse || observer == "minmax", "lowbit: observer must be 'minmax' or 'mse', got '",
+  const bool imatrix = observer == "imatrix_mse";
+  const bool mse = observer == "mse" || imatrix;
+  TORCH_CHECK_VALUE(mse || observer == "minmax", "lowbit: observer must be 'minmax', 'mse' or 'imatrix_mse', got '",
               std::string(observer), "'");
+  const bool has_importance = importance_in.has_value() && importance_in->defined();
+  TORCH_CHECK_VALUE(imatrix == has_importance, "lowbit: the 'imatrix_mse' observer takes importance weights (E[x^2] "
+                    "per input column) and the other observers none; got observer '", std::string(observer), "' ",
+                    has_importance ? "with" : "without", " importance");
+  at::Tensor importance;
+  if (imatrix) {
+    check_cpu(*importance_in, "importance");
+    check_floating(*importance_in, "importance");
+    TORCH_CHECK_VALUE(importance_in->dim() == 1 && importance_in->size(0) == w_in.size(1), "lowbit: importance must "
+                      "have shape [", w_in.size(1), "] (one weight per input column), got ", importance_in->sizes());
+    importance = importance_in->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(importance.numel() == 0 || (importance.isfinite().all().item<bool>() &&
+                                                  importance.min().item<float>() >= 0.0f),
+                      "lowbit: importance weights must be finite and >= 0");
+  }
+  const float* imp = imatrix ? importance.data_ptr<float>() : nullptr;
   TORCH_CHECK_VALUE(!mse || (grid > 0 && grid <= kMaxGrid && maxshrink > 0 && maxshrink <= 1 && norm > 0 &&
                              std::isfinite(norm)),
                     "lowbit: mse observer needs 0 < grid <= ", kMaxGrid, ", 0 < maxshrink <= 1 and a finite norm > 0, "
@@ -137,7 +150,9 @@ std::tuple<at::Tensor, at::Tensor> quant_params(const at::Tensor& w_in, int64_t 
             finite = false;
             return;
           }
-          GroupParams p = mse ? mse_search(buf.data(), group_size, lo, hi, r, symmetric, sd,
+          // group t covers columns (t % ngroups) * group_size onwards of its row
+          const float* group_importance = imp ? imp + (t % ngroups) * group_size : nullptr;
+          GroupParams p = mse ? mse_search(buf.data(), group_importance, group_size, lo, hi, r, symmetric, sd,
                                            maxshrink, grid, norm)
                               : params_for_range(lo, hi, r, symmetric, sd);
           scale_p[t] = p.scale;

@@ -6,26 +6,32 @@ from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import eval, functional, nn, ops
 from .cpu import cpu_info, set_isa, supported_isas, use_isa
 from .formats import load, save_compressed
-from .modifiers import (AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, LLMInt8Modifier, Modifier,
-                        QuantizationModifier)
-from .pipeline import oneshot
+from .hf_quantizer import LowbitConfig, register as _register_quantizer
+from .modifiers import (AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, IMatrixGatherer, LLMInt8Modifier,
+                        Modifier, QuantizationModifier)
+from .pipeline import dispatch_for_generation, oneshot
 from .recipe import parse_recipe
 from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
 
 __version__ = "0.1.0"
+
+_register_quantizer()  # from_pretrained(..., quantization_config=lowbit.LowbitConfig(...))
 
 __all__ = [
     "AWQMapping",
     "AWQModifier",
     "BnB4bitModifier",
     "GPTQModifier",
+    "IMatrixGatherer",
     "LLMInt8Modifier",
+    "LowbitConfig",
     "PRESET_SCHEMES",
     "Modifier",
     "QuantizationArgs",
     "QuantizationModifier",
     "QuantizationScheme",
     "cpu_info",
+    "dispatch_for_generation",
     "eval",
     "functional",
     "load",

@@ -160,15 +160,48 @@ def _group_size(cols: int, scheme: QuantizationArgs) -> int:
     return scheme.group_size
 
 
-def _params_2d(w: Tensor, scheme: QuantizationArgs) -> Tuple[Tensor, Tensor, int]:
+# llmcompressor's imatrix_mse search: p = 1 - i/20 for i = 0 .. 19 (lowbit's loop stops below
+# maxshrink * grid, so maxshrink 1.0 reaches i = 19), |error|^3, weights normalised by their mean.
+IMATRIX_SEARCH = {"maxshrink": 1.0, "grid": 20, "norm": 3.0}
+_warned_no_importance = False
+
+
+def _search_args(scheme: QuantizationArgs, cols: int, importance: Optional[Tensor]) -> dict:
+    """ops.quant_params' observer arguments: imatrix_mse gets its search settings and the
+    importance weights [cols] (without them, as llmcompressor: uniform weights, one warning)."""
+    if scheme.observer != "imatrix_mse":
+        if importance is not None:
+            raise ValueError(f"importance weights are only used by the 'imatrix_mse' observer, not {scheme.observer!r}")
+        return {"observer": scheme.observer}
+    global _warned_no_importance
+    if importance is None:
+        if not _warned_no_importance:
+            warnings.warn("imatrix_mse: no importance data (E[x^2] per input column, gathered from calibration data "
+                          "by oneshot); falling back to a uniformly weighted MSE search", stacklevel=4)
+            _warned_no_importance = True
+        importance = torch.ones(cols)
+    _check_tensor(importance, "importance")
+    if importance.dim() != 1 or importance.numel() != cols or not importance.dtype.is_floating_point:
+        raise ValueError(f"importance must be a float tensor of shape [{cols}] (one weight per input column), got "
+                         f"{importance.dtype} of shape {tuple(importance.shape)}")
+    imp = importance.float()
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError("importance weights must be finite and >= 0 (E[x^2] of each input column)")
+    imp = imp / (imp.mean() + torch.finfo(torch.float32).tiny)
+    return {"observer": "imatrix_mse", **IMATRIX_SEARCH, "importance": imp}
+
+
+def _params_2d(w: Tensor, scheme: QuantizationArgs, importance: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, int]:
     """Scale and zero point laid out per row ([rows, groups]), plus the group size."""
     rows, cols = w.shape
+    search = _search_args(scheme, cols, importance)
     if scheme.strategy == "tensor":
-        scale, zero = ops.quant_params(w.reshape(1, -1), scheme.num_bits, scheme.symmetric,
-                                       w.numel(), scheme.observer)
+        if "importance" in search:
+            search["importance"] = search["importance"].repeat(rows)
+        scale, zero = ops.quant_params(w.reshape(1, -1), scheme.num_bits, scheme.symmetric, w.numel(), **search)
         return scale.expand(rows, 1), zero.expand(rows, 1), cols
     gs = _group_size(cols, scheme)
-    scale, zero = ops.quant_params(w, scheme.num_bits, scheme.symmetric, gs, scheme.observer)
+    scale, zero = ops.quant_params(w, scheme.num_bits, scheme.symmetric, gs, **search)
     return scale, zero, gs
 
 
@@ -178,7 +211,7 @@ def _scheme(bits, symmetric, strategy, group_size, observer) -> QuantizationArgs
     if not isinstance(strategy, str):
         raise TypeError(f"strategy must be a string ('group', 'channel' or 'tensor'), got {type(strategy).__name__}")
     if not isinstance(observer, str):
-        raise TypeError(f"observer must be 'minmax' or 'mse', got {type(observer).__name__} {observer!r}")
+        raise TypeError(f"observer must be 'minmax', 'mse' or 'imatrix_mse', got {type(observer).__name__} {observer!r}")
     return QuantizationArgs(
         num_bits=bits, symmetric=symmetric, strategy=strategy,
         group_size=group_size if strategy == "group" else None, observer=observer,
@@ -186,15 +219,17 @@ def _scheme(bits, symmetric, strategy, group_size, observer) -> QuantizationArgs
 
 
 def quant_params(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str = "group",
-                 group_size: Optional[int] = 128, observer: str = "minmax") -> Tuple[Tensor, Tensor]:
+                 group_size: Optional[int] = 128, observer: str = "minmax",
+                 importance: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Scale (w.dtype) and int8 zero point of `w` [out, in].
 
     Shapes: [out, in / group_size] for "group", [out, 1] for "channel", [1] for "tensor".
-    The zero point is all zeros when symmetric.
+    The zero point is all zeros when symmetric. observer "imatrix_mse" weighs each input
+    column's error by importance [in] (E[x^2] of that input on calibration data).
     """
     scheme = _scheme(bits, symmetric, strategy, group_size, observer)
     _check_float(w, "weight")
-    scale, zero, _ = _params_2d(w, scheme)
+    scale, zero, _ = _params_2d(w, scheme, importance)
     if strategy == "tensor":
         return scale[:1, 0].clone(), zero[:1, 0].clone()
     return scale, zero
@@ -238,15 +273,17 @@ def _layout(codes_shape: Sequence[int], scale: Tensor, zero_point: Optional[Tens
 
 
 def quantize(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str = "group",
-             group_size: Optional[int] = 128, observer: str = "minmax") -> Tuple[Tensor, Tensor, Tensor]:
+             group_size: Optional[int] = 128, observer: str = "minmax",
+             importance: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Quantize `w` [out, in] to (codes int8 [out, in], scale, zero_point).
 
-    Parameters come from `observer` ("minmax", or "mse": the shrink search of the GPTQ
-    reference); scale / zero_point shapes are those of `quant_params`.
+    Parameters come from `observer` ("minmax"; "mse": the shrink search of the GPTQ
+    reference; "imatrix_mse": that search weighted by `importance`); scale / zero_point shapes
+    are those of `quant_params`.
     """
     scheme = _scheme(bits, symmetric, strategy, group_size, observer)
     _check_float(w, "weight")
-    scale, zero, gs = _params_2d(w, scheme)
+    scale, zero, gs = _params_2d(w, scheme, importance)
     codes = ops.quantize(w, scale, zero, bits, gs)
     if strategy == "tensor":
         return codes, scale[:1, 0].clone(), zero[:1, 0].clone()
@@ -273,15 +310,16 @@ def dequantize(codes: Tensor, scale: Tensor, zero_point: Optional[Tensor] = None
 
 def fake_quantize(w: Tensor, bits: int = 4, symmetric: bool = True, strategy: str = "group",
                   group_size: Optional[int] = 128, observer: str = "minmax",
-                  scale: Optional[Tensor] = None, zero_point: Optional[Tensor] = None) -> Tensor:
+                  scale: Optional[Tensor] = None, zero_point: Optional[Tensor] = None,
+                  importance: Optional[Tensor] = None) -> Tensor:
     """dequantize(quantize(w)) in one pass, in w.dtype. Pass `scale` (and `zero_point`) to
-    reuse parameters; otherwise they come from `observer`."""
+    reuse parameters; otherwise they come from `observer` (and `importance`)."""
     scheme = _scheme(bits, symmetric, strategy, group_size, observer)
     _check_float(w, "weight")
     if scale is None:
         if zero_point is not None:
             raise ValueError("zero_point was given without scale: pass both, or neither to compute them")
-        scale2d, zero2d, gs = _params_2d(w, scheme)
+        scale2d, zero2d, gs = _params_2d(w, scheme, importance)
     else:
         _check_finite(w, "weight")
         scale2d, zero2d, gs = _layout(w.shape, scale, zero_point, bits)
@@ -455,8 +493,8 @@ def gptq(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: Optional
         raise ValueError("hessian contains NaN or Inf values; check the calibration data and the layers before")
     if not isinstance(actorder, (str, type(None))) or actorder not in ACTORDERS:
         raise ValueError(f"actorder must be one of {ACTORDERS}, got {actorder!r}")
-    if not isinstance(observer, str) or observer not in ("minmax", "mse"):
-        raise ValueError(f"observer must be 'minmax' or 'mse', got {observer!r}")
+    if not isinstance(observer, str) or observer not in ("minmax", "mse", "imatrix_mse"):
+        raise ValueError(f"observer must be 'minmax', 'mse' or 'imatrix_mse', got {observer!r}")
     _check_number(dampening_frac, "dampening_frac")
     if not 0 < dampening_frac <= 1:
         raise ValueError(f"dampening_frac must be in (0, 1], got {dampening_frac}")
@@ -470,7 +508,10 @@ def gptq(weight: Tensor, hessian: Tensor, *, bits: int = 4, group_size: Optional
     w[:, dead] = 0
     # H[dead, dead] = 1, as the solve does it too
     perm, col_group, g_idx, param_order = _column_groups(torch.diag(h).masked_fill(dead, 1), cols, gs, actorder)
-    scale, zero = ops.quant_params(w[:, param_order].to(weight.dtype).contiguous(), bits, symmetric, gs, observer)
+    # imatrix_mse weighs the range search by E[x^2] per input column: H's diagonal (H = 2/n X^T X)
+    importance = torch.diag(h)[param_order] if observer == "imatrix_mse" else None
+    search = _search_args(QuantizationArgs(num_bits=bits, observer=observer), cols, importance)
+    scale, zero = ops.quant_params(w[:, param_order].to(weight.dtype).contiguous(), bits, symmetric, gs, **search)
     codes, updated, loss, damping = ops.gptq_solve(w[:, perm].contiguous(), h, perm, scale, zero, col_group, bits,
                                                    block_size, dampening_frac)
     inverse = torch.argsort(perm)

@@ -23,9 +23,11 @@ _ops = torch.ops.lowbit
 def quant_params(
     w: Tensor, bits: int, symmetric: bool, group_size: int,
     observer: str = "minmax", maxshrink: float = 0.8, grid: int = 100, norm: float = 2.4,
+    importance: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """w [rows, cols] float -> (scale [rows, cols/group_size] in w.dtype, zero_point int8 same shape)."""
-    return _ops.quant_params(w, bits, symmetric, group_size, observer, maxshrink, grid, norm)
+    """w [rows, cols] float -> (scale [rows, cols/group_size] in w.dtype, zero_point int8 same shape).
+    observer "imatrix_mse" weighs each column's error by importance [cols]."""
+    return _ops.quant_params(w, bits, symmetric, group_size, observer, maxshrink, grid, norm, importance)
 
 
 def quantize(w: Tensor, scale: Tensor, zero_point: Optional[Tensor], bits: int, group_size: int) -> Tensor:
@@ -261,13 +263,15 @@ def _rows(x: Tensor):
 
 
 @torch.library.register_fake("lowbit::quant_params")
-def _(w, bits, symmetric, group_size, observer="minmax", maxshrink=0.8, grid=100, norm=2.4):
+def _(w, bits, symmetric, group_size, observer="minmax", maxshrink=0.8, grid=100, norm=2.4, importance=None):
     op = "quant_params"
     _bits(op, bits)
     _dtype(op, w, "weight", _FLOATS)
     groups = _groups(op, w, group_size)
-    if observer not in ("minmax", "mse"):
-        raise ValueError(f"lowbit::{op}: observer must be 'minmax' or 'mse', got {observer!r}")
+    if observer not in ("minmax", "mse", "imatrix_mse"):
+        raise ValueError(f"lowbit::{op}: observer must be 'minmax', 'mse' or 'imatrix_mse', got {observer!r}")
+    if (observer == "imatrix_mse") != (importance is not None):
+        raise ValueError(f"lowbit::{op}: the 'imatrix_mse' observer takes importance weights and the others none")
     shape = (w.shape[0], groups)
     return w.new_empty(shape), w.new_empty(shape, dtype=torch.int8)
 

@@ -11,6 +11,9 @@ WEIGHT_STRATEGIES = ("tensor", "channel", "group")
 ACTIVATION_STRATEGIES = ("tensor", "token")
 # GPTQ column orders, llmcompressor's names ("static" is an alias of "weight").
 ACTORDERS = (None, "static", "weight", "group")
+OBSERVERS = ("minmax", "mse", "imatrix_mse")
+# llmcompressor's observer names -> the one-shot parameters they compute for weights.
+OBSERVER_ALIASES = {"memoryless_minmax": "minmax", "static_minmax": "minmax", "memoryless_mse": "mse"}
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,9 @@ class QuantizationArgs:
     num_bits: 2..8. symmetric: zero point 0 (scale = absmax / ((qmax - qmin) / 2)).
     strategy: for weights "group" (group_size input columns share a scale), "channel" (one
     scale per output row) or "tensor"; for activations "token" or "tensor". dynamic: scales
-    computed at run time (activations). observer: "minmax" or "mse" (range shrink search).
+    computed at run time (activations). observer: "minmax", "mse" (range shrink search) or
+    "imatrix_mse" (that search with each input column's error weighted by E[x^2] of the
+    column's input on the calibration data); llmcompressor's other names map onto these.
     """
 
     num_bits: int = 4
@@ -48,8 +53,9 @@ class QuantizationArgs:
                 raise ValueError(f"strategy 'group' needs a positive integer group_size, got {self.group_size!r}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only meaningful with strategy 'group', not {self.strategy!r}")
-        if self.observer not in ("minmax", "mse"):
-            raise ValueError(f"observer must be 'minmax' or 'mse', got {self.observer!r}")
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer must be one of {OBSERVERS} (or llmcompressor's memoryless_minmax, "
+                             f"static_minmax, memoryless_mse), got {self.observer!r}")
         if self.actorder not in ACTORDERS:
             raise ValueError(f"actorder must be None, 'static', 'weight' or 'group', got {self.actorder!r}")
 
@@ -87,9 +93,21 @@ PRESET_SCHEMES = {
 }
 
 
+def plain(obj):
+    """compressed-tensors' own QuantizationScheme / QuantizationArgs (pydantic models, as
+    preset_name_to_scheme returns) as the dict they serialize to; anything else unchanged."""
+    dump = getattr(obj, "model_dump", None)
+    return dump(mode="json") if callable(dump) else obj
+
+
 def resolve_scheme(scheme: Union[str, QuantizationScheme, QuantizationArgs, dict]) -> QuantizationScheme:
-    """A preset name, a QuantizationScheme, weight QuantizationArgs, or a dict with
-    "weights" (and "input_activations") in compressed-tensors' form."""
+    """A preset name, a QuantizationScheme, weight QuantizationArgs, a dict with "weights"
+    (and "input_activations") in compressed-tensors' form, or compressed-tensors' own
+    QuantizationScheme / QuantizationArgs objects."""
+    dumped = plain(scheme)
+    if dumped is not scheme and "num_bits" in dumped:  # compressed-tensors' QuantizationArgs: the weights
+        dumped = {"weights": dumped}
+    scheme = dumped
     if isinstance(scheme, QuantizationScheme):
         return scheme
     if isinstance(scheme, QuantizationArgs):
@@ -102,6 +120,9 @@ def resolve_scheme(scheme: Union[str, QuantizationScheme, QuantizationArgs, dict
     if isinstance(scheme, dict):
         if not isinstance(scheme.get("weights"), (dict, QuantizationArgs)):
             raise ValueError(f"a scheme dict needs a 'weights' entry (and optionally 'input_activations'), got keys {sorted(scheme)}")
+        if scheme.get("output_activations"):
+            raise ValueError("output activation quantization is not supported; quantize weights (and input "
+                             "activations)")
         acts = scheme.get("input_activations")
         return QuantizationScheme(args_from_dict(scheme["weights"]), args_from_dict(acts) if acts else None)
     raise TypeError(f"scheme must be a preset name, a QuantizationScheme, QuantizationArgs or a dict, "
@@ -114,6 +135,7 @@ _ARG_FIELDS = set(QuantizationArgs.__dataclass_fields__)
 def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
     """QuantizationArgs from a compressed-tensors style dict. Fields lowbit has no use for
     (block_structure, observer_kwargs ...) are accepted while unset."""
+    d = plain(d)
     if isinstance(d, QuantizationArgs):
         return d
     if not isinstance(d, dict):
@@ -125,10 +147,8 @@ def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
         raise ValueError(f"unsupported quantization args {extra}; lowbit knows {sorted(_ARG_FIELDS)}")
     known = {k: v for k, v in d.items() if k in _ARG_FIELDS and (v is not None or k == "group_size")}
     observer = known.get("observer")
-    if isinstance(observer, str) and observer not in ("minmax", "mse"):
-        # llmcompressor's observer variants ("memoryless_minmax", "static_minmax", ...) compute
-        # the same one-shot parameters for weights.
-        known["observer"] = "mse" if "mse" in observer else "minmax" if "minmax" in observer else observer
+    if isinstance(observer, str):
+        known["observer"] = OBSERVER_ALIASES.get(observer, observer)
     if known.get("strategy", "group") != "group":
         known.setdefault("group_size", None)
     return QuantizationArgs(**known)

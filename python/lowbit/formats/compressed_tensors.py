@@ -3,8 +3,10 @@ pack-quantized for WnA16, int-quantized for W8A8. Save from and load into lowbit
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import types
 from typing import Dict, Tuple
 
 import torch
@@ -109,10 +111,33 @@ def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: state[k].detach().contiguous() for k in sorted(state)}
 
 
-def _write_safetensors(state: Dict[str, torch.Tensor], directory: str) -> None:
+def decompressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The quantized model as a plain float checkpoint (llmcompressor's save_compressed=False):
+    every lowbit layer's weight dequantized in the model's dtype, its quantized buffers
+    dropped, so any loader reads it as an ordinary model whose weights lie on the grid."""
+    from ..nn import QUANTIZED_LINEAR_TYPES
+
+    dtype = getattr(model.config, "dtype", None) or torch.float32
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LINEAR_TYPES)}
+    state, seen = {}, set()
+    for key, tensor in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in quantized and leaf != "bias":
+            continue
+        if tensor.numel() and tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        state[key] = tensor
+    for owner, module in quantized.items():
+        state[f"{owner}.weight"] = module.dequantized_weight(dtype)
+    return {k: state[k].detach().contiguous() for k in sorted(state)}
+
+
+def _write_safetensors(state: Dict[str, torch.Tensor], directory: str, max_shard_size=MAX_SHARD_SIZE) -> None:
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD_SIZE)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: state[k] for k in keys}, os.path.join(directory, filename), metadata={"format": "pt"})
     if split.is_sharded:
@@ -122,15 +147,24 @@ def _write_safetensors(state: Dict[str, torch.Tensor], directory: str) -> None:
 
 
 def save_compressed(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: str = None,
-                    overwrite: bool = False) -> None:
+                    overwrite: bool = False, compressed: bool = True, max_shard_size=MAX_SHARD_SIZE) -> None:
     """Write config.json (with quantization_config), safetensors, the tokenizer and
     recipe.yaml to a temporary directory beside `output_dir`, then swap it into place, so
     that `output_dir` holds the old or the complete new checkpoint at every instant (see
-    checkpoint.write_directory for the paths it refuses)."""
+    checkpoint.write_directory for the paths it refuses). compressed=False writes the
+    decompressed model instead (decompressed_state_dict; config.json without
+    quantization_config)."""
 
     def write(tmp: str) -> None:
-        _write_safetensors(compressed_state_dict(model), tmp)
-        model.config.save_pretrained(tmp)
+        if compressed:
+            _write_safetensors(compressed_state_dict(model), tmp, max_shard_size)
+            model.config.save_pretrained(tmp)
+        else:
+            _write_safetensors(decompressed_state_dict(model), tmp, max_shard_size)
+            config = copy.deepcopy(model.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -140,6 +174,41 @@ def save_compressed(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: s
                 f.write(recipe_yaml)
 
     write_directory(output_dir, write, overwrite, protected=model_directories(model))
+
+
+# transformers' save_pretrained arguments that a lowbit checkpoint has no use for: accepted, ignored.
+_SAVE_PRETRAINED_IGNORED = {"state_dict", "save_function", "variant", "token", "save_peft_format", "save_original_format",
+                            "commit_message", "private", "create_pr", "safe_serialization"}
+
+
+def attach_save_pretrained(model: nn.Module, recipe_yaml: str = None) -> None:
+    """Make `model.save_pretrained(dir, save_compressed=True)` write lowbit's checkpoint, as
+    llmcompressor's oneshot does to the models it returns: transformers' own method would
+    write the layers' in-memory buffers (zero points unpacked, bitsandbytes' state missing),
+    which no loader reads. save_compressed=False writes the decompressed float model."""
+
+    def save_pretrained(self, save_directory, save_compressed: bool = True, max_shard_size=MAX_SHARD_SIZE,
+                        is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
+        if push_to_hub:
+            raise ValueError("save_pretrained(push_to_hub=True): lowbit works offline; save to a directory and upload "
+                             "it with huggingface_hub's upload_folder")
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("save_pretrained(safe_serialization=False): lowbit writes safetensors only (never pickle)")
+        unknown = sorted(set(kwargs) - _SAVE_PRETRAINED_IGNORED)
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments {unknown}")
+        if not isinstance(save_compressed, bool):
+            raise TypeError(f"save_compressed must be True or False, got {save_compressed!r}")
+        if is_main_process:
+            save_compressed_checkpoint(self, save_directory, recipe_yaml=recipe_yaml, overwrite=True,
+                                       compressed=save_compressed, max_shard_size=max_shard_size)
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+# The writer under a second name: llmcompressor's save_compressed argument (of save_pretrained and
+# oneshot) shadows the first.
+save_compressed_checkpoint = save_compressed
 
 
 # ---------------------------------------------------------------- loading
@@ -280,6 +349,7 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
     check_quantized_values(model, path)
     model.tie_weights()
     model.config.quantization_config = qc
+    attach_save_pretrained(model)
     return model.eval()
 
 

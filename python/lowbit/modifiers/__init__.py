@@ -4,10 +4,12 @@ from .awq import AWQMapping, AWQModifier
 from .base import Modifier
 from .bnb import BNB_PRESETS, BnB4bitModifier, BnB4bitScheme
 from .gptq import GPTQModifier
+from .imatrix import IMatrixGatherer
 from .llm_int8 import LLMInt8Modifier, LLMInt8Scheme
 from .quantization import QuantizationModifier
 
 # Names a YAML recipe may use.
-MODIFIERS = {cls.__name__: cls for cls in (QuantizationModifier, GPTQModifier, AWQModifier, BnB4bitModifier, LLMInt8Modifier)}
+MODIFIERS = {cls.__name__: cls for cls in (QuantizationModifier, GPTQModifier, AWQModifier, BnB4bitModifier, LLMInt8Modifier,
+                                           IMatrixGatherer)}
 
-__all__ = ["AWQMapping", "AWQModifier", "BNB_PRESETS", "BnB4bitModifier", "BnB4bitScheme", "MODIFIERS", "GPTQModifier", "LLMInt8Modifier", "LLMInt8Scheme", "Modifier", "QuantizationModifier"]
+__all__ = ["AWQMapping", "AWQModifier", "BNB_PRESETS", "BnB4bitModifier", "BnB4bitScheme", "MODIFIERS", "GPTQModifier", "IMatrixGatherer", "LLMInt8Modifier", "LLMInt8Scheme", "Modifier", "QuantizationModifier"]

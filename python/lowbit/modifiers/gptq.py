@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from ..nn.int8_dynamic import Int8DynamicLinear
 from ..nn.packed_linear import PackedLinear
 from ..schemes import QuantizationScheme
 from .quantization import QuantizationModifier
@@ -20,7 +21,9 @@ logger = logging.getLogger("lowbit")
 
 class GPTQModifier(QuantizationModifier):
     """GPTQ (Frantar et al., 2022) on the targeted Linear layers, one decoder layer at a
-    time: each layer's inputs come from the already quantized layers before it.
+    time: each layer's inputs come from the already quantized layers before it. With an
+    activation scheme (W8A8), GPTQ quantizes the weights and the activations are quantized
+    per token at run time, as QuantizationModifier's W8A8 layers do.
 
     block_size, dampening_frac (0.01: the damping starts at 1% of mean(diag H) and doubles
     while the Cholesky factorisation fails; RTN with a warning if none succeeds) and
@@ -49,9 +52,9 @@ class GPTQModifier(QuantizationModifier):
                           "transformers and llmcompressor 0.14) no longer reads: such checkpoints load with "
                           "lowbit.load only. Use actorder='static' (= 'weight') for checkpoints that load everywhere.",
                           stacklevel=2)
-        for _, s in self.groups:
+        for _, s in self.groups:  # GPTQ on the weights, activations as QuantizationModifier quantizes them
             if s.input_activations is not None:
-                raise ValueError("GPTQModifier quantizes weights only; use QuantizationModifier for W8A8")
+                Int8DynamicLinear.check_scheme(s)
         self._hessians: Dict[str, tuple] = {}
         self._last_input: tuple = (None, None)  # (the last input seen by a hook, the module that took it)
         self.layer_errors: Dict[str, tuple] = {}  # module name -> (GPTQ error, RTN error) on calibration data
@@ -93,8 +96,11 @@ class GPTQModifier(QuantizationModifier):
                           "this layer falls back to round-to-nearest", stacklevel=2)
         elif result.damping > self.dampening_frac:
             logger.info("%s: damping raised to %.3g of mean(diag H)", name, result.damping)
-        packed = PackedLinear.from_codes(module, scheme, result.codes, result.scale, result.zero_point,
-                                         result.g_idx)
+        if scheme.input_activations is not None:
+            packed = Int8DynamicLinear.from_codes(module, result.codes, result.scale)
+        else:
+            packed = PackedLinear.from_codes(module, scheme, result.codes, result.scale, result.zero_point,
+                                             result.g_idx)
         self.layer_errors[name] = (self._output_error(h, w, packed.dequantized_weight(torch.float32)),
                                    self._output_error(h, w, F.fake_quantize(
                                        w, a.num_bits, a.symmetric, a.strategy, a.group_size, a.observer).float()))

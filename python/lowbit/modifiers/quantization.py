@@ -4,31 +4,43 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import torch
 from torch import nn
 
-from ..schemes import QuantizationScheme, args_from_dict, resolve_scheme
+from ..nn.convert import quantize_module
+from ..schemes import QuantizationScheme, args_from_dict, plain, resolve_scheme
 from .base import Modifier, _as_list
 
 
 class QuantizationModifier(Modifier):
     """Quantize the targeted Linear layers with a preset `scheme` (e.g. "W4A16"), a dict
     {preset: targets}, or compressed-tensors `config_groups`
-    ({name: {targets, weights, input_activations}}). No calibration data is needed (W8A8
-    quantizes activations per token at run time); given data, the runner logs each layer's
-    output error."""
+    ({name: {targets, weights, input_activations}}, or compressed-tensors' QuantizationScheme
+    objects). No calibration data is needed (W8A8 quantizes activations per token at run
+    time); given data, the runner logs each layer's output error, and a scheme with the
+    imatrix_mse observer weighs its range search by E[x^2] of each input column on it."""
 
     def __init__(self, scheme: Union[None, str, dict, QuantizationScheme] = None,
                  config_groups: Optional[dict] = None, targets: Union[str, Sequence[str]] = "Linear",
                  ignore: Union[None, str, Sequence[str]] = None, bypass_divisibility_checks: bool = False,
-                 requires_calibration_data: bool = False):
+                 requires_calibration_data: bool = False, kv_cache_scheme=None):
         super().__init__(targets, ignore)
+        if kv_cache_scheme is not None:
+            raise ValueError("kv_cache_scheme: lowbit does not quantize the KV cache yet; remove kv_cache_scheme "
+                             "to quantize the weights (and activations) as the rest of the recipe asks")
         if (scheme is None) == (config_groups is None):
             raise ValueError(f"{type(self).__name__} needs exactly one of scheme= (e.g. 'W4A16') or config_groups=")
         if bypass_divisibility_checks:
             raise ValueError("bypass_divisibility_checks=True is not supported: lowbit only writes checkpoints "
                              "whose group size divides every quantized layer's input columns")
-        self.scheme, self.config_groups = scheme, config_groups
+        self.scheme = scheme
+        self.config_groups = {k: plain(v) for k, v in config_groups.items()} \
+            if isinstance(config_groups, dict) else config_groups
         self.groups: List[Tuple[List[str], QuantizationScheme]] = self._groups()
+        # E[x^2] per input column for imatrix_mse: name -> (sum of x^2 [in], token count)
+        self._importance: Dict[str, Tuple[torch.Tensor, int]] = {}
+        self._planned: Dict[str, QuantizationScheme] = {}  # module name -> scheme, set by plan()
+        self.collects_statistics = any(s.weights.observer == "imatrix_mse" for _, s in self.groups)
 
     def _groups(self) -> List[Tuple[List[str], QuantizationScheme]]:
         if self.config_groups is not None:
@@ -64,12 +76,35 @@ class QuantizationModifier(Modifier):
         for targets, scheme in self.groups:
             for name, module in self.select(model, targets).items():
                 out.setdefault(name, (module, scheme))
+        self._planned = {name: scheme for name, (_, scheme) in out.items()}
         return out
+
+    def calibration_hook(self, name: str, module: nn.Module):
+        """For imatrix_mse schemes: the sum of x^2 per input column (float64) and the token count."""
+        scheme = self._planned.get(name)
+        if scheme is None or scheme.weights.observer != "imatrix_mse":
+            return None
+
+        def accumulate(mod, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            total, n = self._importance.get(name, (0.0, 0))
+            self._importance[name] = (x.double().pow(2).sum(0) + total, n + x.shape[0])
+
+        return module.register_forward_pre_hook(accumulate)
+
+    def importance(self, name: str) -> Optional[torch.Tensor]:
+        """E[x^2] per input column of module `name` on the calibration data (imatrix_mse), or None."""
+        total, n = self._importance.pop(name, (None, 0))
+        return None if total is None else (total / max(n, 1)).float()
+
+    def quantize_module(self, name: str, module: nn.Module, scheme) -> nn.Module:
+        return quantize_module(module, scheme, importance=self.importance(name))
 
     def recipe_args(self) -> dict:
         args = {"targets": self.targets, "ignore": self.ignore}
         if self.config_groups is not None:
             args["config_groups"] = self.config_groups
         else:
-            args["scheme"] = self.scheme if not isinstance(self.scheme, QuantizationScheme) else self.scheme.to_dict()
+            scheme = plain(self.scheme)
+            args["scheme"] = scheme.to_dict() if isinstance(scheme, QuantizationScheme) else scheme
         return args

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from .. import functional as F
 from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
@@ -17,8 +17,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
 
-def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict]) -> nn.Module:
-    """The quantized replacement of an nn.Linear / transformers Conv1D.
+def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict],
+                    importance: Optional[Tensor] = None) -> nn.Module:
+    """The quantized replacement of an nn.Linear / transformers Conv1D (importance: E[x^2] per
+    input column, for the imatrix_mse observer).
 
     nn.Linear with a weight-only scheme -> PackedLinear; with W8A8 -> Int8DynamicLinear.
     A Conv1D (GPT-2's [in, out] layers) keeps its class and gets the dequantized weight,
@@ -28,15 +30,15 @@ def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, Qu
     scheme = resolve_scheme(scheme)
     args = scheme.weights
     if isinstance(module, nn.Linear) and scheme.input_activations is not None:
-        return Int8DynamicLinear.from_linear(module, scheme)
+        return Int8DynamicLinear.from_linear(module, scheme, importance=importance)
     if isinstance(module, nn.Linear):
-        return PackedLinear.from_linear(module, scheme)
+        return PackedLinear.from_linear(module, scheme, importance=importance)
     if isinstance(module, Conv1D):
         if scheme.input_activations is not None:
             raise ValueError("activation quantization of Conv1D layers is not supported; quantize weights only")
         w = module.weight.detach().t()  # [out, in]
         module.weight.data = F.fake_quantize(w, args.num_bits, args.symmetric, args.strategy, args.group_size,
-                                             args.observer).t().contiguous()
+                                             args.observer, importance=importance).t().contiguous()
         module.quantization_args = args
         return module
     raise TypeError(f"cannot quantize a {type(module).__name__}: lowbit quantizes nn.Linear and Conv1D layers")

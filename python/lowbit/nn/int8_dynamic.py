@@ -27,24 +27,45 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme] = "W8A8") -> "Int8DynamicLinear":
-        if not isinstance(linear, nn.Linear) or isinstance(linear, Int8DynamicLinear):
-            raise TypeError(f"from_linear expects a float nn.Linear, got {type(linear).__name__}")
+    @staticmethod
+    def check_scheme(scheme: Union[str, QuantizationScheme]) -> QuantizationScheme:
+        """The scheme, if it is the one this layer runs (W8A8), else a ValueError."""
         scheme = resolve_scheme(scheme)
         w, a = scheme.weights, scheme.input_activations
         if not (w.num_bits == 8 and w.strategy == "channel" and w.symmetric
-                and a is not None and a.num_bits == 8 and a.strategy == "token" and a.symmetric):
+                and a is not None and a.num_bits == 8 and a.strategy == "token" and a.symmetric and a.dynamic):
             raise ValueError("Int8DynamicLinear implements W8A8: symmetric int8 per-channel weights and "
-                             f"symmetric int8 per-token activations, not {scheme}")
+                             f"symmetric dynamic int8 per-token activations, not {scheme}")
+        return scheme
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme] = "W8A8",
+                    importance: Optional[Tensor] = None) -> "Int8DynamicLinear":
+        """Round-to-nearest int8 weights of a float nn.Linear (range from the scheme's observer;
+        importance: E[x^2] per input column for imatrix_mse)."""
+        if not isinstance(linear, nn.Linear) or isinstance(linear, Int8DynamicLinear):
+            raise TypeError(f"from_linear expects a float nn.Linear, got {type(linear).__name__}")
+        scheme = cls.check_scheme(scheme)
+        codes, scale, _ = F.quantize(linear.weight.detach(), 8, True, "channel", None, scheme.weights.observer,
+                                     importance=importance)
+        return cls.from_codes(linear, codes, scale)
+
+    @classmethod
+    def from_codes(cls, linear: nn.Linear, codes: Tensor, scale: Tensor) -> "Int8DynamicLinear":
+        """The layer holding given int8 weight codes [out, in] and per-channel scales [out, 1]
+        (from GPTQ, for instance) in place of `linear`, whose bias it takes."""
         weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=weight.dtype)
-        codes, scale, _ = F.quantize(weight, 8, True, "channel", None)
         module.weight.copy_(codes)
-        module.weight_scale.copy_(scale)
+        module.weight_scale.copy_(scale.reshape(-1, 1))
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
+        module.check_state()
         return module.to(weight.device)
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        dtype = dtype or self.weight_scale.dtype
+        return (self.weight.float() * self.weight_scale.float()).to(dtype)
 
     def check_state(self, name: Optional[str] = None) -> None:
         """Validate the buffers (after load_state_dict): ``weight`` int8 [out, in],

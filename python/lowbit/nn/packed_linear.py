@@ -56,14 +56,15 @@ class PackedLinear(nn.Linear):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear,
-                    scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16") -> "PackedLinear":
-        """Quantize an nn.Linear (round-to-nearest with the scheme's observer) and pack it."""
+    def from_linear(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16",
+                    importance: Optional[Tensor] = None) -> "PackedLinear":
+        """Quantize an nn.Linear (round-to-nearest with the scheme's observer; importance: E[x^2]
+        per input column for imatrix_mse) and pack it."""
         if not isinstance(linear, nn.Linear) or isinstance(linear, PackedLinear):
             raise TypeError(f"from_linear expects a float nn.Linear, got {type(linear).__name__}")
         a = resolve_scheme(scheme).weights
         codes, scale, zero = F.quantize(linear.weight.detach(), a.num_bits, a.symmetric, a.strategy, a.group_size,
-                                        a.observer)
+                                        a.observer, importance=importance)
         return cls.from_codes(linear, scheme, codes, scale, zero)
 
     @classmethod

@@ -1,6 +1,6 @@
 """oneshot and its calibration data / layer-sequential machinery."""
 
 from .data import prepare_calibration
-from .oneshot import oneshot
+from .oneshot import dispatch_for_generation, oneshot
 
-__all__ = ["oneshot", "prepare_calibration"]
+__all__ = ["dispatch_for_generation", "oneshot", "prepare_calibration"]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -28,7 +29,47 @@ def _texts_from_file(path: str, text_column: str) -> list:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
         return data if isinstance(data, list) else data.get("data", [data])
-    raise ValueError(f"dataset file {path!r}: lowbit reads .txt (paragraphs), .jsonl and .json")
+    if path.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f))
+    raise ValueError(f"dataset file {path!r}: lowbit reads .txt (paragraphs), .jsonl, .json and .csv")
+
+
+def _select_split(dataset, splits):
+    """llmcompressor's `splits` ("train", "train[:5%]", ["train[10:20]"], {"calibration": "train"})
+    applied to local data with datasets' own split grammar: a DatasetDict gives the named split,
+    anything else is one split whose rows are sliced."""
+    if splits is None:
+        return dataset
+    if isinstance(splits, dict):
+        if len(splits) != 1:
+            raise ValueError(f"splits={splits!r}: oneshot calibrates on one split; give one entry")
+        splits = next(iter(splits.values()))
+    if isinstance(splits, (list, tuple)):
+        if len(splits) != 1:
+            raise ValueError(f"splits={splits!r}: oneshot calibrates on one split; give one")
+        splits = splits[0]
+    if not isinstance(splits, str):
+        raise TypeError(f"splits must be a split spec such as 'train[:5%]', got {splits!r}")
+    from datasets import ReadInstruction
+
+    is_dict = isinstance(dataset, dict)
+    if is_dict:
+        name = splits.split("[")[0]
+        if name not in dataset:
+            raise ValueError(f"splits={splits!r}: the dataset has the splits {sorted(dataset)}")
+        lengths = {k: len(v) for k, v in dataset.items()}
+    else:
+        name = splits.split("[")[0] or "train"
+        lengths = {name: len(dataset)}
+    try:
+        (part,) = ReadInstruction.from_spec(splits).to_absolute(lengths)
+    except (ValueError, AssertionError) as e:
+        raise ValueError(f"splits={splits!r} is not a split spec such as 'train' or 'train[:5%]': {e}") from None
+    rows = dataset[part.splitname] if is_dict else dataset
+    if hasattr(rows, "select"):
+        return rows.select(range(part.from_, part.to))
+    return list(rows)[part.from_:part.to]
 
 
 def _record_text(record, text_column: str, tokenizer) -> str:
@@ -99,16 +140,25 @@ def check_token_ids(samples: List[Sample], vocab_size: int) -> None:
 
 def prepare_calibration(dataset, tokenizer=None, *, num_calibration_samples: int = 512,
                         max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH, text_column: str = "text",
-                        shuffle: bool = True, seed: int = 0) -> List[Sample]:
+                        shuffle: bool = True, seed: int = 0, splits=None, concatenate: bool = False,
+                        pad: bool = False) -> List[Sample]:
     """Tokenized calibration samples from a list of strings, a datasets.Dataset (a text
-    column, chat messages, or input_ids), a .txt / .jsonl / .json path, a DataLoader
-    (batches of dicts or tensors), or token id tensors. Records are visited in a seeded
-    random order (shuffle=True) until num_calibration_samples non-empty samples are found."""
+    column, chat messages, or input_ids) or DatasetDict (with `splits`), a .txt / .jsonl /
+    .json / .csv path, a DataLoader (batches of dicts or tensors), or token id tensors.
+    Records are visited in a seeded random order (shuffle=True) until num_calibration_samples
+    non-empty samples are found. concatenate: the samples' tokens joined and cut into
+    max_seq_length pieces; pad: each sample padded to max_seq_length (attention mask 0), as
+    llmcompressor's concatenate_data and pad_to_max_length."""
     check_calibration_args(num_calibration_samples, max_seq_length)
     if isinstance(dataset, (str, os.PathLike)):
-        if not os.path.isfile(dataset):
-            raise ValueError(f"dataset path {os.fspath(dataset)!r} does not exist")
-        dataset = _texts_from_file(os.fspath(dataset), text_column)
+        path = os.fspath(dataset)
+        if not os.path.isfile(path):
+            raise ValueError(f"dataset {path!r} is not a local file. lowbit works offline, so Hugging Face Hub "
+                             "dataset names (such as 'open_platypus') cannot be loaded: pass a local "
+                             ".txt/.jsonl/.json/.csv file (dataset= or dataset_path=), a datasets.Dataset (for "
+                             "example datasets.load_from_disk(...)), or a list of texts")
+        dataset = _texts_from_file(path, text_column)
+    dataset = _select_split(dataset, splits)
     if isinstance(dataset, dict) and dataset and all(hasattr(v, "column_names") for v in dataset.values()):
         raise ValueError(f"got a DatasetDict with splits {sorted(dataset)}: pass one split, e.g. dataset['train']")
     if isinstance(dataset, torch.Tensor):
@@ -131,12 +181,39 @@ def prepare_calibration(dataset, tokenizer=None, *, num_calibration_samples: int
     if shuffle:
         random.Random(seed).shuffle(order)
     samples = []
+    # Concatenated samples are cut into max_seq_length pieces after joining: read them whole.
+    length = None if concatenate else max_seq_length
     for i in order:
-        sample = _record_sample(records[i], tokenizer, text_column, max_seq_length)
+        sample = _record_sample(records[i], tokenizer, text_column, length)
         if sample is not None:
             samples.append(sample)
-            if len(samples) == num_calibration_samples:
+            if len(samples) == num_calibration_samples and not concatenate:
                 break
+    if concatenate and samples:
+        ids = torch.cat([s["input_ids"][s["attention_mask"].bool()][None] for s in samples], dim=1)[0]
+        samples = _pieces(ids, max_seq_length)[:num_calibration_samples]
     if not samples:
         raise ValueError("the calibration dataset is empty (no sample has any tokens)")
+    if pad:
+        samples = [_padded(s, max_seq_length, tokenizer) for s in samples]
     return samples
+
+
+def _pieces(ids: torch.Tensor, length: int) -> List[Sample]:
+    """Token ids cut into consecutive pieces of `length` (the last one shorter)."""
+    return [{"input_ids": p[None].long(), "attention_mask": torch.ones_like(p)[None].long()} for p in ids.split(length)]
+
+
+def _padded(sample: Sample, length: int, tokenizer) -> Sample:
+    """The sample padded on the right to `length` tokens with the pad token, masked out."""
+    n = sample["input_ids"].shape[-1]
+    if n >= length:
+        return sample
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None)
+    if pad_id is None:
+        raise ValueError("pad_to_max_length=True needs a tokenizer with a pad (or eos) token")
+    extra = length - n
+    return {"input_ids": torch.cat([sample["input_ids"], torch.full((1, extra), pad_id, dtype=torch.long)], 1),
+            "attention_mask": torch.cat([sample["attention_mask"], torch.zeros(1, extra, dtype=torch.long)], 1)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -12,13 +13,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.checkpoint import check_output_dir, model_directories
-from ..formats.compressed_tensors import quantization_config, save_compressed
+from ..formats.compressed_tensors import attach_save_pretrained, quantization_config, save_compressed_checkpoint
 from ..formats import bitsandbytes
 from ..modifiers import BnB4bitScheme, LLMInt8Scheme, Modifier
 from ..modifiers.base import in_features
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
 from ..schemes import QuantizationScheme
+from .arguments import parse_recipe_args, pipeline_mode, warn_no_effect
 from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
 
@@ -41,26 +43,77 @@ ERROR_LOG_SAMPLES = 4
 ERROR_LOG_TOKENS = 128
 
 
-def _load(model, tokenizer):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+def _load(model, tokenizer, *, config_name=None, precision="auto", trust_remote_code=False,
+          model_revision="main", tie_word_embeddings=True):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+    if model_revision != "main":
+        raise ValueError(f"model_revision={model_revision!r}: lowbit loads local directories only; check out that "
+                         "revision into a directory and pass its path")
+    dtype = _precision(precision)
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if not os.path.isdir(path):
-            raise ValueError(f"model path {path!r} is not a directory (lowbit loads local models only)")
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(path)
-            except (OSError, ValueError):
-                tokenizer = None
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+            raise ValueError(f"model {path!r} is not a local directory: lowbit works offline and loads local models "
+                             "only (download it once, e.g. with huggingface-cli download, and pass the directory)")
+        config = AutoConfig.from_pretrained(os.fspath(config_name) if config_name else path,
+                                            trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code,
+                                                     **({"dtype": dtype} if dtype is not None else {}))
+    elif dtype is not None:
+        model = model.to(dtype)
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    if tokenizer is None:  # as llmcompressor: the tokenizer saved beside the model
+        for directory in model_directories(model):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(directory)
+                break
+            except (OSError, ValueError, TypeError):
+                continue
     if not isinstance(model, PreTrainedModel) or not hasattr(model, "get_output_embeddings") \
             or model.get_output_embeddings() is None:
         raise ValueError(f"oneshot needs a causal language model (a PreTrainedModel with an LM head), "
                          f"got {type(model).__name__}")
+    if not tie_word_embeddings:
+        _untie_word_embeddings(model)
     return model.eval(), tokenizer
+
+
+def _precision(precision):
+    """llmcompressor's precision: "auto" (as stored) or a dtype name / torch.dtype."""
+    if precision in ("auto", None):
+        return None
+    if isinstance(precision, torch.dtype):
+        return precision
+    dtype = getattr(torch, str(precision).replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"precision={precision!r}: use 'auto' or a float dtype such as 'float32' or 'bfloat16'")
+    return dtype
+
+
+def _untie_word_embeddings(model) -> None:
+    """tie_word_embeddings=False: the LM head gets its own copy of the embedding matrix."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+
+
+def _tokenizer_of(processor):
+    """The text tokenizer of a processor (multimodal processors hold one), or the tokenizer itself."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def _check_sequential_targets(sequential_targets, layers) -> None:
+    if sequential_targets is None:
+        return
+    targets = [sequential_targets] if isinstance(sequential_targets, str) else list(sequential_targets)
+    found = type(layers[0]).__name__
+    if targets != [found]:
+        raise ValueError(f"sequential_targets={targets!r}: lowbit calibrates one decoder layer at a time, and this "
+                         f"model's decoder layers are {found}; pass [{found!r}] or leave sequential_targets unset")
 
 
 def _plan(model: nn.Module, modifiers) -> Tuple[Plan, Dict[str, Modifier]]:
@@ -93,61 +146,123 @@ def _quantize(model: nn.Module, plan: Plan, owners: Dict[str, Modifier], names) 
         replace_module(model, name, owners[name].quantize_module(name, module, scheme))
 
 
-def oneshot(model, recipe: Recipe = None, dataset=None, *, num_calibration_samples: int = 512,
+def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_samples: int = 512,
             max_seq_length: Optional[int] = None, output_dir: Optional[str] = None, text_column: str = "text",
-            shuffle: bool = True, seed: int = 0, tokenizer=None, overwrite: bool = False):
+            shuffle_calibration_samples: bool = True, seed: int = 0, tokenizer=None, processor=None,
+            overwrite: bool = False, save_compressed: bool = True, splits=None, dataset_path=None,
+            concatenate_data: bool = False, pad_to_max_length: bool = False, pipeline: Optional[str] = None,
+            stage: Optional[str] = None, recipe_args=None, precision="auto", config_name=None,
+            tie_word_embeddings: bool = True, trust_remote_code_model: bool = False, model_revision: str = "main",
+            sequential_targets=None, log_dir: Optional[str] = None, shuffle: Optional[bool] = None, **kwargs):
     """Quantize `model` (a PreTrainedModel or a local path) in place with `recipe` and return it.
 
     recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "NF4", "INT8_OUTLIER", ...), a
-    modifier, a list of modifiers, or llmcompressor YAML (string or file). dataset: calibration
-    data for modifiers that need it (list of strings, datasets.Dataset, .txt/.jsonl/.json path,
-    DataLoader or token ids); with RTN, NF4 or LLM.int8() it is optional and, given, each
-    layer's output error is logged (measured on the first ERROR_LOG_SAMPLES samples,
+    modifier, a list of modifiers, or llmcompressor YAML (string or file; `stage` picks one
+    stage of a multi-stage recipe). dataset: calibration data for modifiers that need it (list of
+    strings, datasets.Dataset or DatasetDict with `splits`, .txt/.jsonl/.json/.csv path or
+    dataset_path=, DataLoader or token ids); with RTN, NF4 or LLM.int8() it is optional and,
+    given, each layer's output error is logged (measured on the first ERROR_LOG_SAMPLES samples,
     ERROR_LOG_TOKENS tokens each; LLM.int8() uses all of it to report its outlier dimensions).
-    output_dir: save there in compressed-tensors format (bitsandbytes' for NF4 / FP4 and
-    LLM.int8()), written to a temporary directory, then renamed; an existing non-empty
-    directory is refused unless overwrite=True.
+    Text is tokenized with `tokenizer` (or `processor`), else the tokenizer saved in the model's
+    directory. output_dir: save there in compressed-tensors format (bitsandbytes' for NF4 / FP4 and
+    LLM.int8(); save_compressed=False: the decompressed float model), written to a temporary
+    directory, then renamed; an existing non-empty directory is refused unless overwrite=True.
+    The returned model's save_pretrained(dir, save_compressed=True) writes the same checkpoint.
+
+    Every other argument of llmcompressor 0.14's oneshot is accepted: pipeline ("sequential" =
+    "independent", "basic": every layer calibrated on float activations, "datafree"),
+    shuffle_calibration_samples, concatenate_data, pad_to_max_length, precision,
+    tie_word_embeddings, config_name, trust_remote_code_model, sequential_targets (checked
+    against the model's decoder layer class), recipe_args (written to recipe.yaml), log_dir (a
+    copy of the log there); those that change nothing on the CPU (batch_size, streaming, ...)
+    warn once when set; a Hub model or dataset name is refused (lowbit works offline).
     """
+    warn_no_effect(kwargs)
+    if model is None:
+        raise TypeError("oneshot() needs a model: a PreTrainedModel or a local model directory")
+    if shuffle is not None:  # lowbit's earlier name of shuffle_calibration_samples
+        shuffle_calibration_samples = shuffle
+    mode = pipeline_mode(pipeline)
     check_calibration_args(num_calibration_samples, max_seq_length)
-    modifiers = parse_recipe(recipe)
+    modifiers = parse_recipe(recipe, stage=stage)
+    args = parse_recipe_args(recipe_args)
+    if dataset_path is not None:
+        if dataset is not None:
+            raise ValueError("pass the calibration data as dataset= or dataset_path=, not both")
+        dataset = dataset_path
     if output_dir is not None:  # refused before any work; checked again when the checkpoint is written
         check_output_dir(output_dir, overwrite, [model] if isinstance(model, (str, os.PathLike))
                          else model_directories(model))
-    model, tokenizer = _load(model, tokenizer)
+    model, tokenizer = _load(model, _tokenizer_of(tokenizer if tokenizer is not None else processor),
+                             config_name=config_name, precision=precision, trust_remote_code=trust_remote_code_model,
+                             model_revision=model_revision, tie_word_embeddings=tie_word_embeddings)
     plan, owners = _plan(model, modifiers)
     needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
+    if mode == "datafree":
+        if needs_data:
+            raise ValueError(f"pipeline='datafree', but {', '.join(needs_data)} needs calibration data")
+        dataset = None
     if needs_data and dataset is None:
         raise ValueError(f"{', '.join(needs_data)} needs calibration data: pass dataset=")
     samples = None
     if dataset is not None:
         samples = prepare_calibration(dataset, tokenizer, num_calibration_samples=num_calibration_samples,
                                       max_seq_length=max_seq_length or DEFAULT_MAX_SEQ_LENGTH,
-                                      text_column=text_column, shuffle=shuffle, seed=seed)
+                                      text_column=text_column, shuffle=shuffle_calibration_samples, seed=seed,
+                                      splits=splits, concatenate=concatenate_data, pad=pad_to_max_length)
         check_token_ids(samples, model.get_input_embeddings().num_embeddings)
         if not needs_data and not any(m.collects_statistics for m in modifiers):
             samples = [{k: v[:, :ERROR_LOG_TOKENS] for k, v in s.items()} for s in samples[:ERROR_LOG_SAMPLES]]
 
     output_embeddings = model.get_output_embeddings()
     layers_name, layers = decoder_layers(model)
+    _check_sequential_targets(sequential_targets, layers)
     per_layer = [[n for n in plan if n.startswith(f"{layers_name}.{i}.")] for i in range(len(layers))]
     outside = [n for n in plan if not any(n in names for names in per_layer)]
     start = time.perf_counter()
-    if samples is None:
-        for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
-            t0 = time.perf_counter()
-            _quantize(model, plan, owners, names)
-            logger.info("layer %d: %d modules in %.2f s (no calibration data: output error not measured)",
-                        i, len(names), time.perf_counter() - t0)
-    else:
-        _run_layer_sequential(model, layers_name, layers, per_layer, plan, owners, modifiers, samples)
-    _quantize(model, plan, owners, outside)
-    logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
+    with _log_to(log_dir):
+        if samples is None:
+            for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
+                t0 = time.perf_counter()
+                _quantize(model, plan, owners, names)
+                logger.info("layer %d: %d modules in %.2f s (no calibration data: output error not measured)",
+                            i, len(names), time.perf_counter() - t0)
+        else:
+            _run_layer_sequential(model, layers_name, layers, per_layer, plan, owners, modifiers, samples,
+                                  float_inputs=mode == "basic")
+        _quantize(model, plan, owners, outside)
+        logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
 
     _finish_config(model, plan, output_embeddings)
+    recipe_yaml = recipe_to_yaml(modifiers, args)
+    attach_save_pretrained(model, recipe_yaml)
     if output_dir is not None:
-        save_compressed(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_to_yaml(modifiers),
-                        overwrite=overwrite)
+        save_compressed_checkpoint(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_yaml,
+                                   overwrite=overwrite, compressed=save_compressed)
     return model
+
+
+def dispatch_for_generation(model):
+    """llmcompressor's dispatch_for_generation (it spreads the model over the GPUs for
+    generate()): lowbit's models run on the CPU where they are, so this returns the model."""
+    return model
+
+
+@contextlib.contextmanager
+def _log_to(log_dir):
+    """llmcompressor's log_dir: a copy of oneshot's log in <log_dir>/oneshot.log."""
+    if log_dir is None:
+        yield
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    handler = logging.FileHandler(os.path.join(log_dir, "oneshot.log"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s lowbit: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
@@ -167,16 +282,18 @@ def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
                        "they are saved as float weights that lie on the integer grid")
 
 
-def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, owners, modifiers, samples) -> None:
+def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, owners, modifiers, samples,
+                          float_inputs: bool = False) -> None:
     """Calibrate and quantize one decoder layer at a time: a float pass feeds the modifiers'
     statistics, transforming modifiers (AWQ) change the layer, quantizing ones replace its
     Linears, and the relative output error of each layer (quantized vs float outputs on the
     same inputs) is logged. The next layer's inputs are the quantized outputs (so GPTQ
-    corrects earlier layers' errors) unless a modifier asks for the float ones (AWQ)."""
+    corrects earlier layers' errors) unless a modifier asks for the float ones (AWQ) or the
+    caller does (float_inputs: llmcompressor's "basic" pipeline)."""
     names = [f"{layers_name}.{i}" for i in range(len(layers))]
     for modifier in modifiers:
         modifier.prepare(model, names, plan)
-    float_inputs = any(m.propagates_float_outputs for m in modifiers)
+    float_inputs = float_inputs or any(m.propagates_float_outputs for m in modifiers)
     inputs = capture_first_layer_inputs(model, layers, samples)
     bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
     for i in bar:

@@ -30,15 +30,18 @@ def _fake(x: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     return (torch.round(torch.clamp(x / scale + zero, qmin, qmax)) - zero) * scale
 
 
-def quant_params(w, bits, symmetric, group_size, observer="minmax", maxshrink=0.8, grid=100, norm=2.4):
+def quant_params(w, bits, symmetric, group_size, observer="minmax", maxshrink=0.8, grid=100, norm=2.4,
+                 importance=None):
     rows, cols = w.shape
     x = w.float().reshape(rows, cols // group_size, group_size)
     lo, hi = x.amin(-1), x.amax(-1)
     scale, zero = _params(lo, hi, bits, symmetric, w.dtype)
-    if observer == "mse":
+    if observer in ("mse", "imatrix_mse"):
+        weight = 1.0 if importance is None else importance.float().reshape(cols // group_size, group_size)
+
         def error(s, z):
             d = _fake(x, s[..., None], z[..., None], bits) - x
-            return (d * d).sum(-1) if norm == 2.0 else d.abs().pow(norm).sum(-1)
+            return ((d * d if norm == 2.0 else d.abs().pow(norm)) * weight).sum(-1)
 
         best = error(scale, zero)
         for i in range(1, int(maxshrink * grid)):
