@@ -229,16 +229,3 @@ def test_recipe_path_object(tmp_path):
     (mod,) = lowbit.parse_recipe(path)
     assert mod.scheme == "W8A8" and mod.ignore == ["lm_head"]
 
-
-def test_kv_cache_scheme_is_refused_clearly():
-    """llmcompressor's kv_cache_scheme (quantization_kv_cache examples): not run yet, and said so
-    before any work, in Python and YAML forms."""
-    kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
-    with pytest.raises(ValueError, match="does not quantize the KV cache yet"):
-        lowbit.QuantizationModifier(scheme="W4A16", kv_cache_scheme=kv)
-    with pytest.raises(ValueError, match="does not quantize the KV cache yet"):
-        lowbit.GPTQModifier(scheme="W4A16", kv_cache_scheme=kv)
-    yaml_recipe = ("quant_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      scheme: W4A16\n"
-                   "      kv_cache_scheme: {num_bits: 8, type: float, strategy: tensor}\n")
-    with pytest.raises(ValueError, match="does not quantize the KV cache yet"):
-        lowbit.parse_recipe(yaml_recipe)

@@ -73,7 +73,7 @@ def _kv_cache_bytes(config, context_length: int, batch_size: int, itemsize: int)
 def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
                     scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16", *,
                     ignore: Iterable[str] = ("lm_head",), dtype: Optional[Union[torch.dtype, str]] = None,
-                    context_length: int = 2048, batch_size: int = 1) -> MemoryEstimate:
+                    context_length: int = 2048, batch_size: int = 1, kv_cache_scheme=None) -> MemoryEstimate:
     """Memory of the model quantized with `scheme` in lowbit's packed layout.
 
     model_or_config: the unquantized model, or its config (the model is then built on the
@@ -82,7 +82,8 @@ def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
     norms, biases, ignored Linears) stay in `dtype`, tied ones counted once. dtype defaults
     to the model's parameter dtype, or the config's dtype, else float32.
 
-    The KV cache is for `batch_size` sequences of `context_length` tokens in `dtype`. On
+    The KV cache is for `batch_size` sequences of `context_length` tokens in `dtype`, or in one
+    byte per element with a `kv_cache_scheme` (FP8 / int8, as oneshot's kv_cache_scheme). On
     top, a stated reserve of 10% of (weights + KV cache) stands for activations and
     allocator overhead: a rule of thumb, not a measurement.
     """
@@ -135,7 +136,13 @@ def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
             uparams += p.numel()
 
     weights = packed + scales + zeros + shapes + uparams * itemsize
-    kv = _kv_cache_bytes(config, context_length, batch_size, itemsize)
+    if kv_cache_scheme is not None:
+        from ..nn.kv_cache import KVCacheScheme
+
+        kv_itemsize = KVCacheScheme.parse(kv_cache_scheme).storage_dtype.itemsize
+    else:
+        kv_itemsize = itemsize
+    kv = _kv_cache_bytes(config, context_length, batch_size, kv_itemsize)
     reserve = -(-(weights + kv) * RESERVE_PERCENT // 100)
     return MemoryEstimate(weights_bytes=weights, quantized_params=qparams, unquantized_params=uparams,
                           scale_bytes=scales, zero_point_bytes=zeros, kv_cache_bytes=kv,

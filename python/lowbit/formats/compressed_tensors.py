@@ -19,6 +19,7 @@ from .checkpoint import (check_against_skeleton, check_layer_count, check_loadin
                          model_directories, read_config, read_headers, read_safetensors, resolve_dtype,
                          write_directory)
 from ..modifiers.base import matches
+from ..nn import kv_cache
 from ..nn.convert import replace_module
 from ..nn.int8_dynamic import Int8DynamicLinear
 from ..nn.int8_outlier import Int8OutlierLinear
@@ -297,6 +298,25 @@ def _load_compressed_tensors(model: nn.Module, qc: dict, state: Dict[str, torch.
         with torch.device(device):
             replace_module(model, name, _empty_quantized(module, scheme, dtype))
     _to_module_layout(model, plan, state)
+    if qc.get("kv_cache_scheme"):
+        _quantized_kv_cache(model, qc["kv_cache_scheme"], dtype, hook=device != "meta")
+
+
+def _quantized_kv_cache(model: nn.Module, args: dict, dtype, hook: bool) -> None:
+    """kv_cache_scheme: k_scale / v_scale buffers (filled from the checkpoint) on every
+    attention module, and (hook) the quantized cache in place."""
+    try:
+        scheme = kv_cache.KVCacheScheme.parse(args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"quantization_config.kv_cache_scheme: {e}") from None
+    modules = kv_cache.attention_modules(model)
+    if not modules:
+        raise ValueError(f"quantization_config has a kv_cache_scheme, but lowbit finds no attention module of "
+                         f"{type(model).__name__} to hook")
+    for module in modules.values():
+        kv_cache.register_scales(module, scheme, dtype)
+        if hook:
+            kv_cache.quantize_cache(module, scheme)
 
 
 def _load_bitsandbytes(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype, device) -> None:
@@ -347,6 +367,13 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
     LOADERS[qc["quant_method"]](model, qc, state, dtype, "cpu")
     model.load_state_dict(state, strict=False)
     check_quantized_values(model, path)
+    for name, module in model.named_modules():  # a quantized KV cache divides by its scales
+        if getattr(module, "_lowbit_kv_scheme", None) is not None:
+            for scale in ("k_scale", "v_scale"):
+                t = getattr(module, scale)
+                if not (torch.isfinite(t).all() and (t > 0).all()):
+                    raise ValueError(f"{path}: {name}.{scale} must be finite and > 0 (the KV cache's scale), "
+                                     f"got {t.flatten()[:4].tolist()}")
     model.tie_weights()
     model.config.quantization_config = qc
     attach_save_pretrained(model)

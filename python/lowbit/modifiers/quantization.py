@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..nn import kv_cache as kv
 from ..nn.convert import quantize_module
 from ..schemes import QuantizationScheme, args_from_dict, plain, resolve_scheme
 from .base import Modifier, _as_list
@@ -25,9 +26,10 @@ class QuantizationModifier(Modifier):
                  ignore: Union[None, str, Sequence[str]] = None, bypass_divisibility_checks: bool = False,
                  requires_calibration_data: bool = False, kv_cache_scheme=None):
         super().__init__(targets, ignore)
-        if kv_cache_scheme is not None:
-            raise ValueError("kv_cache_scheme: lowbit does not quantize the KV cache yet; remove kv_cache_scheme "
-                             "to quantize the weights (and activations) as the rest of the recipe asks")
+        # llmcompressor's kv_cache_scheme: calibrated k/v scales; the data pass is then required
+        self.kv_cache_scheme = None if kv_cache_scheme is None else kv.KVCacheScheme.parse(kv_cache_scheme)
+        self.requires_calibration = self.requires_calibration or self.kv_cache_scheme is not None
+        self._kv_ranges: Dict[str, list] = {}  # attention module name -> [|k| max, |v| max]
         if (scheme is None) == (config_groups is None):
             raise ValueError(f"{type(self).__name__} needs exactly one of scheme= (e.g. 'W4A16') or config_groups=")
         if bypass_divisibility_checks:
@@ -79,6 +81,35 @@ class QuantizationModifier(Modifier):
         self._planned = {name: scheme for name, (_, scheme) in out.items()}
         return out
 
+    def prepare(self, model: nn.Module, layer_names, plan) -> None:
+        if self.kv_cache_scheme is None:
+            return
+        for prefix in layer_names:
+            if len(kv.attention_modules(model.get_submodule(prefix))) != 1:
+                raise ValueError(f"kv_cache_scheme: lowbit cannot hook the attention of {type(model).__name__} "
+                                 f"({prefix} has no single attention module taking past_key_values); quantize its "
+                                 "weights without kv_cache_scheme")
+
+    def layer_hooks(self, prefix: str, layer: nn.Module, plan) -> list:
+        """kv_cache_scheme: the range of the keys and values each attention module stores."""
+        if self.kv_cache_scheme is None:
+            return []
+        handles = []
+        for name, attention in kv.attention_modules(layer, prefix).items():
+            self._kv_ranges[name] = [None, None]
+            handles.append(kv.observe(attention, self.kv_cache_scheme, self._kv_ranges[name]))
+        return handles
+
+    def transform_layer(self, prefix: str, layer: nn.Module, plan) -> None:
+        """kv_cache_scheme: k_scale / v_scale from the observed ranges; the layer's cache is
+        quantized from now on (also in the pass that feeds the next layer)."""
+        if self.kv_cache_scheme is None:
+            return
+        dtype = next(p.dtype for p in layer.parameters() if p.is_floating_point())
+        for name, attention in kv.attention_modules(layer, prefix).items():
+            kv.register_scales(attention, self.kv_cache_scheme, dtype, self._kv_ranges.pop(name))
+            kv.quantize_cache(attention, self.kv_cache_scheme)
+
     def calibration_hook(self, name: str, module: nn.Module):
         """For imatrix_mse schemes: the sum of x^2 per input column (float64) and the token count."""
         scheme = self._planned.get(name)
@@ -107,4 +138,6 @@ class QuantizationModifier(Modifier):
         else:
             scheme = plain(self.scheme)
             args["scheme"] = scheme.to_dict() if isinstance(scheme, QuantizationScheme) else scheme
+        if self.kv_cache_scheme is not None:
+            args["kv_cache_scheme"] = self.kv_cache_scheme.to_dict()
         return args

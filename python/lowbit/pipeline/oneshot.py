@@ -233,7 +233,8 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
         _quantize(model, plan, owners, outside)
         logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
 
-    _finish_config(model, plan, output_embeddings)
+    kv_schemes = [m.kv_cache_scheme for m in modifiers if getattr(m, "kv_cache_scheme", None) is not None]
+    _finish_config(model, plan, output_embeddings, kv_schemes[0] if kv_schemes else None)
     recipe_yaml = recipe_to_yaml(modifiers, args)
     attach_save_pretrained(model, recipe_yaml)
     if output_dir is not None:
@@ -265,7 +266,7 @@ def _log_to(log_dir):
         handler.close()
 
 
-def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
+def _finish_config(model, plan: Plan, output_embeddings: nn.Module, kv_cache_scheme=None) -> None:
     """Record the quantization in model.config, as compressed-tensors (or, for NF4 / FP4 and
     LLM.int8(), transformers' bitsandbytes integration) describes it."""
     if any(module is output_embeddings for module, _ in plan.values()):
@@ -276,6 +277,8 @@ def _finish_config(model, plan: Plan, output_embeddings: nn.Module) -> None:
     else:
         config = quantization_config(model, plan)
     if config is not None:
+        if kv_cache_scheme is not None:
+            config["kv_cache_scheme"] = kv_cache_scheme.to_dict()
         model.config.quantization_config = config
     if any(not isinstance(module, nn.Linear) for module, _ in plan.values()):
         logger.warning("Conv1D layers (GPT-2 style) were quantized, but compressed-tensors has no layout for them: "
