@@ -114,6 +114,15 @@ torch.save(results, out_path)
 """
 
 
+def read_with_stock(cases: dict, root) -> dict:
+    """STOCK_CODE in one fresh interpreter over cases {name: [directory, inputs file or None]}
+    with the token ids in root / "ids.pt": name -> what stock transformers found."""
+    run_python(STOCK_CODE, json.dumps([cases, str(root / "ids.pt"), str(root / "stock.pt")]), timeout=300)
+    stock = torch.load(root / "stock.pt")
+    assert stock.pop("__modules__") == []
+    return stock
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Every case quantized with oneshot and saved; the in-memory logits, lowbit.load's logits,
@@ -140,9 +149,7 @@ def checkpoints(tmp_path_factory):
                 h.remove()
             torch.save(inputs, root / f"{name}.inputs.pt")
         args[name] = [str(root / name), str(root / f"{name}.inputs.pt") if inputs else None]
-    run_python(STOCK_CODE, json.dumps([args, str(root / "ids.pt"), str(root / "stock.pt")]), timeout=300)
-    stock = torch.load(root / "stock.pt")
-    assert stock.pop("__modules__") == []
+    stock = read_with_stock(args, root)
     for name in out:
         out[name]["stock"] = stock[name]
     return out

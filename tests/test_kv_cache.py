@@ -13,8 +13,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import lowbit
 from lowbit.eval import memory_estimate
-from test_formats import STOCK_CODE, WEIGHT_ONLY_TOL
-from tiny_models import fixed_ids, logits, make_config, make_model, rel_err, run_python
+from test_formats import WEIGHT_ONLY_TOL, read_with_stock
+from tiny_models import fixed_ids, logits, make_config, make_model, rel_err
 
 GROUPS = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "strategy": "group", "group_size": 32}}}
 SCHEMES = {f"{t}-{s}": {"num_bits": 8, "type": t, "strategy": s, "dynamic": False, "symmetric": True}
@@ -90,9 +90,7 @@ def test_checkpoint_loads_in_stock_transformers_and_lowbit(tmp_path):
         config = json.loads((tmp_path / name / "config.json").read_text())["quantization_config"]
         assert config["kv_cache_scheme"]["strategy"] == kv["strategy"]
         cases[name] = [str(tmp_path / name), None]
-    run_python(STOCK_CODE, json.dumps([cases, str(tmp_path / "ids.pt"), str(tmp_path / "stock.pt")]), timeout=300)
-    stock = torch.load(tmp_path / "stock.pt")
-    assert stock.pop("__modules__") == []
+    stock = read_with_stock(cases, tmp_path)
     for name in SCHEMES:
         s = stock[name]
         assert "error" not in s, s.get("error")

@@ -20,7 +20,8 @@ import textwrap
 import pytest
 import torch
 
-from test_formats import STOCK_CODE, W8A8_TOL, WEIGHT_ONLY_TOL
+import lowbit
+from test_formats import W8A8_TOL, WEIGHT_ONLY_TOL, read_with_stock
 from tiny_models import TEXTS, fixed_ids, make_model, make_tokenizer, rel_err, run_python
 
 # Appended to every script: lowbit's logits on fixed token ids, for the comparison.
@@ -294,16 +295,12 @@ def runs(tmp_path_factory):
         prologue = "".join(f"{k} = {str(v)!r}\n" for k, v in paths.items())
         proc = run_python(prologue + textwrap.dedent(body) + HARNESS, timeout=300)
         out[name] = {"dir": paths["SAVE_DIR"], "lowbit": torch.load(paths["LOGITS_PATH"]), "stdout": proc.stdout}
-    import lowbit
-
     mixed = lowbit.oneshot(make_model("llama"), lowbit.QuantizationModifier(config_groups=MIXED_GROUPS))
     mixed.save_pretrained(root / "mixed", save_compressed=True)
     with torch.inference_mode():
         out["mixed"] = {"dir": root / "mixed", "lowbit": mixed(input_ids=fixed_ids()).logits.float()}
     cases = {name: [str(r["dir"]), None] for name, r in out.items()}
-    run_python(STOCK_CODE, json.dumps([cases, str(root / "ids.pt"), str(root / "stock.pt")]), timeout=300)
-    stock = torch.load(root / "stock.pt")
-    assert stock.pop("__modules__") == []
+    stock = read_with_stock(cases, root)
     for name in out:
         out[name]["stock"] = stock[name]
     return out
@@ -324,14 +321,12 @@ def test_script_runs_and_loads_in_stock_transformers(runs, name):
 def test_mixed_config_groups_load_in_stock_transformers(runs):
     """Each kind of group gets its compressed-tensors format (pack-quantized, int-quantized:
     mixed-precision) and stock transformers reads every one."""
-    import json as _json
-
     run = runs["mixed"]
     stock = run["stock"]
     assert "error" not in stock, stock.get("error")
     assert stock["unexpected"] == [] and stock["missing"] == [], (stock["unexpected"][:6], stock["missing"][:6])
     assert len(stock["quantized"]) == 2 * 7 + 1
-    config = _json.loads((run["dir"] / "config.json").read_text())["quantization_config"]
+    config = json.loads((run["dir"] / "config.json").read_text())["quantization_config"]
     assert config["format"] == "mixed-precision"
     assert {g["format"] for g in config["config_groups"].values()} == {"pack-quantized", "int-quantized"}
     assert rel_err(stock["logits"], run["lowbit"]) <= W8A8_TOL

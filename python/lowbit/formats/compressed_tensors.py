@@ -94,10 +94,10 @@ def _quantized_tensors(module: nn.Module):
     return out
 
 
-def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's tensors in the checkpoint's names and layouts, sorted by name; tied
-    duplicates (an lm_head sharing the embedding) are dropped, transformers re-ties them."""
-    replaced = {name: t for name, m in model.named_modules() if (t := _quantized_tensors(m)) is not None}
+def _state_with(model: nn.Module, replaced: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """model.state_dict() with the tensors of each module in `replaced` (but its bias) swapped
+    for replaced[module] (local names), sorted by name; tied duplicates (an lm_head sharing
+    the embedding) are dropped, transformers re-ties them."""
     state, seen = {}, set()
     for key, tensor in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -112,27 +112,22 @@ def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {k: state[k].detach().contiguous() for k in sorted(state)}
 
 
+def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's tensors in the checkpoint's names and layouts, sorted by name."""
+    return _state_with(model, {name: t for name, m in model.named_modules()
+                               if (t := _quantized_tensors(m)) is not None})
+
+
 def decompressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The quantized model as a plain float checkpoint (llmcompressor's save_compressed=False):
     every lowbit layer's weight dequantized in the model's dtype, its quantized buffers
     dropped, so any loader reads it as an ordinary model whose weights lie on the grid."""
     from ..nn import QUANTIZED_LINEAR_TYPES
 
-    dtype = getattr(model.config, "dtype", None) or torch.float32
+    dtype = getattr(model.config, "dtype", None)
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_LINEAR_TYPES)}
-    state, seen = {}, set()
-    for key, tensor in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in quantized and leaf != "bias":
-            continue
-        if tensor.numel() and tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        state[key] = tensor
-    for owner, module in quantized.items():
-        state[f"{owner}.weight"] = module.dequantized_weight(dtype)
-    return {k: state[k].detach().contiguous() for k in sorted(state)}
+    return _state_with(model, {name: {"weight": m.dequantized_weight(dtype)} for name, m in model.named_modules()
+                               if isinstance(m, QUANTIZED_LINEAR_TYPES)})
 
 
 def _write_safetensors(state: Dict[str, torch.Tensor], directory: str, max_shard_size=MAX_SHARD_SIZE) -> None:

@@ -180,14 +180,17 @@ def prepare_calibration(dataset, tokenizer=None, *, num_calibration_samples: int
     order = list(range(len(records)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    samples = []
-    # Concatenated samples are cut into max_seq_length pieces after joining: read them whole.
+    samples, tokens = [], 0
+    # Concatenated samples are cut into max_seq_length pieces after joining: read them whole,
+    # until the pieces are all there.
     length = None if concatenate else max_seq_length
     for i in order:
         sample = _record_sample(records[i], tokenizer, text_column, length)
         if sample is not None:
             samples.append(sample)
-            if len(samples) == num_calibration_samples and not concatenate:
+            tokens += int(sample["attention_mask"].sum())
+            if (tokens >= num_calibration_samples * max_seq_length) if concatenate \
+                    else len(samples) == num_calibration_samples:
                 break
     if concatenate and samples:
         ids = torch.cat([s["input_ids"][s["attention_mask"].bool()][None] for s in samples], dim=1)[0]
