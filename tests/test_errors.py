@@ -235,8 +235,9 @@ def test_packed_linear_module_errors():
         PackedLinear.from_linear(nn.Linear(64, 4), QuantizationArgs(strategy="tensor", group_size=None))
     with pytest.raises(TypeError, match=r"got torch.float64: convert it with weight\.float\(\)"):
         PackedLinear.from_linear(nn.Linear(128, 4).double(), "W4A16")
-    with pytest.raises(ValueError, match=r"keeps activations in floating point"):
-        PackedLinear.from_linear(nn.Linear(128, 4), "W8A8")
+    with pytest.raises(ValueError, match=r"activations dynamically per token to symmetric int8"):
+        PackedLinear.from_linear(nn.Linear(128, 4), {"weights": {"num_bits": 4, "group_size": 32},
+                                                     "input_activations": {"num_bits": 8, "strategy": "tensor"}})
 
 
 # ----------------------------------------------------------------------------- schemes

@@ -60,6 +60,12 @@ CASES = {
     "llama-w2a16_asym-g32": ("llama", _w(bits=2, symmetric=False), WEIGHT_ONLY_TOL),
     "llama-w4a16_asym-channel": ("llama", _w(symmetric=False, strategy="channel"), WEIGHT_ONLY_TOL),
     "llama-W8A8": ("llama", lambda: "W8A8", W8A8_TOL),
+    # W4A8: packed 4-bit weights meet int8-quantized activations (saved int-quantized)
+    "llama_h128-W4A8": ("llama_h128", lambda: "W4A8", WEIGHT_ONLY_TOL),
+    "llama-w4a8_asym-g32": ("llama", lambda: lowbit.QuantizationModifier(config_groups={"g": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 32},
+        "input_activations": {"num_bits": 8, "strategy": "token", "dynamic": True}}}, ignore=["lm_head"]),
+        WEIGHT_ONLY_TOL),
     "qwen2-W8A8": ("qwen2", lambda: "W8A8", W8A8_TOL),
     # The presets themselves (group_size 128 needs 128 input columns).
     "llama_h128-W4A16": ("llama_h128", lambda: "W4A16", WEIGHT_ONLY_TOL),

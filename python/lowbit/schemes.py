@@ -90,6 +90,7 @@ PRESET_SCHEMES = {
     "W4A16_ASYM": _weight_only(4, symmetric=False),
     "W8A8": _W8A8,
     "INT8": _W8A8,
+    "W4A8": QuantizationScheme(_weight_only(4).weights, _W8A8.input_activations),
 }
 
 

@@ -85,10 +85,16 @@ def _quantized_tensors(module: nn.Module):
         return bitsandbytes.int8_tensors(module)
     if not isinstance(module, PackedLinear):
         return None
-    out = {"weight_packed": module.weight_packed, "weight_scale": module.weight_scale,
-           "weight_shape": module.weight_shape}
-    if module.weight_zero_point is not None:
-        out["weight_zero_point"] = F.pack(module.weight_zero_point, module.args.num_bits, packed_dim=0)
+    if module.input_args is not None:  # WnA8: int-quantized, the codes unpacked in an int8 "weight"
+        out = {"weight": F.unpack(module.weight_packed, module.args.num_bits,
+                                  (module.out_features, module.in_features)), "weight_scale": module.weight_scale}
+        if module.weight_zero_point is not None:
+            out["weight_zero_point"] = module.weight_zero_point
+    else:
+        out = {"weight_packed": module.weight_packed, "weight_scale": module.weight_scale,
+               "weight_shape": module.weight_shape}
+        if module.weight_zero_point is not None:
+            out["weight_zero_point"] = F.pack(module.weight_zero_point, module.args.num_bits, packed_dim=0)
     if module.weight_g_idx is not None:
         out["weight_g_idx"] = module.weight_g_idx
     return out
@@ -253,17 +259,27 @@ def _plan_from_config(model: nn.Module, qc: dict) -> Dict[str, Tuple[nn.Module, 
 def _empty_quantized(module: nn.Linear, scheme: QuantizationScheme, dtype: torch.dtype) -> nn.Module:
     """A quantized module of the right shapes, to be filled from the checkpoint."""
     bias = module.bias is not None
-    if scheme.input_activations is not None:
+    if Int8DynamicLinear.runs(scheme):
         return Int8DynamicLinear(module.in_features, module.out_features, bias, dtype=dtype)
     return PackedLinear(module.in_features, module.out_features, bias, scheme, dtype=dtype)
 
 
 def _to_module_layout(model: nn.Module, plan, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Checkpoint tensors -> lowbit modules' state: zero points unpacked along dim 0, the
-    stored weight_shape checked against the module's."""
+    stored weight_shape checked against the module's; WnA8 (int-quantized) codes packed."""
     for name, (_, scheme) in plan.items():
         module, args = model.get_submodule(name), scheme.weights
         if isinstance(module, Int8DynamicLinear):
+            continue
+        if module.input_args is not None:
+            codes = state.pop(f"{name}.weight", None)
+            if codes is not None:
+                try:
+                    state[f"{name}.weight_packed"] = F.pack(codes, args.num_bits)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"{name}.weight: {e}") from None
+                state[f"{name}.weight_shape"] = module.weight_shape.new_tensor([module.out_features,
+                                                                                module.in_features], device="cpu")
             continue
         shape = state.get(f"{name}.weight_shape")
         if shape is not None and (shape.dtype.is_floating_point or shape.tolist() != [module.out_features,

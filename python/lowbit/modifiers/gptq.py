@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import functional as F
 from ..nn.int8_dynamic import Int8DynamicLinear
-from ..nn.packed_linear import PackedLinear
+from ..nn.packed_linear import PackedLinear, check_activations
 from ..schemes import QuantizationScheme
 from .quantization import QuantizationModifier
 
@@ -22,8 +22,8 @@ logger = logging.getLogger("lowbit")
 class GPTQModifier(QuantizationModifier):
     """GPTQ (Frantar et al., 2022) on the targeted Linear layers, one decoder layer at a
     time: each layer's inputs come from the already quantized layers before it. With an
-    activation scheme (W8A8), GPTQ quantizes the weights and the activations are quantized
-    per token at run time, as QuantizationModifier's W8A8 layers do.
+    activation scheme (W8A8, W4A8), GPTQ quantizes the weights and the activations are
+    quantized per token at run time, as QuantizationModifier's layers do.
 
     block_size, dampening_frac (0.01: the damping starts at 1% of mean(diag H) and doubles
     while the Cholesky factorisation fails; RTN with a warning if none succeeds) and
@@ -53,8 +53,7 @@ class GPTQModifier(QuantizationModifier):
                           "lowbit.load only. Use actorder='static' (= 'weight') for checkpoints that load everywhere.",
                           stacklevel=2)
         for _, s in self.groups:  # GPTQ on the weights, activations as QuantizationModifier quantizes them
-            if s.input_activations is not None:
-                Int8DynamicLinear.check_scheme(s)
+            check_activations(s.input_activations)
         self._hessians: Dict[str, tuple] = {}
         self._last_input: tuple = (None, None)  # (the last input seen by a hook, the module that took it)
         self.layer_errors: Dict[str, tuple] = {}  # module name -> (GPTQ error, RTN error) on calibration data
@@ -96,7 +95,7 @@ class GPTQModifier(QuantizationModifier):
                           "this layer falls back to round-to-nearest", stacklevel=2)
         elif result.damping > self.dampening_frac:
             logger.info("%s: damping raised to %.3g of mean(diag H)", name, result.damping)
-        if scheme.input_activations is not None:
+        if Int8DynamicLinear.runs(scheme):
             packed = Int8DynamicLinear.from_codes(module, result.codes, result.scale)
         else:
             packed = PackedLinear.from_codes(module, scheme, result.codes, result.scale, result.zero_point,

@@ -22,14 +22,15 @@ def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, Qu
     """The quantized replacement of an nn.Linear / transformers Conv1D (importance: E[x^2] per
     input column, for the imatrix_mse observer).
 
-    nn.Linear with a weight-only scheme -> PackedLinear; with W8A8 -> Int8DynamicLinear.
+    nn.Linear with W8A8 -> Int8DynamicLinear (an int8 GEMM); any other scheme -> PackedLinear
+    (with int8 activations per token for W4A8 and the like).
     A Conv1D (GPT-2's [in, out] layers) keeps its class and gets the dequantized weight,
     quantized along its input rows as a Linear would be: compressed-tensors has no layout for
     Conv1D, so these layers are saved as float values that lie on the integer grid.
     """
     scheme = resolve_scheme(scheme)
     args = scheme.weights
-    if isinstance(module, nn.Linear) and scheme.input_activations is not None:
+    if isinstance(module, nn.Linear) and Int8DynamicLinear.runs(scheme):
         return Int8DynamicLinear.from_linear(module, scheme, importance=importance)
     if isinstance(module, nn.Linear):
         return PackedLinear.from_linear(module, scheme, importance=importance)

@@ -28,15 +28,21 @@ class Int8DynamicLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     @staticmethod
-    def check_scheme(scheme: Union[str, QuantizationScheme]) -> QuantizationScheme:
-        """The scheme, if it is the one this layer runs (W8A8), else a ValueError."""
+    def runs(scheme: Union[str, QuantizationScheme]) -> bool:
+        """True for the scheme this layer runs: W8A8, symmetric int8 per-channel weights and
+        symmetric dynamic int8 per-token activations."""
         scheme = resolve_scheme(scheme)
         w, a = scheme.weights, scheme.input_activations
-        if not (w.num_bits == 8 and w.strategy == "channel" and w.symmetric
-                and a is not None and a.num_bits == 8 and a.strategy == "token" and a.symmetric and a.dynamic):
+        return (w.num_bits == 8 and w.strategy == "channel" and w.symmetric
+                and a is not None and a.num_bits == 8 and a.strategy == "token" and a.symmetric and a.dynamic)
+
+    @classmethod
+    def check_scheme(cls, scheme: Union[str, QuantizationScheme]) -> QuantizationScheme:
+        """The scheme, if this layer runs it (W8A8), else a ValueError."""
+        if not cls.runs(scheme):
             raise ValueError("Int8DynamicLinear implements W8A8: symmetric int8 per-channel weights and "
-                             f"symmetric dynamic int8 per-token activations, not {scheme}")
-        return scheme
+                             f"symmetric dynamic int8 per-token activations, not {resolve_scheme(scheme)}")
+        return resolve_scheme(scheme)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: Union[str, QuantizationScheme] = "W8A8",

@@ -31,9 +31,7 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
         check_features(in_features, out_features, bias, dtype)
         resolved = resolve_scheme(scheme)
-        if resolved.input_activations is not None:
-            raise ValueError("PackedLinear keeps activations in floating point (WnA16); "
-                             f"{scheme!r} also quantizes activations")
+        self.input_args = check_activations(resolved.input_activations)
         self.args = resolved.weights
         if self.args.strategy == "tensor":
             raise ValueError("PackedLinear stores per-group or per-channel scales; use strategy 'group' or 'channel'")
@@ -142,7 +140,11 @@ class PackedLinear(nn.Linear):
         return frozen_linear(self, x)
 
     def quantized_matmul(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        """x @ W^T (+ bias) in x's dtype."""
+        """x @ W^T (+ bias) in x's dtype (x quantized per token first with WnA8)."""
+        if self.input_args is not None:
+            x2d = x.reshape(-1, self.in_features)
+            x_scale, _ = ops.quant_params(x2d, 8, True, self.in_features)
+            x = ops.fake_quantize(x2d, x_scale, None, 8, self.in_features).reshape(x.shape)
         if self.weight_g_idx is not None:  # scattered groups: no fused kernel, a dense matmul
             return nn.functional.linear(x, self.dequantized_weight(x.dtype), None if bias is None else bias.to(x.dtype))
         return ops.packed_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point,
@@ -152,7 +154,18 @@ class PackedLinear(nn.Linear):
         s = self.args
         layout = f"group_size={s.group_size}" if s.strategy == "group" else s.strategy
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, bits={s.num_bits}, symmetric={s.symmetric}, {layout}")
+                f"bias={self.bias is not None}, bits={s.num_bits}, symmetric={s.symmetric}, {layout}"
+                f"{', int8 activations per token' if self.input_args is not None else ''}")
+
+
+def check_activations(args: Optional[QuantizationArgs]) -> Optional[QuantizationArgs]:
+    """The input-activation args PackedLinear runs: none (WnA16) or dynamic symmetric int8 per
+    token (WnA8, compressed-tensors' W4A8: x is quantized per token, then meets the packed
+    weights in the fused kernel)."""
+    if args is not None and not (args.num_bits == 8 and args.symmetric and args.dynamic and args.strategy == "token"):
+        raise ValueError("lowbit quantizes activations dynamically per token to symmetric int8 (W8A8, W4A8); "
+                         f"got input_activations {args}")
+    return args
 
 
 def _exact(t: Tensor, buffer: Tensor, name: str) -> Tensor:
