@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_time, cold_weights, print_table, read_bandwidth  # noqa: E402
+from _timing import cold_weights, print_table, read_bandwidth  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import examples  # noqa: E402
