@@ -61,9 +61,25 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("int8_matmul(Tensor a, Tensor b) -> Tensor");
   m.def("int8_outlier_matmul(Tensor x, Tensor w, Tensor w_scale, float threshold, Tensor? bias) -> Tensor");
   // GPTQ blocked solve on the weight's columns in processing order perm (the hessian in the
-  // original order) -> (codes, updated weight, loss, damping used or -1).
+  // original order), onto the integer grid or E4M3's (grid 'e4m3': codes are the FP8 bytes)
+  // -> (codes, updated weight, loss, damping used or -1).
   m.def("gptq_solve(Tensor weight, Tensor hessian, Tensor perm, Tensor scale, Tensor zero_point, Tensor col_group, "
-        "int bits, int block_size, float dampening_frac) -> (Tensor, Tensor, float, float)");
+        "int bits, int block_size, float dampening_frac, str grid='int') -> (Tensor, Tensor, float, float)");
+  // FP8 ('e4m3' = float8_e4m3fn, 'e5m2' = float8_e5m2) in block_rows x block_cols tiles of a
+  // [rows, cols] tensor, element (i, j) scaled by scale[i / block_rows, j / block_cols]:
+  // absmax / max of each tile (0 -> eps) in x's dtype -> [ceil(rows / block_rows), ceil(cols / block_cols)].
+  m.def("fp8_scales(Tensor x, int block_rows, int block_cols, str format='e4m3') -> Tensor");
+  // FP8 codes: clamp(x / scale, -max, max) rounded to nearest even (x / scale in fp32; NaN x raises).
+  m.def("fp8_quantize(Tensor x, Tensor scale, int block_rows, int block_cols, str format='e4m3') -> Tensor");
+  // float(q) * scale in fp32, cast to dtype.
+  m.def("fp8_dequantize(Tensor q, Tensor scale, int block_rows, int block_cols, ScalarType dtype) -> Tensor");
+  // fp8_quantize then fp8_dequantize in one pass, in x's dtype.
+  m.def("fp8_fake_quantize(Tensor x, Tensor scale, int block_rows, int block_cols, str format='e4m3') -> Tensor");
+  // x [..., in] @ dequant(weight)^T (+ bias) for an FP8 weight [out, in], decoded inside the matmul.
+  m.def("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, int block_rows, int block_cols, "
+        "Tensor? bias) -> Tensor");
+  // SmoothQuant: running per-channel minimum / maximum (fp32 [C], in place) over the tokens of x [..., C].
+  m.def("channel_range_(Tensor(a!) mins, Tensor(b!) maxs, Tensor x) -> ()");
 }
 
 namespace {

@@ -62,10 +62,11 @@ def _params(table):
      r"NaN or Inf"),
     ("empty-rows", torch.empty(0, 64), {}, ValueError, r"empty \(shape \(0, 64\)\)"),
     ("empty-cols", torch.empty(4, 0), dict(strategy="channel"), ValueError, r"empty \(shape \(4, 0\)\)"),
-    ("unknown-strategy", W, dict(strategy="block"), ValueError,
-     r"strategy must be one of .*'tensor', 'channel', 'group'.*got 'block'"),
+    ("unknown-strategy", W, dict(strategy="row"), ValueError,
+     r"strategy must be one of .*'tensor', 'channel', 'group'.*got 'row'"),
+    ("integer-block", W, dict(strategy="block"), ValueError, r"strategy 'block' needs block_structure"),
     ("unknown-observer", W, dict(observer="percentile"), ValueError,
-     r"observer must be one of \('minmax', 'mse', 'imatrix_mse'\).*got 'percentile'"),
+     r"observer must be one of \('minmax', 'mse', 'imatrix_mse'.*got 'percentile'"),
     ("not-a-tensor", [[1.0, 2.0]], {}, TypeError, r"weight must be a torch.Tensor, got list"),
 ]))
 def test_bad_weights(fn, weight, kw, exc, match):
@@ -255,10 +256,10 @@ def test_unknown_scheme_lists_presets():
     (dict(num_bits=1), r"num_bits must be an integer in 2\.\.8, got 1"),
     (dict(num_bits=9), r"num_bits must be an integer in 2\.\.8, got 9"),
     (dict(num_bits=4.0), r"num_bits must be an integer in 2\.\.8, got 4\.0"),
-    (dict(strategy="block"), r"strategy must be one of .*got 'block'"),
+    (dict(strategy="row"), r"strategy must be one of .*got 'row'"),
     (dict(strategy="group", group_size=-32), r"positive integer group_size, got -32"),
     (dict(strategy="channel", group_size=128), r"group_size is only meaningful with strategy 'group'"),
-    (dict(observer="percentile"), r"observer must be one of \('minmax', 'mse', 'imatrix_mse'\).*got 'percentile'"),
+    (dict(observer="percentile"), r"observer must be one of \('minmax', 'mse', 'imatrix_mse'.*got 'percentile'"),
 ], ids=["bits-1", "bits-9", "bits-float", "strategy", "group-negative", "channel-with-group", "observer"])
 def test_bad_quantization_args(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -36,10 +36,12 @@ import lowbit  # noqa: E402,F401
 from lowbit import functional as F  # noqa: E402
 from lowbit.nn import Int8DynamicLinear, Int8OutlierLinear, NF4Linear, PackedLinear  # noqa: E402
 from lowbit.reference import awq as RA  # noqa: E402
+from lowbit.reference import fp8 as R8  # noqa: E402
 from lowbit.reference import gptq as RG  # noqa: E402
 from lowbit.reference import int8 as RI  # noqa: E402
 from lowbit.reference import nf4 as RN  # noqa: E402
 from lowbit.reference import quant as RQ  # noqa: E402
+from lowbit.reference import smoothquant as RS  # noqa: E402
 
 try:
     from conftest import FUZZ_COUNTS
@@ -47,6 +49,7 @@ except ImportError:  # run as a script (the raw-op child process)
     FUZZ_COUNTS = {"valid": 0, "invalid": 0}
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FP8S = (torch.float8_e4m3fn, torch.float8_e5m2)
 BAD_DTYPES = (torch.float64, torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64)
 ERRORS = (ValueError, TypeError)
 # (rtol, atol as a fraction of the output's largest magnitude), as test_packed_linear
@@ -963,6 +966,151 @@ def test_fuzz_awq(data):
         expect_error(lambda: F.awq_grid(duo, extra["n_grid"]), "n_grid")
 
 
+# -------------------------------------------------------------------------------------------- FP8
+
+FP8_MUTATIONS = ["x_dtype", "x_nan", "x_inf", "x_dim", "not_tensor", "block", "format", "scale_shape",
+                 "scale_values", "scale_dtype", "q_dtype", "dtype", "x_features", "x_meta", "w_meta", "bias_shape",
+                 "bias_dtype"]
+
+
+def raw8(q):
+    return q.view(torch.uint8)
+
+
+@given(data=st.data())
+@counted
+def test_fuzz_fp8(data):
+    draw = data.draw
+    rows, cols = draw(st.sampled_from([1, 2, 3, 7, 33])), draw(st.sampled_from([1, 3, 16, 33, 64, 130]))
+    block = draw(st.sampled_from(["tensor", "channel", (1, 16), (32, 32), (2, 3), (128, 128)]))
+    fmt, dtype, how, seed = draw(st.sampled_from(["e4m3", "e5m2"])), draw(DTYPES), draw(LAYOUTS), draw(SEEDS)
+    w = weight_values(rows, cols, dtype, seed, draw(st.sampled_from([1e-6, 0.05, 3.0, 100.0])))
+    if rows > 1 and draw(st.booleans()):
+        w[0] = 0  # an all-zero tile: scale eps
+    w = layout(w, how)
+    g = generator(seed)
+    tokens = draw(st.sampled_from([0, 1, 2, 5, 9, 40, 70]))
+    x = layout((torch.randn(tokens, cols, generator=g) * 0.1).to(draw(DTYPES)), how)
+    bias = torch.randn(rows, generator=g).to(draw(DTYPES)) if draw(st.booleans()) else None
+    mutation = draw(st.one_of(st.none(), st.sampled_from(FP8_MUTATIONS)))
+    note(f"w {rows}x{cols} {dtype} {how}, block {block}, {fmt}, x {tuple(x.shape)}, mutation {mutation}")
+    br, bc = F._fp8_block(block, (rows, cols))
+    if mutation is None:
+        q, s = F.fp8_quantize(w, block=block, format=fmt)
+        rs = R8.scales(w, br, bc, fmt)
+        assert torch.equal(s, rs) and torch.equal(F.fp8_scales(w, block, fmt), rs)
+        assert q.dtype == R8.FORMATS[fmt] and torch.equal(raw8(q), raw8(R8.quantize(w, rs, br, bc, fmt)))
+        assert torch.equal(F.fp8_dequantize(q, s, block), R8.dequantize(q, rs, br, bc, dtype))
+        assert torch.equal(F.fp8_fake_quantize(w, s, block, fmt), R8.fake_quantize(w, rs, br, bc, fmt))
+        got = F.fp8_linear(x, q, s, bias, block)
+        assert got.dtype == x.dtype and got.shape == (tokens, rows)
+        ref = R8.linear(x, q, rs, br, bc, bias)
+        tol = 1e-5 if x.dtype == torch.float32 else 1e-2
+        scale = max(ref.float().abs().max().item() if ref.numel() else 0.0, 1e-6)
+        torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol * scale)
+        valid()
+        return
+    q, s = F.fp8_quantize(w, block=block, format=fmt)
+    if mutation in ("x_dtype", "x_nan", "x_inf", "x_dim", "not_tensor", "block", "format"):
+        bad, kw, name = w, dict(block=block, format=fmt), "x"
+        if mutation == "x_dtype":
+            bad = retype(w, draw(st.sampled_from(BAD_DTYPES)))
+        elif mutation == "x_nan":
+            bad, name = poison(w, float("nan"), seed), "NaN"
+        elif mutation == "x_inf":
+            bad, name = poison(w, draw(st.sampled_from([float("inf"), float("-inf")])), seed), "Inf"
+        elif mutation == "x_dim":
+            bad = w.reshape(-1) if draw(st.booleans()) else w.reshape(1, *w.shape)
+        elif mutation == "not_tensor":
+            bad = w.tolist()
+        elif mutation == "block":
+            kw["block"], name = draw(st.sampled_from([(0, 4), (-1, 2), "group", (1.5, 2), (True, 1), (1, 2, 3), 128])), \
+                "block"
+        else:
+            kw["format"], name = draw(st.sampled_from(["e4m3fn", "", None, 8, "E4M3"])), "format"
+        expect_error(lambda: F.fp8_quantize(bad, **kw), name)
+        if mutation not in ("x_nan",):  # fp8_scales: NaN raises too ("NaN or Inf")
+            expect_error(lambda: F.fp8_scales(bad, **kw), None if mutation == "x_inf" else name)
+        if mutation in ("x_nan", "format"):
+            expect_error(lambda: F.fp8_fake_quantize(bad, s, block, kw["format"]), name)
+        return
+    qq, ss, xx, bb, name = q, s, x, bias, "scale"
+    if mutation == "scale_shape":
+        ss = torch.cat([s, s[:1]]) if draw(st.booleans()) else s.reshape(1, -1, 1)
+    elif mutation == "scale_values":
+        ss = poison(s, draw(st.sampled_from([float("nan"), float("inf"), -1.0, 0.0])), seed)
+    elif mutation == "scale_dtype":
+        ss = retype(s, draw(st.sampled_from(BAD_DTYPES)))
+    elif mutation == "q_dtype":
+        qq, name = draw(st.sampled_from([raw8(q), q.float(), retype(q.float(), torch.int8)])), None
+    elif mutation == "dtype":
+        expect_error(lambda: F.fp8_dequantize(q, s, block, draw(st.sampled_from(
+            [torch.int32, torch.float64, "float32", torch.float8_e4m3fn]))), "dtype")
+        return
+    elif mutation == "x_features":
+        xx, name = torch.randn(2, cols + 1), "x"
+    elif mutation == "x_meta":
+        xx, name = x.to("meta"), "x"
+    elif mutation == "w_meta":
+        qq, name = q.to("meta"), None
+    elif mutation == "bias_shape":
+        bb, name = draw(st.sampled_from([torch.randn(rows + 1), torch.randn(1, rows)])), "bias"
+    else:
+        bb, name = retype(torch.randn(rows), draw(st.sampled_from(BAD_DTYPES))), "bias"
+    if mutation in ("scale_shape", "scale_values", "scale_dtype", "q_dtype", "w_meta"):
+        expect_error(lambda: F.fp8_dequantize(qq, ss, block), name)
+    if mutation in ("scale_shape", "scale_values", "scale_dtype"):
+        expect_error(lambda: F.fp8_fake_quantize(w, ss, block, fmt), name)
+    expect_error(lambda: F.fp8_linear(xx, qq, ss, bb, block), name)
+
+
+@given(data=st.data())
+@counted
+def test_fuzz_channel_range(data):
+    draw = data.draw
+    cols = draw(st.sampled_from([1, 2, 3, 17, 64]))
+    dtype, how, seed = draw(DTYPES), draw(LAYOUTS), draw(SEEDS)
+    g = generator(seed)
+    xs = [(torch.randn(*draw(st.sampled_from([(1,), (3,), (2, 5), (40,)])), cols, generator=g)
+           * draw(st.sampled_from([1e-3, 1.0, 1e4]))).to(dtype) for _ in range(draw(st.integers(1, 3)))]
+    xs = [layout(x, how) for x in xs]
+    mutation = draw(st.one_of(st.none(), st.sampled_from(
+        ["0d", "empty", "dtype", "nan", "inf", "acc_dtype", "acc_shape", "acc_one", "acc_alias", "meta"])))
+    note(f"{[tuple(x.shape) for x in xs]} {dtype} {how}, mutation {mutation}")
+    if mutation is None:
+        lo = hi = rlo = rhi = None
+        for x in xs:
+            lo, hi = F.channel_range(x, lo, hi)
+            rlo, rhi = RS.channel_range(x, rlo, rhi)
+        assert torch.equal(lo, rlo) and torch.equal(hi, rhi)
+        valid()
+        return
+    x = xs[0]
+    lo, hi = F.channel_range(x)
+    before = lo.clone(), hi.clone()
+    if mutation in ("nan", "inf"):
+        bad = poison(x, float("nan") if mutation == "nan" else float("-inf"), seed)
+        expect_error(lambda: F.channel_range(bad, lo, hi), "non-finite")
+        assert torch.equal(lo, before[0]) and torch.equal(hi, before[1])  # unchanged
+        return
+    if mutation == "0d":
+        expect_error(lambda: F.channel_range(torch.tensor(1.0, dtype=dtype)), "x")
+    elif mutation == "empty":
+        expect_error(lambda: F.channel_range(x.reshape(-1, cols)[:0]), "x")
+    elif mutation == "dtype":
+        expect_error(lambda: F.channel_range(retype(x, draw(st.sampled_from(BAD_DTYPES)))), "x")
+    elif mutation == "meta":
+        expect_error(lambda: F.channel_range(x.to("meta")), "x")
+    elif mutation == "acc_dtype":
+        expect_error(lambda: F.channel_range(x, lo.double(), hi.double()), "mins")
+    elif mutation == "acc_shape":
+        expect_error(lambda: F.channel_range(x, torch.zeros(cols + 1), torch.zeros(cols + 1)), "mins")
+    elif mutation == "acc_one":
+        expect_error(lambda: F.channel_range(x, lo, None), "maxs")
+    else:
+        expect_error(lambda: F.channel_range(x, lo, lo))
+
+
 # ------------------------------------------------------------------------------ lowbit.nn modules
 
 MODULE_KINDS = ["packed", "nf4", "int8_outlier", "int8_dynamic"]
@@ -1142,7 +1290,8 @@ def test_fuzz_modules(data):
 RAW_OPS = ["quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
            "gptq_hessian_", "hessian_mirror_", "awq_channel_stats_", "awq_gram_factor", "awq_scale_loss", "awq_clip",
            "nf4_quantize", "nf4_dequantize", "nf4_linear", "blockwise8_quantize", "blockwise8_dequantize",
-           "int8_quantize_rowwise", "int8_matmul", "int8_outlier_matmul", "gptq_solve"]
+           "int8_quantize_rowwise", "int8_matmul", "int8_outlier_matmul", "gptq_solve", "fp8_scales", "fp8_quantize",
+           "fp8_dequantize", "fp8_fake_quantize", "fp8_linear", "channel_range_"]
 
 _LAST_CALL = {"path": None}
 
@@ -1434,6 +1583,50 @@ def raw_op_cases(data, op):
             ref = RG.gptq(w, h, bits=bits, group_size=gs, symmetric=True, actorder=None, block_size=128)
             assert out[0].shape == ref[0].shape and out[0].dtype == torch.int8
             assert (out[0] != ref[0]).float().mean() <= 0.2  # ties aside (test_gptq checks the solve exactly)
+    elif op in ("fp8_scales", "fp8_quantize", "fp8_dequantize", "fp8_fake_quantize", "fp8_linear"):
+        fmt = draw(st.sampled_from(["e4m3", "e5m2"]))
+        br, bc = draw(st.sampled_from([(1, cols), (rows, cols), (1, gs), (rows, gs)]))  # tiles that divide w
+        s8 = R8.scales(w, br, bc, fmt)
+        q8 = R8.quantize(w, s8, br, bc, fmt)
+        if op == "fp8_scales":
+            args, specs = [w, br, bc, fmt], [(FL, "rank"), "pos", "pos", "str"]
+
+            def check(out):
+                assert torch.equal(out, s8)
+        elif op == "fp8_quantize":
+            args, specs = [w, s8, br, bc, fmt], [(FL, "strict"), (FL, "strict"), "pos", "pos", "str"]
+
+            def check(out):
+                assert torch.equal(out.view(torch.uint8), q8.view(torch.uint8))
+        elif op == "fp8_dequantize":
+            args, specs = [q8, s8, br, bc, dtype], [(FP8S, "strict"), (FL, "strict"), "pos", "pos", "dtype"]
+
+            def check(out):
+                assert torch.equal(out, R8.dequantize(q8, s8, br, bc, dtype))
+        elif op == "fp8_fake_quantize":
+            args, specs = [w, s8, br, bc, fmt], [(FL, "strict"), (FL, "strict"), "pos", "pos", "str"]
+
+            def check(out):
+                assert torch.equal(out, R8.fake_quantize(w, s8, br, bc, fmt))
+        else:
+            x = torch.randn(draw(st.sampled_from([1, 3, 9, 70])), cols, generator=g).to(dtype)
+            bias = torch.randn(rows, generator=g).to(dtype)
+            args, specs = [x, q8, s8, br, bc, bias], [(FL, "batched"), (FP8S, "strict"), (FL, "strict"), "pos", "pos",
+                                                       (F64, "strict")]
+
+            def check(out):
+                ref = R8.linear(x, q8, s8, br, bc, bias)
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(out.float(), ref.float(), rtol=tol,
+                                           atol=tol * max(ref.float().abs().max().item(), 1.0))
+    elif op == "channel_range_":
+        x = torch.randn(*draw(st.sampled_from([(1,), (3,), (2, 5)])), cols, generator=g).to(dtype)
+        lo, hi = torch.full((cols,), math.inf), torch.full((cols,), -math.inf)
+        args, specs = [lo, hi, x], [(F32, "strict"), (F32, "strict"), (FL, "batched")]
+
+        def check(out):
+            rlo, rhi = RS.channel_range(x)
+            assert out is None and torch.equal(lo, rlo) and torch.equal(hi, rhi)
     else:
         raise AssertionError(f"no generator for lowbit::{op}")
     if draw(st.booleans()):
@@ -1486,7 +1679,7 @@ def test_fuzz_raw_ops(ops, request):
     """torch.ops.lowbit.* in a child process: a crash (a signal, a non-zero exit) fails the test
     and names the last call; a property failure names the op and the falsifying call."""
     profile = hypothesis.settings.default
-    examples = max(profile.max_examples // 2, 10)  # per op: 22 ops, cheap calls
+    examples = max(profile.max_examples // 2, 10)  # per op: 28 ops, cheap calls
     with tempfile.TemporaryDirectory() as tmp:
         counts_path, last_path = os.path.join(tmp, "counts.json"), os.path.join(tmp, "last_call")
         env = dict(os.environ, HYPOTHESIS_STORAGE_DIRECTORY=os.path.join(tmp, "hypothesis"))

@@ -15,8 +15,9 @@ G32 = {"weights": {"num_bits": 4, "symmetric": False, "strategy": "group", "grou
 
 
 @pytest.mark.parametrize("scheme,layer", [(G32, lowbit.nn.PackedLinear), ("W8A8", lowbit.nn.Int8DynamicLinear),
-                                          ("NF4", lowbit.nn.NF4Linear), ("INT8_OUTLIER", lowbit.nn.Int8OutlierLinear)],
-                         ids=["w4a16_asym-g32", "W8A8", "NF4", "INT8_OUTLIER"])
+                                          ("NF4", lowbit.nn.NF4Linear), ("INT8_OUTLIER", lowbit.nn.Int8OutlierLinear),
+                                          ("FP8_DYNAMIC", lowbit.nn.Fp8Linear)],
+                         ids=["w4a16_asym-g32", "W8A8", "NF4", "INT8_OUTLIER", "FP8_DYNAMIC"])
 def test_from_pretrained_quantizes_like_oneshot(tmp_path, scheme, layer):
     path = save_float("llama", tmp_path / "float")
     config = lowbit.LowbitConfig(scheme=scheme)
@@ -30,13 +31,17 @@ def test_from_pretrained_quantizes_like_oneshot(tmp_path, scheme, layer):
     model.save_pretrained(tmp_path / "saved")
     reference.save_pretrained(tmp_path / "reference")
     a, b = compressed_state_dict(lowbit.load(tmp_path / "saved")), compressed_state_dict(reference)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same = [torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                        b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]) for k in a]
+    assert a.keys() == b.keys() and all(same)
     assert (tmp_path / "saved" / "config.json").read_text() == (tmp_path / "reference" / "config.json").read_text()
 
 
 def test_bad_configs(tmp_path):
     with pytest.raises(ValueError, match="unknown scheme"):
         lowbit.LowbitConfig(scheme="W5A5")
+    with pytest.raises(ValueError, match="static activation scales on data"):
+        lowbit.LowbitConfig(scheme="FP8")
     path = save_float("llama", tmp_path / "float")
     with pytest.raises(ValueError, match="CPU kernels; got device_map=.*cuda"):
         AutoModelForCausalLM.from_pretrained(path, quantization_config=lowbit.LowbitConfig(scheme=G32),

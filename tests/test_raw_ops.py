@@ -66,6 +66,7 @@ def _valid():
         factor=L.awq_gram_factor(h), scales=torch.rand(64, generator=g) + 0.5, wq=wq, scb=scb,
         a=torch.randint(-128, 128, (3, 64), dtype=I8, generator=g),
         b=torch.randint(-128, 128, (5, 64), dtype=I8, generator=g),
+        fs=L.fp8_scales(w, 1, 64), fq=L.fp8_quantize(w, L.fp8_scales(w, 1, 64), 1, 64),
     )
 
 
@@ -503,6 +504,106 @@ CASES = {
                                                                                 6.0, None)),
     "int8_outlier_matmul/meta": ("meta", lambda v: L.int8_outlier_matmul(*_meta(v["x"], v["wq"], v["scb"]), 6.0,
                                                                          None)),
+    # ------------------------------------------------------------ FP8
+    "fp8_scales/format": ("value", lambda v: L.fp8_scales(v["w"], 1, 64, "e3m4")),
+    "fp8_scales/block-0": ("value", lambda v: L.fp8_scales(v["w"], 0, 64)),
+    "fp8_scales/block-neg": ("value", lambda v: L.fp8_scales(v["w"], 1, -64)),
+    "fp8_scales/int": ("type", lambda v: L.fp8_scales(v["codes"], 1, 64)),
+    "fp8_scales/float64": ("type", lambda v: L.fp8_scales(v["w"].double(), 1, 64)),
+    "fp8_scales/1d": ("value", lambda v: L.fp8_scales(v["w"].reshape(-1), 1, 64)),
+    "fp8_scales/nan": ("value", lambda v: L.fp8_scales(v["w"].index_fill(1, torch.tensor([3]), math.nan), 1, 64)),
+    "fp8_scales/inf": ("value", lambda v: L.fp8_scales(v["w"].index_fill(1, torch.tensor([3]), math.inf), 1, 64)),
+    "fp8_scales/block-huge": ("same", lambda v: (L.fp8_scales(v["w"], BIG, BIG), L.fp8_scales(v["w"], 6, 64))),
+    "fp8_scales/noncontig": ("same", lambda v: (L.fp8_scales(_nc(v["w"]), 1, 64), v["fs"])),
+    "fp8_scales/empty": ("same", lambda v: (L.fp8_scales(v["w"][:0], 1, 64), torch.empty(0, 1))),
+    "fp8_scales/meta": ("meta", lambda v: L.fp8_scales(v["w"].to("meta"), 1, 64)),
+    "fp8_quantize/format": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"], 1, 64, "fp8")),
+    "fp8_quantize/block-0": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"], 1, 0)),
+    "fp8_quantize/scale-shape": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"][:5], 1, 64)),
+    "fp8_quantize/scale-transposed": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"].t(), 1, 64)),
+    "fp8_quantize/scale-flat": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"].reshape(-1), 1, 64)),
+    "fp8_quantize/scale-int": ("type", lambda v: L.fp8_quantize(v["w"], v["fs"].int(), 1, 64)),
+    "fp8_quantize/scale-zero": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"] * 0, 1, 64)),
+    "fp8_quantize/scale-nan": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"] * math.nan, 1, 64)),
+    "fp8_quantize/scale-inf": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"] * math.inf, 1, 64)),
+    "fp8_quantize/x-int": ("type", lambda v: L.fp8_quantize(v["codes"], v["fs"], 1, 64)),
+    "fp8_quantize/x-3d": ("value", lambda v: L.fp8_quantize(v["w"].reshape(2, 3, 64), v["fs"], 1, 64)),
+    "fp8_quantize/x-nan": ("value", lambda v: L.fp8_quantize(v["w"] * math.nan, v["fs"], 1, 64)),
+    "fp8_quantize/noncontig": ("same", lambda v: (L.fp8_quantize(_nc(v["w"]), _nc(v["fs"]), 1, 64).float(),
+                                                  torch.clamp(v["w"] / v["fs"], -448, 448).to(torch.float8_e4m3fn)
+                                                  .float())),
+    "fp8_quantize/e5m2": ("same", lambda v: (L.fp8_quantize(v["w"], v["fs"], 1, 64, "e5m2").float(),
+                                             v["w"].div(v["fs"]).to(torch.float8_e5m2).float())),
+    "fp8_quantize/empty": ("same", lambda v: (L.fp8_quantize(v["w"][:, :0], v["fs"][:, :0], 1, 64).float(),
+                                              torch.empty(6, 0))),
+    "fp8_quantize/mixed-meta": ("value", lambda v: L.fp8_quantize(v["w"], v["fs"].to("meta"), 1, 64)),
+    "fp8_quantize/meta": ("meta", lambda v: L.fp8_quantize(*_meta(v["w"], v["fs"]), 1, 64)),
+    "fp8_dequantize/q-uint8": ("type", lambda v: L.fp8_dequantize(v["fq"].view(U8), v["fs"], 1, 64, F32)),
+    "fp8_dequantize/q-float": ("type", lambda v: L.fp8_dequantize(v["w"], v["fs"], 1, 64, F32)),
+    "fp8_dequantize/dtype-int": ("type", lambda v: L.fp8_dequantize(v["fq"], v["fs"], 1, 64, I32)),
+    "fp8_dequantize/dtype-float64": ("type", lambda v: L.fp8_dequantize(v["fq"], v["fs"], 1, 64, F64)),
+    "fp8_dequantize/scale-shape": ("value", lambda v: L.fp8_dequantize(v["fq"], v["fs"], 2, 64, F32)),
+    "fp8_dequantize/scale-neg": ("value", lambda v: L.fp8_dequantize(v["fq"], -v["fs"], 1, 64, F32)),
+    "fp8_dequantize/q-1d": ("value", lambda v: L.fp8_dequantize(v["fq"].reshape(-1), v["fs"], 1, 64, F32)),
+    "fp8_dequantize/noncontig": ("same", lambda v: (L.fp8_dequantize(_nc(v["fq"]), _nc(v["fs"]), 1, 64, F32),
+                                                    v["fq"].float() * v["fs"])),
+    "fp8_dequantize/mixed-meta": ("value", lambda v: L.fp8_dequantize(v["fq"].to("meta"), v["fs"], 1, 64, F32)),
+    "fp8_dequantize/meta": ("meta", lambda v: L.fp8_dequantize(*_meta(v["fq"], v["fs"]), 1, 64, BF16)),
+    "fp8_fake_quantize/scale-shape": ("value", lambda v: L.fp8_fake_quantize(v["w"], v["fs"], 6, 64)),
+    "fp8_fake_quantize/format": ("value", lambda v: L.fp8_fake_quantize(v["w"], v["fs"], 1, 64, "")),
+    "fp8_fake_quantize/x-nan": ("value", lambda v: L.fp8_fake_quantize(v["w"] * math.nan, v["fs"], 1, 64)),
+    "fp8_fake_quantize/x-float64": ("type", lambda v: L.fp8_fake_quantize(v["w"].double(), v["fs"], 1, 64)),
+    "fp8_fake_quantize/noncontig": ("same", lambda v: (L.fp8_fake_quantize(_nc(v["w"]), _nc(v["fs"]), 1, 64),
+                                                       v["fq"].float() * v["fs"])),
+    "fp8_fake_quantize/mixed-meta": ("value", lambda v: L.fp8_fake_quantize(v["w"].to("meta"), v["fs"], 1, 64)),
+    "fp8_fake_quantize/meta": ("meta", lambda v: L.fp8_fake_quantize(*_meta(v["w"], v["fs"]), 1, 64)),
+    "fp8_linear/k-mismatch": ("value", lambda v: L.fp8_linear(torch.randn(3, 32), v["fq"], v["fs"], 1, 64, None)),
+    "fp8_linear/weight-float": ("type", lambda v: L.fp8_linear(v["x"], v["w"], v["fs"], 1, 64, None)),
+    "fp8_linear/weight-int8": ("type", lambda v: L.fp8_linear(v["x"], v["codes"], v["fs"], 1, 64, None)),
+    "fp8_linear/weight-1d": ("value", lambda v: L.fp8_linear(v["x"], v["fq"].reshape(-1), v["fs"], 1, 64, None)),
+    "fp8_linear/scale-shape": ("value", lambda v: L.fp8_linear(v["x"], v["fq"], v["fs"][:1], 1, 64, None)),
+    "fp8_linear/scale-int": ("type", lambda v: L.fp8_linear(v["x"], v["fq"], v["fs"].int(), 1, 64, None)),
+    "fp8_linear/scale-zero": ("value", lambda v: L.fp8_linear(v["x"], v["fq"], v["fs"] * 0, 1, 64, None)),
+    "fp8_linear/block-0": ("value", lambda v: L.fp8_linear(v["x"], v["fq"], v["fs"], 0, 64, None)),
+    "fp8_linear/bias-5": ("value", lambda v: L.fp8_linear(v["x"], v["fq"], v["fs"], 1, 64, v["bias"][:5])),
+    "fp8_linear/bias-int": ("type", lambda v: L.fp8_linear(v["x"], v["fq"], v["fs"], 1, 64, v["bias"].int())),
+    "fp8_linear/x-int": ("type", lambda v: L.fp8_linear(v["codes"], v["fq"], v["fs"], 1, 64, None)),
+    "fp8_linear/x-0d": ("value", lambda v: L.fp8_linear(torch.tensor(1.0), v["fq"], v["fs"], 1, 64, None)),
+    "fp8_linear/noncontig": ("same", lambda v: (
+        L.fp8_linear(_nc(v["x"]), _nc(v["fq"]), _nc(v["fs"]), 1, 64, _nc(v["bias"])),
+        torch.nn.functional.linear(v["x"], v["fq"].float() * v["fs"], v["bias"]))),
+    "fp8_linear/3d-many-tokens": ("same", lambda v: (
+        L.fp8_linear(v["xs"].reshape(4, 10, 64), v["fq"], v["fs"], 1, 64, None),
+        torch.nn.functional.linear(v["xs"], v["fq"].float() * v["fs"]).reshape(4, 10, 6))),
+    "fp8_linear/empty": ("same", lambda v: (L.fp8_linear(v["x"][:0], v["fq"], v["fs"], 1, 64, None),
+                                            torch.empty(0, 6))),
+    "fp8_linear/mixed-meta": ("value", lambda v: L.fp8_linear(v["x"], v["fq"].to("meta"), v["fs"], 1, 64, None)),
+    "fp8_linear/mixed-meta-bias": ("value", lambda v: L.fp8_linear(*_meta(v["x"], v["fq"], v["fs"]), 1, 64,
+                                                                   v["bias"])),
+    "fp8_linear/meta": ("meta", lambda v: L.fp8_linear(*_meta(v["x"], v["fq"], v["fs"]), 1, 64, None)),
+    # ------------------------------------------------------------ SmoothQuant
+    "channel_range_/float64": ("type", lambda v: L.channel_range_(torch.zeros(64, dtype=F64), torch.zeros(64),
+                                                                  v["xs"])),
+    "channel_range_/length": ("value", lambda v: L.channel_range_(torch.zeros(63), torch.zeros(63), v["xs"])),
+    "channel_range_/2d": ("value", lambda v: L.channel_range_(torch.zeros(1, 64), torch.zeros(64), v["xs"])),
+    "channel_range_/noncontig-acc": ("value", lambda v: L.channel_range_(torch.zeros(128)[::2], torch.zeros(64),
+                                                                         v["xs"])),
+    "channel_range_/x-int": ("type", lambda v: L.channel_range_(torch.zeros(64), torch.zeros(64), v["codes"])),
+    "channel_range_/x-0d": ("value", lambda v: L.channel_range_(torch.zeros(1), torch.zeros(1), torch.tensor(1.0))),
+    "channel_range_/alias": ("value", lambda v: (lambda t: L.channel_range_(t, t, v["xs"]))(torch.zeros(64))),
+    "channel_range_/alias-x": ("value", lambda v: (lambda t: L.channel_range_(t[0], torch.zeros(64), t))(
+        torch.randn(5, 64))),
+    "channel_range_/nan": ("value", lambda v: L.channel_range_(torch.zeros(64), torch.zeros(64),
+                                                               v["xs"] * math.nan)),
+    "channel_range_/noncontig-x": ("same", lambda v: (
+        (lambda lo, hi: (L.channel_range_(lo, hi, _nc(v["xs"])), lo, hi)[1:])(torch.full((64,), math.inf),
+                                                                              torch.full((64,), -math.inf)),
+        (v["xs"].amin(0), v["xs"].amax(0)))),
+    "channel_range_/empty": ("same", lambda v: ((lambda lo: (L.channel_range_(lo, lo + 1, v["xs"][:0]), lo)[1])(
+        torch.zeros(64)), torch.zeros(64))),
+    "channel_range_/mixed-meta": ("value", lambda v: L.channel_range_(torch.zeros(64), torch.zeros(64),
+                                                                      v["xs"].to("meta"))),
+    "channel_range_/meta": ("meta", lambda v: L.channel_range_(*_meta(torch.zeros(64), torch.zeros(64), v["xs"]))),
 }
 
 EXPECTED = {
@@ -642,7 +743,7 @@ def test_every_op_has_cases():
         cases = [c for c in CASES if c.split("/")[0] == name]
         assert any(CASES[c][0] in EXPECTED for c in cases), f"{name}: no bad-argument case"
         if name not in ("quant_params", "pack", "unpack", "hessian_mirror_", "awq_gram_factor", "nf4_quantize",
-                        "int8_quantize_rowwise"):  # those take a single tensor
+                        "int8_quantize_rowwise", "fp8_scales"):  # those take a single tensor
             assert any("mixed-meta" in c for c in cases), f"{name}: no mixed meta / CPU case"
 
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "lowbit/common.h"
+#include "lowbit/fp8.h"
 
 namespace lowbit {
 namespace {
@@ -162,16 +163,24 @@ std::tuple<at::Tensor, at::Tensor, double> hessian_factor(const at::Tensor& h, c
 
 // One row through the columns [i1, i2) of a block: quantize each column with its group's
 // parameters, carry its residual (original weight minus dequantized code) to the rest of the
-// block, keep the residual for the GEMM.
+// block, keep the residual for the GEMM. FP8: the E4M3 grid (q = E4M3 value of x / s clamped
+// to +-448, the code its byte, no zero point), else the integer grid [qmin, qmax].
+template <bool FP8>
 LOWBIT_VECTOR_LOOP double solve_row(float* w, const float* w_orig, int8_t* codes, float* res, const float* rn,
                                     const float* rdiag, int64_t cols, int64_t i1, int64_t i2, const float* scale,
                                     const float* zero, const int64_t* col_group, float qmin, float qmax) {
   double loss = 0.0;
   for (int64_t i = i1; i < i2; ++i) {
     const int64_t g = col_group[i];
-    const float x = w[i], s = scale[g], z = zero[g];
-    const float q = round_even(clampf(x / s + z, qmin, qmax));
-    codes[i] = static_cast<int8_t>(q);
+    const float x = w[i], s = scale[g], z = FP8 ? 0.0f : zero[g];
+    float q;
+    if constexpr (FP8) {
+      q = fp8_round<3, 7>(clampf(x / s, -kE4M3.max, kE4M3.max));
+      codes[i] = static_cast<int8_t>(fp8_encode<3, 7>(q));
+    } else {
+      q = round_even(clampf(x / s + z, qmin, qmax));
+      codes[i] = static_cast<int8_t>(q);
+    }
     const float deq = (q - z) * s, diff = x - deq, r = w_orig[i] - deq;
     loss += 0.5 * static_cast<double>(diff) * diff * rdiag[i] * rdiag[i];  // diff^2 / (2 U_ii^2)
     res[i - i1] = r;
@@ -183,13 +192,17 @@ LOWBIT_VECTOR_LOOP double solve_row(float* w, const float* w_orig, int8_t* codes
 
 // w: [rows, cols] fp32, columns already in processing order; h: [cols, cols] in the original
 // order, perm: the processing order; scale / zero: [rows, groups]; col_group: the group of
-// each (permuted) column. Returns the int8 codes (permuted order),
+// each (permuted) column; grid: "int" (bits wide) or "e4m3" (FP8; zero_point unused). Returns
+// the codes (permuted order; int8, or E4M3 bytes in an int8 tensor),
 // the weights as they were when each column was quantized, the loss, and the damping
 // fraction used (-1: no damping made H positive definite, so plain RTN was applied).
 std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
     const at::Tensor& w_in, const at::Tensor& h_in, const at::Tensor& perm_in, const at::Tensor& scale_in,
-    const at::Tensor& zero_in, const at::Tensor& col_group_in, int64_t bits, int64_t block_size, double dampening_frac) {
-  check_bits(bits);
+    const at::Tensor& zero_in, const at::Tensor& col_group_in, int64_t bits, int64_t block_size, double dampening_frac,
+    const std::string& grid) {
+  TORCH_CHECK_VALUE(grid == "int" || grid == "e4m3", "lowbit: grid must be 'int' or 'e4m3' (FP8), got '", grid, "'");
+  const bool fp8 = grid == "e4m3";
+  if (!fp8) check_bits(bits);
   check_cpu(w_in, "weight");
   check_cpu(h_in, "hessian");
   check_cpu(perm_in, "perm");
@@ -233,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
   }
   at::Tensor codes = at::empty({rows, cols}, w.options().dtype(at::kChar));
   at::Tensor res = at::empty({rows, std::min(block_size, cols)}, w.options());
-  const IntRange r(bits);
+  const IntRange r(fp8 ? 8 : bits);
   double loss = 0.0;
   for (int64_t i1 = 0; i1 < cols; i1 += block_size) {
     const int64_t i2 = std::min(cols, i1 + block_size), width = i2 - i1;
@@ -246,9 +259,11 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
       const int64_t* cg = col_group.data_ptr<int64_t>();
       int8_t* cp = codes.data_ptr<int8_t>();
       run_for_isa([&] {
-        for (int64_t row = begin; row < end; ++row)
-          sum += solve_row(wp + row * cols, op + row * cols, cp + row * cols, resp + row * res.size(1), rnp, rdp, cols,
-                           i1, i2, sp + row * groups, zp + row * groups, cg, r.qmin, r.qmax);
+        for (int64_t row = begin; row < end; ++row) {
+          auto solve = fp8 ? solve_row<true> : solve_row<false>;
+          sum += solve(wp + row * cols, op + row * cols, cp + row * cols, resp + row * res.size(1), rnp, rdp, cols,
+                       i1, i2, sp + row * groups, zp + row * groups, cg, r.qmin, r.qmax);
+        }
       });
       partial[at::get_thread_num()] += sum;
     });

@@ -8,7 +8,7 @@ from .cpu import cpu_info, set_isa, supported_isas, use_isa
 from .formats import load, save_compressed
 from .hf_quantizer import LowbitConfig, register as _register_quantizer
 from .modifiers import (AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, IMatrixGatherer, LLMInt8Modifier,
-                        Modifier, QuantizationModifier)
+                        Modifier, QuantizationModifier, SmoothQuantMapping, SmoothQuantModifier)
 from .pipeline import dispatch_for_generation, oneshot
 from .recipe import parse_recipe
 from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
@@ -30,6 +30,8 @@ __all__ = [
     "QuantizationArgs",
     "QuantizationModifier",
     "QuantizationScheme",
+    "SmoothQuantMapping",
+    "SmoothQuantModifier",
     "cpu_info",
     "dispatch_for_generation",
     "eval",

@@ -23,7 +23,8 @@ __all__ = [
     "quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
     "hessian", "mirror_hessian_", "gptq", "GPTQResult", "awq_channel_stats", "awq_grid", "awq_scales",
     "awq_search", "AWQSearchResult", "awq_clip", "NF4QuantState", "nf4_quantize", "nf4_dequantize",
-    "nf4_linear", "Int8Rowwise", "int8_quantize_rowwise", "int8_outlier_matmul",
+    "nf4_linear", "Int8Rowwise", "int8_quantize_rowwise", "int8_outlier_matmul", "fp8_scales", "fp8_quantize",
+    "fp8_dequantize", "fp8_fake_quantize", "fp8_linear", "channel_range",
 ]
 
 
@@ -895,3 +896,173 @@ def int8_outlier_matmul(x: Tensor, w_int8: Tensor, w_scale: Tensor, threshold: f
     _check_x(x, w_int8.shape[1])
     _check_bias(bias, w_int8.shape[0])
     return ops.int8_outlier_matmul(x, w_int8, w_scale, _check_threshold(threshold), bias)
+
+
+# ---------------------------------------------------------------- FP8
+
+FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+Block = Union[str, Tuple[int, int]]
+
+
+def _check_fp8_format(format) -> str:
+    if not isinstance(format, str) or format not in FP8_FORMATS:
+        raise ValueError(f"format must be 'e4m3' (torch.float8_e4m3fn, max 448) or 'e5m2' (torch.float8_e5m2, "
+                         f"max 57344), got {format!r}")
+    return format
+
+
+def _fp8_block(block, shape: Sequence[int]) -> Tuple[int, int]:
+    """(block_rows, block_cols) of a [rows, cols] tensor: "tensor" (one tile), "channel" / "token"
+    (one tile per row), or a pair of positive ints (partial tiles at the edges)."""
+    rows, cols = shape
+    if block == "tensor":
+        return max(rows, 1), max(cols, 1)
+    if block in ("channel", "token"):
+        return 1, max(cols, 1)
+    if (isinstance(block, (tuple, list)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        return int(block[0]), int(block[1])
+    raise ValueError(f"block must be 'tensor', 'channel', 'token' or a pair (block_rows, block_cols) of positive "
+                     f"ints such as (128, 128), got {block!r}")
+
+
+def _fp8_scale_2d(scale, shape: Sequence[int], block, name: str = "scale") -> Tuple[Tensor, int, int]:
+    """scale as [ceil(rows / block_rows), ceil(cols / block_cols)] with the block it implies. block
+    None: read from the scale's shape, for tiles that divide the tensor evenly (one element: per
+    tensor; a dimension of 1: whole rows / columns; otherwise its size must divide the tensor's).
+    Partial edge tiles need an explicit block: [2, 1] scales of 4 rows could be tiles of 2 or 3."""
+    _check_tensor(scale, name)
+    if scale.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {scale.dtype}")
+    rows, cols = shape
+    if scale.numel() == 1 and scale.dim() <= 1:
+        scale = scale.reshape(1, 1)
+    if scale.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [row tiles, column tiles] (or one element), got shape "
+                         f"{tuple(scale.shape)}")
+    if block is None:
+        def size(n, s):  # the tile length along a dimension of n elements holding s scales
+            if s == 1 or n == s == 0:
+                return max(n, 1)
+            if s > 0 and n % s == 0:
+                return n // s
+            raise ValueError(f"{name} of shape {tuple(scale.shape)} does not tile a [{rows}, {cols}] tensor evenly: "
+                             "pass block=(block_rows, block_cols)")
+        br, bc = size(rows, scale.shape[0]), size(cols, scale.shape[1])
+    else:
+        br, bc = _fp8_block(block, shape)
+    expected = (-(-rows // br), -(-cols // bc))
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"{name} has shape {tuple(scale.shape)}, but a [{rows}, {cols}] tensor in {br} x {bc} tiles "
+                         f"takes {list(expected)} (one scale per tile)")
+    _check_scale_values(scale, name)
+    return scale, br, bc
+
+
+def _check_fp8_input(x, name: str = "x") -> None:
+    _check_float(x, name, dims=None)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, cols], got shape {tuple(x.shape)}")
+
+
+def fp8_scales(x: Tensor, block: Block = "channel", format: str = "e4m3") -> Tensor:
+    """FP8 scales of x [rows, cols] as compressed-tensors computes them: absmax / max (448 for
+    E4M3, 57344 for E5M2) of each tile, 0 -> finfo(x.dtype).eps, in x.dtype, shape
+    [ceil(rows / block_rows), ceil(cols / block_cols)]. block: "tensor", "channel" / "token"
+    (a scale per row) or (block_rows, block_cols), e.g. (1, 128) per token group or (128, 128)
+    for FP8_BLOCK. x must be finite."""
+    _check_fp8_input(x)
+    return ops.fp8_scales(x, *_fp8_block(block, x.shape), _check_fp8_format(format))
+
+
+def fp8_quantize(x: Tensor, scale: Optional[Tensor] = None, block: Optional[Block] = None,
+                 format: str = "e4m3") -> Tuple[Tensor, Tensor]:
+    """(codes, scale): x [rows, cols] as torch.float8_e4m3fn (or float8_e5m2) codes
+    clamp(x / scale, -max, max) rounded to nearest even (x / scale in fp32). Without `scale` the
+    scales come from fp8_scales(x, block or "channel"); with it, block defaults to what the
+    scale's shape implies. NaN in x raises; +-Inf saturates to +-max."""
+    _check_fp8_input(x)
+    format = _check_fp8_format(format)
+    if scale is None:
+        scale = fp8_scales(x, "channel" if block is None else block, format)
+    scale2d, br, bc = _fp8_scale_2d(scale, x.shape, block)
+    return ops.fp8_quantize(x, scale2d, br, bc, format), scale
+
+
+def fp8_dequantize(q: Tensor, scale: Tensor, block: Optional[Block] = None,
+                   dtype: Optional[torch.dtype] = None) -> Tensor:
+    """float(q) * scale in fp32, as `dtype` (default: scale's dtype); q [rows, cols] FP8 codes,
+    block as in fp8_quantize (read from the scale's shape when None)."""
+    _check_tensor(q, "q")
+    if q.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"q must be torch.float8_e4m3fn or torch.float8_e5m2 codes (as fp8_quantize returns), got "
+                        f"{q.dtype}")
+    if q.dim() != 2:
+        raise ValueError(f"q must be 2-D [rows, cols], got shape {tuple(q.shape)}")
+    scale2d, br, bc = _fp8_scale_2d(scale, q.shape, block)
+    dtype = scale.dtype if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return ops.fp8_dequantize(q, scale2d, br, bc, dtype)
+
+
+def fp8_fake_quantize(x: Tensor, scale: Optional[Tensor] = None, block: Optional[Block] = None,
+                      format: str = "e4m3") -> Tensor:
+    """fp8_dequantize(fp8_quantize(x)) in one pass, in x.dtype: how an FP8 scheme's forward sees
+    activations. x [..., cols] is taken as [tokens, cols]; without `scale` the scales are dynamic,
+    from fp8_scales(x, block or "token"); with it (e.g. a static per-tensor input_scale), block
+    defaults to what its shape implies."""
+    _check_float(x, "x", dims=None)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., cols], got a 0-d tensor")
+    format = _check_fp8_format(format)
+    x2d = x.reshape(-1, x.shape[-1])
+    if scale is None:
+        scale = fp8_scales(x2d, "token" if block is None else block, format)
+    scale2d, br, bc = _fp8_scale_2d(scale, x2d.shape, block)
+    return ops.fp8_fake_quantize(x2d, scale2d, br, bc, format).reshape(x.shape)
+
+
+def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+               block: Optional[Block] = None) -> Tensor:
+    """x [..., in] @ fp8_dequantize(weight)^T + bias without materialising the weight: an FP8
+    weight [out, in] (E4M3 or E5M2) with scales [out, 1] (per channel), one element (per tensor)
+    or [ceil(out / block_rows), ceil(in / block_cols)] (blocks: pass block when they do not tile
+    the weight evenly). The codes are decoded inside the C++ matmul (AVX-512 / AVX2 in registers
+    for up to 64 tokens, ATen's GEMM on decoded tiles beyond); fp32 accumulation, x.dtype out."""
+    _check_tensor(weight, "weight")
+    if weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"weight must be torch.float8_e4m3fn or torch.float8_e5m2 codes, got {weight.dtype}: "
+                        "quantize it with fp8_quantize")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    scale2d, br, bc = _fp8_scale_2d(weight_scale, weight.shape, block, "weight_scale")
+    _check_x(x, weight.shape[1])
+    _check_bias(bias, weight.shape[0])
+    return ops.fp8_linear(x, weight, scale2d, br, bc, bias)
+
+
+# ---------------------------------------------------------------- SmoothQuant
+
+
+def channel_range(x: Tensor, mins: Optional[Tensor] = None, maxs: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """SmoothQuant's activation statistic: the running minimum and maximum of each channel of
+    x [..., C] over its tokens, as float32 [C]. Pass the previous (mins, maxs) to add a batch
+    (they are updated in place); the first call starts from +inf / -inf. NaN or Inf in x raises
+    ValueError and leaves the pair unchanged."""
+    _check_float(x, "x", dims=None)
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [..., channels] tensor, got shape {tuple(x.shape)}: the statistic "
+                         "needs at least one calibration token")
+    channels = x.shape[-1]
+    if (mins is None) != (maxs is None):
+        raise ValueError("pass both mins and maxs (the pair channel_range returned), or neither to start")
+    if mins is None:
+        mins, maxs = torch.full((channels,), float("inf")), torch.full((channels,), float("-inf"))
+    for name, t in (("mins", mins), ("maxs", maxs)):
+        _check_tensor(t, name)
+        if t.dtype != torch.float32 or tuple(t.shape) != (channels,) or not t.is_contiguous():
+            raise ValueError(f"{name} must be the contiguous float32 [{channels}] tensor that channel_range returned "
+                             f"for inputs with {channels} channels, got {t.dtype} {tuple(t.shape)}")
+    ops.channel_range_(mins, maxs, x)
+    return mins, maxs

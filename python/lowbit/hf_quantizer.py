@@ -16,7 +16,7 @@ QUANT_METHOD = "lowbit"
 
 class LowbitConfig(QuantizationConfigMixin):
     """What from_pretrained should quantize, in oneshot's terms: a preset `scheme` ("W4A16",
-    "W4A16_ASYM", "W8A16", "W8A8", "NF4", "FP4", "INT8_OUTLIER", ...) or a dict / compressed-tensors
+    "W4A16_ASYM", "W8A16", "W8A8", "FP8_DYNAMIC", "NF4", "FP4", "INT8_OUTLIER", ...) or a dict / compressed-tensors
     QuantizationScheme, on `targets`, except `ignore`. The model is quantized right after its
     float weights are loaded (round-to-nearest: no calibration data); save_pretrained then
     writes the checkpoint oneshot would (compressed-tensors or bitsandbytes format)."""
@@ -41,7 +41,12 @@ class LowbitConfig(QuantizationConfigMixin):
             return BnB4bitModifier(s.quant_type, s.blocksize, s.double_quant, targets=self.targets, ignore=self.ignore)
         if name == INT8_OUTLIER_PRESET:
             return LLMInt8Modifier(threshold=6.0, targets=self.targets, ignore=self.ignore)
-        return QuantizationModifier(scheme=self.scheme, targets=self.targets, ignore=self.ignore)
+        modifier = QuantizationModifier(scheme=self.scheme, targets=self.targets, ignore=self.ignore)
+        if modifier.requires_calibration:
+            raise ValueError(f"scheme {self.scheme!r} calibrates static activation scales on data, which from_pretrained "
+                             "does not have: use a dynamic scheme (W8A8, FP8_DYNAMIC) here, or lowbit.oneshot(model, "
+                             "recipe, dataset=...)")
+        return modifier
 
 
 class LowbitHfQuantizer(HfQuantizer):

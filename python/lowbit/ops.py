@@ -149,11 +149,49 @@ def hessian_mirror_(hessian: Tensor) -> Tensor:
 
 
 def gptq_solve(weight: Tensor, hessian: Tensor, perm: Tensor, scale: Tensor, zero_point: Tensor, col_group: Tensor,
-               bits: int, block_size: int, dampening_frac: float) -> Tuple[Tensor, Tensor, float, float]:
+               bits: int, block_size: int, dampening_frac: float, grid: str = "int") -> Tuple[Tensor, Tensor, float, float]:
     """weight [rows, cols] in processing order perm (int64 [cols]), hessian [cols, cols] in the
     original order, scale / zero_point [rows, groups], col_group int64 [cols] -> (codes int8,
-    updated weight fp32, loss, damping fraction used or -1 when RTN was applied)."""
-    return _ops.gptq_solve(weight, hessian, perm, scale, zero_point, col_group, bits, block_size, dampening_frac)
+    updated weight fp32, loss, damping fraction used or -1 when RTN was applied). grid "e4m3":
+    the FP8 grid, codes are E4M3 bytes (view them as torch.float8_e4m3fn)."""
+    return _ops.gptq_solve(weight, hessian, perm, scale, zero_point, col_group, bits, block_size, dampening_frac,
+                           grid)
+
+
+def fp8_scales(x: Tensor, block_rows: int, block_cols: int, format: str = "e4m3") -> Tensor:
+    """x [rows, cols] float -> FP8 scales absmax / max of each block_rows x block_cols tile (0 ->
+    finfo(x.dtype).eps), [ceil(rows / block_rows), ceil(cols / block_cols)] in x.dtype. format:
+    "e4m3" (max 448) or "e5m2" (max 57344)."""
+    return _ops.fp8_scales(x, block_rows, block_cols, format)
+
+
+def fp8_quantize(x: Tensor, scale: Tensor, block_rows: int, block_cols: int, format: str = "e4m3") -> Tensor:
+    """x [rows, cols] float -> float8_e4m3fn / float8_e5m2 codes clamp(x / scale, -max, max), round
+    to nearest even, element (i, j) scaled by scale[i // block_rows, j // block_cols]."""
+    return _ops.fp8_quantize(x, scale, block_rows, block_cols, format)
+
+
+def fp8_dequantize(q: Tensor, scale: Tensor, block_rows: int, block_cols: int, dtype: torch.dtype) -> Tensor:
+    """FP8 codes [rows, cols] -> float(q) * scale (fp32) as `dtype`."""
+    return _ops.fp8_dequantize(q, scale, block_rows, block_cols, dtype)
+
+
+def fp8_fake_quantize(x: Tensor, scale: Tensor, block_rows: int, block_cols: int, format: str = "e4m3") -> Tensor:
+    """x [rows, cols] float -> fp8_dequantize(fp8_quantize(x)) in one pass, x.dtype."""
+    return _ops.fp8_fake_quantize(x, scale, block_rows, block_cols, format)
+
+
+def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, block_rows: int, block_cols: int,
+               bias: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] float @ dequant(weight)^T (+ bias) for an FP8 weight [out, in] with scales
+    [ceil(out / block_rows), ceil(in / block_cols)] -> [..., out] in x.dtype."""
+    return _ops.fp8_linear(x, weight, weight_scale, block_rows, block_cols, bias)
+
+
+def channel_range_(mins: Tensor, maxs: Tensor, x: Tensor) -> None:
+    """SmoothQuant's statistic: mins / maxs (float32 [C]) become the running per-channel minimum /
+    maximum over the tokens of x [..., C], in place."""
+    _ops.channel_range_(mins, maxs, x)
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
@@ -572,3 +610,98 @@ def _(x, w, w_scale, threshold, bias):
     _check(op, k <= 65536, "in_features exceeds 65536")
     _bias(op, bias, n)
     return x.new_empty((*x.shape[:-1], n))
+
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _fp8_format(op: str, format: str) -> torch.dtype:
+    if format not in ("e4m3", "e5m2"):
+        raise ValueError(f"lowbit::{op}: format must be 'e4m3' or 'e5m2', got {format!r}")
+    return torch.float8_e4m3fn if format == "e4m3" else torch.float8_e5m2
+
+
+def _fp8_scale(op: str, scale: Tensor, rows, cols, block_rows: int, block_cols: int, name: str = "scale") -> None:
+    """scale [ceil(rows / block_rows), ceil(cols / block_cols)], float, for positive block sizes."""
+    if block_rows <= 0 or block_cols <= 0:
+        raise ValueError(f"lowbit::{op}: block_rows and block_cols must be positive, got {block_rows} and {block_cols}")
+    _dtype(op, scale, name, _FLOATS)
+    _dim(op, scale, 2, name)
+    shape = ((rows + block_rows - 1) // block_rows, (cols + block_cols - 1) // block_cols)
+    _check(op, scale.shape[0] == shape[0], f"{name} must be {list(shape)} for {block_rows} x {block_cols} blocks")
+    _check(op, scale.shape[1] == shape[1], f"{name} must be {list(shape)} for {block_rows} x {block_cols} blocks")
+
+
+@torch.library.register_fake("lowbit::fp8_scales")
+def _(x, block_rows, block_cols, format="e4m3"):
+    op = "fp8_scales"
+    _fp8_format(op, format)
+    _dtype(op, x, "x", _FLOATS)
+    _dim(op, x, 2, "x")
+    if block_rows <= 0 or block_cols <= 0:
+        raise ValueError(f"lowbit::{op}: block_rows and block_cols must be positive, got {block_rows} and {block_cols}")
+    return x.new_empty(((x.shape[0] + block_rows - 1) // block_rows, (x.shape[1] + block_cols - 1) // block_cols))
+
+
+@torch.library.register_fake("lowbit::fp8_quantize")
+def _(x, scale, block_rows, block_cols, format="e4m3"):
+    op = "fp8_quantize"
+    _same_device(op, x=x, scale=scale)
+    dtype = _fp8_format(op, format)
+    _dtype(op, x, "x", _FLOATS)
+    _dim(op, x, 2, "x")
+    _fp8_scale(op, scale, x.shape[0], x.shape[1], block_rows, block_cols)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::fp8_dequantize")
+def _(q, scale, block_rows, block_cols, dtype):
+    op = "fp8_dequantize"
+    _same_device(op, q=q, scale=scale)
+    if dtype not in _FLOATS:
+        raise TypeError(f"lowbit::{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    _dtype(op, q, "q", _FP8)
+    _dim(op, q, 2, "q")
+    _fp8_scale(op, scale, q.shape[0], q.shape[1], block_rows, block_cols)
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::fp8_fake_quantize")
+def _(x, scale, block_rows, block_cols, format="e4m3"):
+    op = "fp8_fake_quantize"
+    _same_device(op, x=x, scale=scale)
+    _fp8_format(op, format)
+    _dtype(op, x, "x", _FLOATS)
+    _dim(op, x, 2, "x")
+    _fp8_scale(op, scale, x.shape[0], x.shape[1], block_rows, block_cols)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("lowbit::fp8_linear")
+def _(x, weight, weight_scale, block_rows, block_cols, bias):
+    op = "fp8_linear"
+    _same_device(op, x=x, weight=weight, weight_scale=weight_scale, bias=bias)
+    _dtype(op, x, "x", _FLOATS)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
+    _dtype(op, weight, "weight", _FP8)
+    _dim(op, weight, 2, "weight")
+    n, k = weight.shape
+    _check(op, x.shape[-1] == k, f"x must have {k} features in its last dimension")
+    _fp8_scale(op, weight_scale, n, k, block_rows, block_cols, "weight_scale")
+    _bias(op, bias, n)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("lowbit::channel_range_")
+def _(mins, maxs, x):
+    op = "channel_range_"
+    _same_device(op, mins=mins, maxs=maxs, x=x)
+    _dtype(op, x, "x", _FLOATS)
+    if x.dim() < 1:
+        raise ValueError(f"lowbit::{op}: x must be a [..., channels] tensor, got a 0-d tensor")
+    for name, t in (("mins", mins), ("maxs", maxs)):
+        _dtype(op, t, name, (torch.float32,))
+        _dim(op, t, 1, name)
+        _check(op, t.shape[0] == x.shape[-1], f"{name} must have {x.shape[-1]} entries (one per channel of x)")
+    return None

@@ -5,27 +5,36 @@ PRESET_SCHEMES holds llmcompressor's preset names."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
-WEIGHT_STRATEGIES = ("tensor", "channel", "group")
-ACTIVATION_STRATEGIES = ("tensor", "token")
+WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
+# Dynamic activations: per token, per token group (FP8_BLOCK); static ones: one scale per tensor.
+DYNAMIC_ACTIVATION_STRATEGIES = ("token", "group")
+TYPES = ("int", "float")
 # GPTQ column orders, llmcompressor's names ("static" is an alias of "weight").
 ACTORDERS = (None, "static", "weight", "group")
-OBSERVERS = ("minmax", "mse", "imatrix_mse")
-# llmcompressor's observer names -> the one-shot parameters they compute for weights.
-OBSERVER_ALIASES = {"memoryless_minmax": "minmax", "static_minmax": "minmax", "memoryless_mse": "mse"}
+# llmcompressor's observer names. For weights (quantized once) the memoryless / static / moving
+# variants compute the same parameters; for static activation scales they differ (see
+# modifiers/activations.py).
+OBSERVERS = ("minmax", "mse", "imatrix_mse", "static_minmax", "memoryless_minmax", "memoryless_mse")
+WEIGHT_OBSERVERS = {"memoryless_minmax": "minmax", "static_minmax": "minmax", "memoryless_mse": "mse"}
+# E4M3's largest value: FP8 scales are absmax / FP8_MAX (compressed-tensors' float-quantized).
+FP8_MAX = 448.0
 
 
 @dataclass(frozen=True)
 class QuantizationArgs:
-    """Integer quantization of one tensor (compressed-tensors' QuantizationArgs fields).
+    """How one tensor is quantized (compressed-tensors' QuantizationArgs fields).
 
-    num_bits: 2..8. symmetric: zero point 0 (scale = absmax / ((qmax - qmin) / 2)).
+    type "int": num_bits 2..8, symmetric (zero point 0, scale = absmax / ((qmax - qmin) / 2))
+    or not. type "float": FP8 E4M3 (num_bits 8, symmetric, scale = absmax / 448).
     strategy: for weights "group" (group_size input columns share a scale), "channel" (one
-    scale per output row) or "tensor"; for activations "token" or "tensor". dynamic: scales
-    computed at run time (activations). observer: "minmax", "mse" (range shrink search) or
-    "imatrix_mse" (that search with each input column's error weighted by E[x^2] of the
-    column's input on the calibration data); llmcompressor's other names map onto these.
+    scale per output row), "tensor", or "block" (block_structure [rows, cols] tiles, FP8); for
+    dynamic activations "token" or "group" (group_size columns of each token); static
+    activations (dynamic False) use "tensor", one scale calibrated on the data.
+    observer: "minmax", "mse" (range shrink search) or "imatrix_mse" (that search with each
+    input column's error weighted by E[x^2] of its input); llmcompressor's memoryless_minmax,
+    static_minmax and memoryless_mse too (they matter for static activation scales).
     """
 
     num_bits: int = 4
@@ -36,16 +45,20 @@ class QuantizationArgs:
     dynamic: bool = False
     type: str = "int"
     actorder: Optional[str] = None  # GPTQ's column order: None, "static" / "weight", "group"
+    block_structure: Optional[Tuple[int, int]] = None
 
     def __post_init__(self):
+        if self.type not in TYPES:
+            raise ValueError(f"type must be 'int' or 'float' (FP8), got {self.type!r}")
         if isinstance(self.num_bits, bool) or not isinstance(self.num_bits, int) or not 2 <= self.num_bits <= 8:
             raise ValueError(f"num_bits must be an integer in 2..8, got {self.num_bits!r}")
         for flag in ("symmetric", "dynamic"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
-        if self.type != "int":
-            raise ValueError(f"only integer quantization (type 'int') is supported here, got {self.type!r}")
-        valid = ACTIVATION_STRATEGIES if self.dynamic else WEIGHT_STRATEGIES
+        if self.type == "float" and (self.num_bits != 8 or not self.symmetric):
+            raise ValueError(f"type 'float' is FP8 E4M3: num_bits 8 and symmetric, got num_bits={self.num_bits}, "
+                             f"symmetric={self.symmetric}")
+        valid = DYNAMIC_ACTIVATION_STRATEGIES if self.dynamic else WEIGHT_STRATEGIES
         if self.strategy not in valid:
             raise ValueError(f"strategy must be one of {valid} (dynamic={self.dynamic}), got {self.strategy!r}")
         if self.strategy == "group":
@@ -53,14 +66,33 @@ class QuantizationArgs:
                 raise ValueError(f"strategy 'group' needs a positive integer group_size, got {self.group_size!r}")
         elif self.group_size is not None:
             raise ValueError(f"group_size is only meaningful with strategy 'group', not {self.strategy!r}")
+        if self.strategy == "block":
+            b = self.block_structure
+            if (not isinstance(b, tuple) or len(b) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in b)):
+                raise ValueError(f"strategy 'block' needs block_structure [rows, cols] of two positive integers "
+                                 f"(FP8_BLOCK uses [128, 128]), got {self.block_structure!r}")
+            if self.type != "float":
+                raise ValueError("strategy 'block' is an FP8 layout (type 'float'); integer weights use 'group' or "
+                                 "'channel'")
+        elif self.block_structure is not None:
+            raise ValueError(f"block_structure is only meaningful with strategy 'block', not {self.strategy!r}")
         if self.observer not in OBSERVERS:
-            raise ValueError(f"observer must be one of {OBSERVERS} (or llmcompressor's memoryless_minmax, "
-                             f"static_minmax, memoryless_mse), got {self.observer!r}")
+            raise ValueError(f"observer must be one of {OBSERVERS}, got {self.observer!r}")
+        if self.type == "float" and self.observer not in ("minmax", "static_minmax", "memoryless_minmax"):
+            raise ValueError(f"FP8 scales are absmax / 448: use a minmax observer, not {self.observer!r}")
         if self.actorder not in ACTORDERS:
             raise ValueError(f"actorder must be None, 'static', 'weight' or 'group', got {self.actorder!r}")
 
+    @property
+    def weight_observer(self) -> str:
+        """The observer as it computes one-shot weight parameters: minmax, mse or imatrix_mse."""
+        return WEIGHT_OBSERVERS.get(self.observer, self.observer)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["block_structure"] = list(self.block_structure) if self.block_structure else None
+        return d
 
 
 @dataclass(frozen=True)
@@ -79,18 +111,29 @@ def _weight_only(bits: int, symmetric: bool = True) -> QuantizationScheme:
     return QuantizationScheme(QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group", group_size=128))
 
 
+def _fp8(strategy: str, **kw) -> QuantizationArgs:
+    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, group_size=kw.pop("group_size", None), **kw)
+
+
 _W8A8 = QuantizationScheme(
     QuantizationArgs(num_bits=8, symmetric=True, strategy="channel", group_size=None),
     QuantizationArgs(num_bits=8, symmetric=True, strategy="token", group_size=None, dynamic=True),
 )
 
-# The integer presets of llmcompressor / compressed-tensors: WnA16 are symmetric, group 128.
+# llmcompressor's / compressed-tensors' presets: WnA16 are symmetric, group 128.
 PRESET_SCHEMES = {
     **{f"W{b}A16": _weight_only(b) for b in range(2, 9)},
     "W4A16_ASYM": _weight_only(4, symmetric=False),
     "W8A8": _W8A8,
     "INT8": _W8A8,
     "W4A8": QuantizationScheme(_weight_only(4).weights, _W8A8.input_activations),
+    # FP8 E4M3: per-tensor weights with a static per-tensor activation scale; per-channel
+    # weights with dynamic per-token activations; 128x128 weight blocks with dynamic
+    # per-token groups of 128. (FP8 weights only: config_groups with type float, no activations.)
+    "FP8": QuantizationScheme(_fp8("tensor"), _fp8("tensor", observer="static_minmax")),
+    "FP8_DYNAMIC": QuantizationScheme(_fp8("channel"), _fp8("token", dynamic=True)),
+    "FP8_BLOCK": QuantizationScheme(_fp8("block", block_structure=(128, 128)),
+                                    _fp8("group", group_size=128, dynamic=True)),
 }
 
 
@@ -147,9 +190,8 @@ def args_from_dict(d: Union[dict, QuantizationArgs]) -> QuantizationArgs:
     if extra:
         raise ValueError(f"unsupported quantization args {extra}; lowbit knows {sorted(_ARG_FIELDS)}")
     known = {k: v for k, v in d.items() if k in _ARG_FIELDS and (v is not None or k == "group_size")}
-    observer = known.get("observer")
-    if isinstance(observer, str):
-        known["observer"] = OBSERVER_ALIASES.get(observer, observer)
+    if isinstance(known.get("block_structure"), list):
+        known["block_structure"] = tuple(known["block_structure"])
     if known.get("strategy", "group") != "group":
         known.setdefault("group_size", None)
     return QuantizationArgs(**known)

@@ -87,7 +87,8 @@ def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
     top, a stated reserve of 10% of (weights + KV cache) stands for activations and
     allocator overhead: a rule of thumb, not a measurement.
     """
-    args = resolve_scheme(scheme).weights
+    resolved = resolve_scheme(scheme)
+    args, acts = resolved.weights, resolved.input_activations
     if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 0:
         raise ValueError(f"context_length must be a non-negative integer, got {context_length!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -115,16 +116,27 @@ def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
         if args.strategy == "group" and inp % args.group_size:
             raise ValueError(f"group_size {args.group_size} does not divide in_features {inp} of {name!r}: "
                              "choose a group size that divides it, or add the layer to ignore")
-        groups = inp // args.group_size if args.strategy == "group" else 1
-        scale_rows = 1 if args.strategy == "tensor" else out
         quantized.add(module)
         qparams += out * inp
-        packed += out * -(-inp * bits // 32) * 4
-        scales += scale_rows * groups * itemsize
-        if not args.symmetric:
-            # On disk zero points are int32-packed along the output dimension.
-            zeros += -(-scale_rows * bits // 32) * groups * 4
-        shapes += 2 * 8  # weight_shape: int64 [2]
+        if args.type == "float":  # FP8: one byte per weight, a scale per tile, no weight_shape
+            if args.strategy == "block":
+                rows, cols = args.block_structure
+                tiles = -(-out // rows) * -(-inp // cols)
+            else:
+                tiles = 1 if args.strategy == "tensor" else out
+            packed += out * inp
+            scales += tiles * itemsize
+        else:
+            groups = inp // args.group_size if args.strategy == "group" else 1
+            scale_rows = 1 if args.strategy == "tensor" else out
+            packed += out * -(-inp * bits // 32) * 4
+            scales += scale_rows * groups * itemsize
+            if not args.symmetric:
+                # On disk zero points are int32-packed along the output dimension.
+                zeros += -(-scale_rows * bits // 32) * groups * 4
+            shapes += 2 * 8  # weight_shape: int64 [2]
+        if acts is not None and not acts.dynamic:
+            scales += itemsize  # the static input_scale
 
     # A tied embedding stays unquantized even when its lm_head twin is quantized.
     seen, uparams = set(), 0

@@ -354,7 +354,7 @@ def _looks_quantized(key: str, tensor: torch.Tensor) -> bool:
     leaf = key.rsplit(".", 1)[-1]
     return leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "SCB",
                     "absmax", "quant_map", "nested_absmax") or "quant_state" in key \
-        or (leaf == "weight" and not tensor.dtype.is_floating_point)
+        or (leaf == "weight" and tensor.dtype not in FLOAT_STORAGE)
 
 
 def check_against_skeleton(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str,
@@ -385,7 +385,7 @@ def check_against_skeleton(model: torch.nn.Module, state: Dict[str, torch.Tensor
         if tuple(stored.shape) != tuple(want.shape):
             raise ValueError(f"{path}: {key!r} has shape {tuple(stored.shape)} in the files, but config.json makes it "
                              f"{tuple(want.shape)}")
-        if want.dtype.is_floating_point:
+        if want.dtype in FLOAT_STORAGE:
             ok, wanted = stored.dtype in FLOAT_STORAGE, "a float dtype (float32, float16, bfloat16)"
         else:
             ok, wanted = stored.dtype == want.dtype, str(want.dtype)

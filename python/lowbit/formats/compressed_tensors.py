@@ -1,5 +1,6 @@
 """compressed-tensors checkpoints (what llmcompressor writes and transformers / vLLM read):
-pack-quantized for WnA16, int-quantized for W8A8. Save from and load into lowbit modules."""
+pack-quantized for WnA16, int-quantized for W8A8 and WnA8, float-quantized for FP8. Save from
+and load into lowbit modules."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .checkpoint import (check_against_skeleton, check_layer_count, check_loadin
 from ..modifiers.base import matches
 from ..nn import kv_cache
 from ..nn.convert import replace_module
+from ..nn.fp8_linear import Fp8Linear
 from ..nn.int8_dynamic import Int8DynamicLinear
 from ..nn.int8_outlier import Int8OutlierLinear
 from ..nn.nf4_linear import NF4Linear
@@ -33,13 +35,18 @@ MAX_SHARD_SIZE = "5GB"
 
 def _args_dict(args: QuantizationArgs) -> dict:
     return {
-        "num_bits": args.num_bits, "type": "int", "symmetric": args.symmetric, "strategy": args.strategy,
-        "group_size": args.group_size, "dynamic": args.dynamic, "actorder": args.actorder, "block_structure": None,
+        "num_bits": args.num_bits, "type": args.type, "symmetric": args.symmetric, "strategy": args.strategy,
+        "group_size": args.group_size, "dynamic": args.dynamic, "actorder": args.actorder,
+        "block_structure": list(args.block_structure) if args.block_structure else None,
         "observer": None if args.dynamic else args.observer, "observer_kwargs": {},
     }
 
 
 def _format(scheme: QuantizationScheme) -> str:
+    """compressed-tensors' choice: FP8 weights with quantized activations float-quantized, FP8
+    weights alone naive-quantized (the same tensors), WnA8 int-quantized, WnA16 pack-quantized."""
+    if scheme.weights.type == "float":
+        return "float-quantized" if scheme.input_activations is not None else "naive-quantized"
     return "int-quantized" if scheme.input_activations is not None else "pack-quantized"
 
 
@@ -259,8 +266,11 @@ def _plan_from_config(model: nn.Module, qc: dict) -> Dict[str, Tuple[nn.Module, 
 def _empty_quantized(module: nn.Linear, scheme: QuantizationScheme, dtype: torch.dtype) -> nn.Module:
     """A quantized module of the right shapes, to be filled from the checkpoint."""
     bias = module.bias is not None
+    if scheme.weights.type == "float":
+        return Fp8Linear(module.in_features, module.out_features, bias, scheme, dtype=dtype)
     if Int8DynamicLinear.runs(scheme):
-        return Int8DynamicLinear(module.in_features, module.out_features, bias, dtype=dtype)
+        static = not scheme.input_activations.dynamic
+        return Int8DynamicLinear(module.in_features, module.out_features, bias, dtype=dtype, static_input=static)
     return PackedLinear(module.in_features, module.out_features, bias, scheme, dtype=dtype)
 
 
@@ -269,7 +279,7 @@ def _to_module_layout(model: nn.Module, plan, state: Dict[str, torch.Tensor]) ->
     stored weight_shape checked against the module's; WnA8 (int-quantized) codes packed."""
     for name, (_, scheme) in plan.items():
         module, args = model.get_submodule(name), scheme.weights
-        if isinstance(module, Int8DynamicLinear):
+        if isinstance(module, (Int8DynamicLinear, Fp8Linear)):
             continue
         if module.input_args is not None:
             codes = state.pop(f"{name}.weight", None)
@@ -299,9 +309,10 @@ def _to_module_layout(model: nn.Module, plan, state: Dict[str, torch.Tensor]) ->
 
 def _load_compressed_tensors(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype, device) -> None:
     if qc.get("quantization_status", "compressed") != "compressed" or qc.get("format") not in (
-            "pack-quantized", "int-quantized", "mixed-precision"):
+            "pack-quantized", "int-quantized", "float-quantized", "naive-quantized", "mixed-precision"):
         raise ValueError(f"unsupported compressed-tensors format {qc.get('format')!r} "
-                         f"(status {qc.get('quantization_status')!r}); lowbit reads pack-quantized and int-quantized")
+                         f"(status {qc.get('quantization_status')!r}); lowbit reads pack-quantized, int-quantized, "
+                         "float-quantized and naive-quantized")
     plan = _plan_from_config(model, qc)
     if not plan:
         raise ValueError("the quantization_config's config_groups match no module of the model")
@@ -344,7 +355,7 @@ LOADERS = {"compressed-tensors": _load_compressed_tensors, "bitsandbytes": _load
 
 def load(path, dtype: torch.dtype = None) -> nn.Module:
     """Load a checkpoint directory into lowbit modules: compressed-tensors checkpoints (from
-    lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear layers, bitsandbytes
+    lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear / Fp8Linear layers, bitsandbytes
     checkpoints (from lowbit or transformers) NF4Linear (4-bit) or Int8OutlierLinear (8-bit)
     layers, all running lowbit's kernels; an unquantized directory loads as transformers
     would load it. Nothing is allocated before the files are checked against config.json on

@@ -7,9 +7,10 @@ from .gptq import GPTQModifier
 from .imatrix import IMatrixGatherer
 from .llm_int8 import LLMInt8Modifier, LLMInt8Scheme
 from .quantization import QuantizationModifier
+from .smoothquant import SmoothQuantMapping, SmoothQuantModifier
 
 # Names a YAML recipe may use.
 MODIFIERS = {cls.__name__: cls for cls in (QuantizationModifier, GPTQModifier, AWQModifier, BnB4bitModifier, LLMInt8Modifier,
-                                           IMatrixGatherer)}
+                                           IMatrixGatherer, SmoothQuantModifier)}
 
-__all__ = ["AWQMapping", "AWQModifier", "BNB_PRESETS", "BnB4bitModifier", "BnB4bitScheme", "MODIFIERS", "GPTQModifier", "IMatrixGatherer", "LLMInt8Modifier", "LLMInt8Scheme", "Modifier", "QuantizationModifier"]
+__all__ = ["AWQMapping", "AWQModifier", "BNB_PRESETS", "BnB4bitModifier", "BnB4bitScheme", "MODIFIERS", "GPTQModifier", "IMatrixGatherer", "LLMInt8Modifier", "LLMInt8Scheme", "Modifier", "QuantizationModifier", "SmoothQuantMapping", "SmoothQuantModifier"]

@@ -15,6 +15,7 @@ from .. import functional as F
 from ..schemes import QuantizationArgs
 from .base import Modifier, matches
 from .quantization import QuantizationModifier
+from .scaling import fold_scales, nearest_balance_layers, output_width
 
 logger = logging.getLogger("lowbit")
 
@@ -67,15 +68,6 @@ def _parse_mapping(m) -> AWQMapping:
                      f"['re:.*q_proj$', ...]}} (or an AWQMapping, or a (smooth, [balance...]) pair), got {m!r}")
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class AWQModifier(Modifier):
     """AWQ (Lin et al., 2023): per decoder layer, find per-channel scales s for each mapping
     (smooth layer -> balance layers) on a grid of n_grid ratios, fold them into the model
@@ -95,6 +87,7 @@ class AWQModifier(Modifier):
 
     requires_calibration = True
     propagates_float_outputs = True
+    transforms_layers = True
 
     def __init__(self, mappings: Optional[Sequence] = None, duo_scaling: Union[bool, str] = True, n_grid: int = 20,
                  clip: bool = True, max_shrink: float = 0.5, offload_device=None, scheme=None,
@@ -141,17 +134,12 @@ class AWQModifier(Modifier):
         for smooth_name, smooth in modules.items():
             if not matches(mapping.smooth_layer, smooth_name, smooth):
                 continue
-            names = []
-            for pattern in mapping.balance_layers:
-                found = [n for n, m in modules.items() if n != smooth_name and matches(pattern, n, m)]
-                if found:  # the balance layers nearest the smooth layer
-                    best = max(_common_prefix(n, smooth_name) for n in found)
-                    names += [n for n in found if _common_prefix(n, smooth_name) == best]
+            names = nearest_balance_layers(mapping.balance_layers, smooth_name, modules)
             if not names:
                 continue
             matched = True
             balance = [modules[n] for n in names]
-            width = _output_width(smooth)
+            width = output_width(smooth)
             if width is None:
                 raise TypeError(f"AWQ cannot fold scales into {smooth_name} ({type(smooth).__name__}): the smooth "
                                 "layer must be a Linear or a norm with a per-channel weight")
@@ -230,7 +218,7 @@ class AWQModifier(Modifier):
                         ", ".join(n.rsplit(".", 1)[-1] for n in m.balance_names), result.ratio,
                         " duo" if result.duo_scaling else "", best, result.identity_loss)
             self.chosen[m.smooth_name] = (result.ratio, result.duo_scaling)
-            _fold(m.smooth, m.balance, result.scales)
+            fold_scales(m.smooth, m.balance, result.scales)
             if self.clip:
                 gram = m.gram / (result.scales[:, None] * result.scales[None, :])
                 to_clip += [(n, b, gram) for n, b in zip(m.balance_names, m.balance)
@@ -261,15 +249,6 @@ class AWQModifier(Modifier):
         return args
 
 
-def _output_width(module: nn.Module) -> Optional[int]:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0]
-    return None
-
-
 def _weight_args(m: _Mapping, plan) -> QuantizationArgs:
     args = {plan[n][1].weights for n in m.balance_names if n in plan}
     if len(args) > 1:
@@ -280,17 +259,3 @@ def _weight_args(m: _Mapping, plan) -> QuantizationArgs:
         raise ValueError(f"AWQ searches per-group or per-channel weight quantization; {m.balance_names[0]} uses "
                          f"strategy {a.strategy!r}")
     return a
-
-
-@torch.no_grad()
-def _fold(smooth: nn.Module, balance: Sequence[nn.Linear], scales: torch.Tensor) -> None:
-    """smooth's output channels / s, the balance layers' input columns * s (in fp32)."""
-    s = scales.float()
-    if isinstance(smooth, nn.Linear):
-        smooth.weight.copy_(smooth.weight.float() / s[:, None])
-    else:
-        smooth.weight.copy_(smooth.weight.float() / s)
-    if getattr(smooth, "bias", None) is not None:
-        smooth.bias.copy_(smooth.bias.float() / s)
-    for b in balance:
-        b.weight.copy_(b.weight.float() * s[None, :])

@@ -52,6 +52,9 @@ class Modifier:
     collects_statistics = False
     # True: the next decoder layer is fed the float outputs of this one, not the quantized ones.
     propagates_float_outputs = False
+    # True: transform_layer changes the float layer (AWQ, SmoothQuant); the quantizing modifiers'
+    # calibration statistics are then gathered in a second pass over the transformed layer.
+    transforms_layers = False
 
     def __init__(self, targets: Union[str, Sequence[str]] = "Linear", ignore: Union[None, str, Sequence[str]] = None):
         self.targets = _as_list(targets, "targets")

@@ -11,10 +11,13 @@ import torch
 from torch import nn
 
 from .. import functional as F
+from .. import ops
+from ..nn.convert import check_scheme
+from ..nn.fp8_linear import Fp8Linear
 from ..nn.int8_dynamic import Int8DynamicLinear
-from ..nn.packed_linear import PackedLinear, check_activations
+from ..nn.packed_linear import PackedLinear
 from ..schemes import QuantizationScheme
-from .quantization import QuantizationModifier
+from .quantization import QuantizationModifier, static_input
 
 logger = logging.getLogger("lowbit")
 
@@ -22,8 +25,10 @@ logger = logging.getLogger("lowbit")
 class GPTQModifier(QuantizationModifier):
     """GPTQ (Frantar et al., 2022) on the targeted Linear layers, one decoder layer at a
     time: each layer's inputs come from the already quantized layers before it. With an
-    activation scheme (W8A8, W4A8), GPTQ quantizes the weights and the activations are
-    quantized per token at run time, as QuantizationModifier's layers do.
+    activation scheme (W8A8, W4A8, FP8_DYNAMIC), GPTQ quantizes the weights and the activations
+    are quantized as QuantizationModifier's layers do (static scales calibrated on the data).
+    FP8 weights (FP8, FP8_DYNAMIC, FP8_BLOCK, type 'float') are solved onto the E4M3 grid with
+    round-to-nearest's tile scales.
 
     block_size, dampening_frac (0.01: the damping starts at 1% of mean(diag H) and doubles
     while the Cholesky factorisation fails; RTN with a warning if none succeeds) and
@@ -53,7 +58,7 @@ class GPTQModifier(QuantizationModifier):
                           "lowbit.load only. Use actorder='static' (= 'weight') for checkpoints that load everywhere.",
                           stacklevel=2)
         for _, s in self.groups:  # GPTQ on the weights, activations as QuantizationModifier quantizes them
-            check_activations(s.input_activations)
+            check_scheme(s)
         self._hessians: Dict[str, tuple] = {}
         self._last_input: tuple = (None, None)  # (the last input seen by a hook, the module that took it)
         self.layer_errors: Dict[str, tuple] = {}  # module name -> (GPTQ error, RTN error) on calibration data
@@ -61,6 +66,8 @@ class GPTQModifier(QuantizationModifier):
     def calibration_hook(self, name: str, module: nn.Module):
         def accumulate(mod, args):
             x = args[0]
+            if static_input(self._planned[name]):  # (imatrix_mse reads diag(H) instead)
+                self.observe_range(name, x)
             if x is self._last_input[0]:  # q/k/v (gate/up) read the same tensor: one Hessian serves them
                 self._hessians[name] = self._hessians[self._last_input[1]]
                 return
@@ -87,24 +94,57 @@ class GPTQModifier(QuantizationModifier):
             warnings.warn(f"{name}: {n} calibration tokens for {cols} input columns; the Hessian is "
                           "rank-deficient (damping keeps it invertible). Give more or longer samples.", stacklevel=2)
         w = module.weight.detach()
-        result = F.gptq(w, h, bits=a.num_bits, group_size=a.group_size if a.strategy == "group" else None,
-                        symmetric=a.symmetric, actorder=a.actorder, block_size=self.block_size,
-                        dampening_frac=self.dampening_frac, observer=a.observer)
-        if result.damping < 0:
+        if a.type == "float":
+            layer, rtn, damping = self._solve_fp8(name, module, scheme, h)
+        else:
+            layer, damping = self._solve_int(name, module, scheme, h)
+            rtn = F.fake_quantize(w, a.num_bits, a.symmetric, a.strategy, a.group_size, a.weight_observer)
+        if damping < 0:
             warnings.warn(f"{name}: the Hessian is not positive definite even with full damping; "
                           "this layer falls back to round-to-nearest", stacklevel=2)
-        elif result.damping > self.dampening_frac:
-            logger.info("%s: damping raised to %.3g of mean(diag H)", name, result.damping)
-        if Int8DynamicLinear.runs(scheme):
-            packed = Int8DynamicLinear.from_codes(module, result.codes, result.scale)
-        else:
-            packed = PackedLinear.from_codes(module, scheme, result.codes, result.scale, result.zero_point,
-                                             result.g_idx)
-        self.layer_errors[name] = (self._output_error(h, w, packed.dequantized_weight(torch.float32)),
-                                   self._output_error(h, w, F.fake_quantize(
-                                       w, a.num_bits, a.symmetric, a.strategy, a.group_size, a.observer).float()))
+        elif damping > self.dampening_frac:
+            logger.info("%s: damping raised to %.3g of mean(diag H)", name, damping)
+        self.layer_errors[name] = (self._output_error(h, w, layer.dequantized_weight(torch.float32)),
+                                   self._output_error(h, w, rtn.float()))
         logger.info("%s: output error GPTQ %.4g, RTN %.4g", name, *self.layer_errors[name])
-        return packed
+        return layer
+
+    def _solve_int(self, name: str, module: nn.Linear, scheme: QuantizationScheme, h: torch.Tensor):
+        a, w = scheme.weights, module.weight.detach()
+        result = F.gptq(w, h, bits=a.num_bits, group_size=a.group_size if a.strategy == "group" else None,
+                        symmetric=a.symmetric, actorder=a.actorder, block_size=self.block_size,
+                        dampening_frac=self.dampening_frac, observer=a.weight_observer)
+        if Int8DynamicLinear.runs(scheme):
+            layer = Int8DynamicLinear.from_codes(module, result.codes, result.scale,
+                                                 input_scale=self.input_scale(name, scheme, w.dtype))
+        else:
+            layer = PackedLinear.from_codes(module, scheme, result.codes, result.scale, result.zero_point,
+                                            result.g_idx)
+        return layer, result.damping
+
+    def _solve_fp8(self, name: str, module: nn.Linear, scheme: QuantizationScheme, h: torch.Tensor):
+        """GPTQ onto the E4M3 grid: the tile scales (absmax / 448, as round-to-nearest uses)
+        fixed up front, each column rounded to its nearest E4M3 value and its error fed to the
+        columns not yet quantized. -> (Fp8Linear, the RTN weight, damping)."""
+        a, w = scheme.weights, module.weight.detach()
+        if a.actorder == "group":
+            raise ValueError(f"{name}: actorder 'group' needs g_idx, which compressed-tensors' FP8 layout has no place "
+                             "for; use actorder 'static' or None with FP8")
+        empty = Fp8Linear(module.in_features, module.out_features, False, scheme, dtype=w.dtype)
+        rows, cols = empty.block
+        scale = ops.fp8_scales(w, rows, cols)
+        rtn = ops.fp8_dequantize(ops.fp8_quantize(w, scale, rows, cols), scale, rows, cols, torch.float32)
+        per_row = scale.float().repeat_interleave(rows, 0)[:w.shape[0]].contiguous()  # [out, column groups]
+        wf, dead = w.float().clone(), torch.diag(h) == 0
+        wf[:, dead] = 0  # inputs that never fire: their weights cannot matter
+        perm, col_group, _, _ = F._column_groups(torch.diag(h).masked_fill(dead, 1), w.shape[1], cols, a.actorder)
+        codes, _, _, damping = ops.gptq_solve(wf[:, perm].contiguous(), h, perm, per_row,
+                                              torch.zeros(per_row.shape, dtype=torch.int8), col_group, 8,
+                                              self.block_size, self.dampening_frac, "e4m3")
+        codes = codes[:, torch.argsort(perm)].view(torch.float8_e4m3fn)
+        layer = Fp8Linear.from_codes(module, scheme, codes, scale,
+                                     input_scale=self.input_scale(name, scheme, w.dtype))
+        return layer, rtn, damping
 
     @staticmethod
     def _output_error(h: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:

@@ -8,18 +8,21 @@ import torch
 from torch import nn
 
 from ..nn import kv_cache as kv
-from ..nn.convert import quantize_module
+from ..nn.convert import check_scheme, quantize_module
 from ..schemes import QuantizationScheme, args_from_dict, plain, resolve_scheme
 from .base import Modifier, _as_list
+from .observers import ActivationRange
 
 
 class QuantizationModifier(Modifier):
-    """Quantize the targeted Linear layers with a preset `scheme` (e.g. "W4A16"), a dict
-    {preset: targets}, or compressed-tensors `config_groups`
+    """Quantize the targeted Linear layers with a preset `scheme` (e.g. "W4A16", "FP8_DYNAMIC"),
+    a dict {preset: targets}, or compressed-tensors `config_groups`
     ({name: {targets, weights, input_activations}}, or compressed-tensors' QuantizationScheme
-    objects). No calibration data is needed (W8A8 quantizes activations per token at run
-    time); given data, the runner logs each layer's output error, and a scheme with the
-    imatrix_mse observer weighs its range search by E[x^2] of each input column on it."""
+    objects). Dynamic activation schemes (W8A8, FP8_DYNAMIC) need no calibration data; static
+    ones (FP8, or input_activations with dynamic: false) calibrate one input scale per Linear
+    on it with the activations' observer. Given data, the runner logs each layer's output
+    error, and a scheme with the imatrix_mse observer weighs its range search by E[x^2] of
+    each input column on it."""
 
     def __init__(self, scheme: Union[None, str, dict, QuantizationScheme] = None,
                  config_groups: Optional[dict] = None, targets: Union[str, Sequence[str]] = "Linear",
@@ -41,8 +44,12 @@ class QuantizationModifier(Modifier):
         self.groups: List[Tuple[List[str], QuantizationScheme]] = self._groups()
         # E[x^2] per input column for imatrix_mse: name -> (sum of x^2 [in], token count)
         self._importance: Dict[str, Tuple[torch.Tensor, int]] = {}
+        self._input_ranges: Dict[str, ActivationRange] = {}  # static activation scales being calibrated
         self._planned: Dict[str, QuantizationScheme] = {}  # module name -> scheme, set by plan()
         self.collects_statistics = any(s.weights.observer == "imatrix_mse" for _, s in self.groups)
+        self.requires_calibration = self.requires_calibration or any(static_input(s) for _, s in self.groups)
+        for _, scheme in self.groups:
+            check_scheme(scheme)
 
     def _groups(self) -> List[Tuple[List[str], QuantizationScheme]]:
         if self.config_groups is not None:
@@ -110,26 +117,50 @@ class QuantizationModifier(Modifier):
             kv.register_scales(attention, self.kv_cache_scheme, dtype, self._kv_ranges.pop(name))
             kv.quantize_cache(attention, self.kv_cache_scheme)
 
-    def calibration_hook(self, name: str, module: nn.Module):
-        """For imatrix_mse schemes: the sum of x^2 per input column (float64) and the token count."""
+    def observes_input(self, name: str) -> bool:
+        """True when module `name` needs statistics of its input (imatrix_mse, static activations)."""
         scheme = self._planned.get(name)
-        if scheme is None or scheme.weights.observer != "imatrix_mse":
-            return None
+        return scheme is not None and (scheme.weights.observer == "imatrix_mse" or static_input(scheme))
 
-        def accumulate(mod, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+    def observe_input(self, name: str, x: torch.Tensor) -> None:
+        """Gather what module `name`'s scheme needs from one calibration input x: the sum of x^2
+        per input column (float64) and the token count for imatrix_mse, the range for a static
+        activation scale."""
+        scheme = self._planned[name]
+        if scheme.weights.observer == "imatrix_mse":
+            x2d = x.detach().reshape(-1, x.shape[-1])
             total, n = self._importance.get(name, (0.0, 0))
-            self._importance[name] = (x.double().pow(2).sum(0) + total, n + x.shape[0])
+            self._importance[name] = (x2d.double().pow(2).sum(0) + total, n + x2d.shape[0])
+        if static_input(scheme):
+            self.observe_range(name, x)
 
-        return module.register_forward_pre_hook(accumulate)
+    def observe_range(self, name: str, x: torch.Tensor) -> None:
+        """One calibration input of module `name` into its static activation range."""
+        self._input_ranges.setdefault(name, ActivationRange(self._planned[name].input_activations, name)).update(x)
+
+    def calibration_hook(self, name: str, module: nn.Module):
+        if not self.observes_input(name):
+            return None
+        return module.register_forward_pre_hook(lambda mod, args: self.observe_input(name, args[0]))
 
     def importance(self, name: str) -> Optional[torch.Tensor]:
         """E[x^2] per input column of module `name` on the calibration data (imatrix_mse), or None."""
         total, n = self._importance.pop(name, (None, 0))
         return None if total is None else (total / max(n, 1)).float()
 
+    def input_scale(self, name: str, scheme: QuantizationScheme, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The calibrated static activation scale of module `name` ([1] in dtype), None if dynamic."""
+        if not static_input(scheme):
+            return None
+        observed = self._input_ranges.pop(name, None)
+        if observed is None:
+            raise ValueError(f"{name} saw no calibration data: its static activation scale (input_activations "
+                             "dynamic: false) is calibrated on the dataset; pass dataset= to oneshot")
+        return observed.scale(dtype)
+
     def quantize_module(self, name: str, module: nn.Module, scheme) -> nn.Module:
-        return quantize_module(module, scheme, importance=self.importance(name))
+        return quantize_module(module, scheme, importance=self.importance(name),
+                               input_scale=self.input_scale(name, scheme, module.weight.dtype))
 
     def recipe_args(self) -> dict:
         args = {"targets": self.targets, "ignore": self.ignore}
@@ -141,3 +172,7 @@ class QuantizationModifier(Modifier):
         if self.kv_cache_scheme is not None:
             args["kv_cache_scheme"] = self.kv_cache_scheme.to_dict()
         return args
+
+
+def static_input(scheme: QuantizationScheme) -> bool:
+    return scheme.input_activations is not None and not scheme.input_activations.dynamic

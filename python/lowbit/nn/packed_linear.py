@@ -33,6 +33,8 @@ class PackedLinear(nn.Linear):
         resolved = resolve_scheme(scheme)
         self.input_args = check_activations(resolved.input_activations)
         self.args = resolved.weights
+        if self.args.type != "int":
+            raise ValueError("PackedLinear holds integer weights; FP8 (type 'float') weights go in Fp8Linear")
         if self.args.strategy == "tensor":
             raise ValueError("PackedLinear stores per-group or per-channel scales; use strategy 'group' or 'channel'")
         self.in_features, self.out_features = in_features, out_features
@@ -62,7 +64,7 @@ class PackedLinear(nn.Linear):
             raise TypeError(f"from_linear expects a float nn.Linear, got {type(linear).__name__}")
         a = resolve_scheme(scheme).weights
         codes, scale, zero = F.quantize(linear.weight.detach(), a.num_bits, a.symmetric, a.strategy, a.group_size,
-                                        a.observer, importance=importance)
+                                        a.weight_observer, importance=importance)
         return cls.from_codes(linear, scheme, codes, scale, zero)
 
     @classmethod
@@ -162,9 +164,10 @@ def check_activations(args: Optional[QuantizationArgs]) -> Optional[Quantization
     """The input-activation args PackedLinear runs: none (WnA16) or dynamic symmetric int8 per
     token (WnA8, compressed-tensors' W4A8: x is quantized per token, then meets the packed
     weights in the fused kernel)."""
-    if args is not None and not (args.num_bits == 8 and args.symmetric and args.dynamic and args.strategy == "token"):
-        raise ValueError("lowbit quantizes activations dynamically per token to symmetric int8 (W8A8, W4A8); "
-                         f"got input_activations {args}")
+    if args is not None and not (args.type == "int" and args.num_bits == 8 and args.symmetric and args.dynamic
+                                 and args.strategy == "token"):
+        raise ValueError("with packed integer weights lowbit quantizes activations dynamically per token to symmetric "
+                         f"int8 (W4A8); got input_activations {args}")
     return args
 
 

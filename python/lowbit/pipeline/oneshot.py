@@ -288,21 +288,29 @@ def _finish_config(model, plan: Plan, output_embeddings: nn.Module, kv_cache_sch
 def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, owners, modifiers, samples,
                           float_inputs: bool = False) -> None:
     """Calibrate and quantize one decoder layer at a time: a float pass feeds the modifiers'
-    statistics, transforming modifiers (AWQ) change the layer, quantizing ones replace its
-    Linears, and the relative output error of each layer (quantized vs float outputs on the
-    same inputs) is logged. The next layer's inputs are the quantized outputs (so GPTQ
-    corrects earlier layers' errors) unless a modifier asks for the float ones (AWQ) or the
-    caller does (float_inputs: llmcompressor's "basic" pipeline)."""
+    statistics, transforming modifiers (AWQ, SmoothQuant) change the layer (a second float pass
+    then feeds the quantizers' statistics), quantizing ones replace its Linears, and the
+    relative output error of each layer (quantized vs float outputs on the same inputs) is
+    logged. The next layer's inputs are the quantized outputs (so GPTQ corrects earlier layers'
+    errors) unless a modifier asks for the float ones (AWQ) or the caller does (float_inputs:
+    llmcompressor's "basic" pipeline)."""
     names = [f"{layers_name}.{i}" for i in range(len(layers))]
     for modifier in modifiers:
         modifier.prepare(model, names, plan)
     float_inputs = float_inputs or any(m.propagates_float_outputs for m in modifiers)
+    transforming = any(m.transforms_layers for m in modifiers)
     inputs = capture_first_layer_inputs(model, layers, samples)
     bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
     for i in bar:
         layer, t0 = layers[i], time.perf_counter()
-        hooks = [h for name in per_layer[i] if (h := owners[name].calibration_hook(name, plan[name][0]))]
-        hooks += [h for m in modifiers for h in m.layer_hooks(names[i], layer, plan)]
+
+        def calibration_hooks():
+            return [h for name in per_layer[i] if (h := owners[name].calibration_hook(name, plan[name][0]))]
+
+        # A transforming modifier (SmoothQuant, AWQ) changes the layer after the float pass, so the
+        # quantizers' statistics (Hessians, activation ranges) then come from a second pass over it.
+        hooks = [h for m in modifiers for h in m.layer_hooks(names[i], layer, plan)]
+        hooks += [] if transforming else calibration_hooks()
         with torch.inference_mode():
             try:  # the float pass gives the reference outputs and feeds the modifiers' statistics
                 reference = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
@@ -311,6 +319,13 @@ def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, own
                     h.remove()
             for modifier in modifiers:
                 modifier.transform_layer(names[i], layer, plan)
+            hooks = calibration_hooks() if transforming else []
+            try:
+                for args, kwargs in inputs if hooks else []:
+                    layer(*args, **kwargs)
+            finally:
+                for h in hooks:
+                    h.remove()
             _quantize(model, plan, owners, per_layer[i])
             # With float propagation the quantized pass only measures the error: a few samples do.
             measured = inputs[:ERROR_LOG_SAMPLES] if float_inputs else inputs

@@ -42,15 +42,20 @@ def outlier_matmul(x: Tensor, w: Tensor, w_scale: Tensor, threshold: float, bias
     return out.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
-def dynamic_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def dynamic_linear(x: Tensor, w: Tensor, w_scale: Tensor, bias: Optional[Tensor] = None,
+                   input_scale: Optional[Tensor] = None) -> Tensor:
     """W8A8 (Int8DynamicLinear): x's tokens quantized symmetric int8 per token (compressed-tensors'
-    min-max scale, codes may reach -128), times int8 w [out, in] exactly, rescaled by
-    x_scale * w_scale [out, 1] in fp32 (+ bias), returned in x's dtype."""
+    min-max scale, codes may reach -128) or, given input_scale [1], with that static scale;
+    times int8 w [out, in] exactly, rescaled by x_scale * w_scale [out, 1] in fp32 (+ bias),
+    returned in x's dtype."""
     from . import quant
 
     k = x.shape[-1]
     x2d = x.reshape(-1, k)
-    x_scale, _ = quant.quant_params(x2d, 8, True, k)
+    if input_scale is None:
+        x_scale, _ = quant.quant_params(x2d, 8, True, k)
+    else:
+        x_scale = input_scale.reshape(1, 1).to(x.dtype).expand(x2d.shape[0], 1)
     codes = quant.quantize(x2d, x_scale, None, 8, k)
     acc = (codes.double() @ w.double().t()).float()  # exact: integers below 2^53
     y = acc * x_scale.float() * w_scale.float().t()

@@ -1,0 +1,61 @@
+"""Static activation scales: the range of a Linear's input on the calibration data, observed as
+llmcompressor's observers do it for input activations (one update per calibration sample)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..schemes import FP8_MAX, QuantizationArgs
+
+# llmcompressor's moving-average observers ("minmax", "mse"): each sample moves the range by 1%.
+AVERAGING_CONSTANT = 0.01
+# Its activation MSE search: shrink factors 1 - i / GRID for i < MAXSHRINK * GRID, |error|^NORM.
+MSE_SEARCH = {"maxshrink": 0.20, "grid": 100, "norm": 2.4}
+
+
+class ActivationRange:
+    """The running (min, max) of one Linear's input for a static per-tensor scale.
+
+    observer "static_minmax": min and max over all samples; "minmax": a moving average of
+    each sample's min and max; "mse" the same of each sample's MSE-searched range;
+    "memoryless_minmax" / "memoryless_mse": the last sample's. The scale is
+    max(|min|, |max|) / 127.5 for int8 (compressed-tensors' symmetric range) or / 448 for FP8.
+    """
+
+    def __init__(self, args: QuantizationArgs, name: str):
+        self.args, self.name = args, name
+        self.low = self.high = None
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().reshape(1, -1).float()
+        if x.numel() == 0:
+            return
+        low, high = x.min(), x.max()
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise ValueError(f"{self.name}: non-finite activations (NaN or Inf) in the calibration pass; the static "
+                             "activation scale cannot be calibrated. Check the model and data (fp16 overflow? use "
+                             "float32 or bfloat16)")
+        if self.args.observer in ("mse", "memoryless_mse"):
+            absmax = torch.maximum(-low, high).clamp_min(1e-30)
+            scale, _ = ops.quant_params(x, self.args.num_bits, True, x.shape[1], "mse", **MSE_SEARCH)
+            shrink = scale.reshape(()) * ((1 << self.args.num_bits) - 1) / 2 / absmax
+            low, high = low * shrink, high * shrink
+        if self.low is None or self.args.observer.startswith("memoryless"):
+            self.low, self.high = low, high
+        elif self.args.observer == "static_minmax":
+            self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
+        else:
+            self.low = torch.lerp(self.low, low, AVERAGING_CONSTANT)
+            self.high = torch.lerp(self.high, high, AVERAGING_CONSTANT)
+
+    def scale(self, dtype: torch.dtype) -> Tensor:
+        """The input_scale [1] in `dtype` (a zero range gets the dtype's eps, as compressed-tensors)."""
+        if self.low is None:
+            raise ValueError(f"{self.name} saw no calibration data: its static activation scale needs the layer to "
+                             "run on the dataset")
+        absmax = torch.maximum(-self.low.clamp_max(0), self.high.clamp_min(0))
+        levels = FP8_MAX if self.args.type == "float" else ((1 << self.args.num_bits) - 1) / 2
+        scale = (absmax / levels).to(dtype).reshape(1)
+        return torch.where(scale == 0, torch.finfo(dtype).eps, scale)
