@@ -255,3 +255,40 @@ def test_gptq_fp8_beats_rtn_on_every_layer():
     assert len(modifier.layer_errors) == 14
     for name, (gptq, rtn) in modifier.layer_errors.items():
         assert gptq <= rtn * 1.001, f"{name}: GPTQ {gptq:.4g} vs RTN {rtn:.4g}"
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.data())
+def test_fuzz_fp8_linear(data):
+    """Fp8Linear on drawn shapes, dtypes, layouts and magnitudes matches the torch formula;
+    a broken input is a ValueError / TypeError."""
+    name = data.draw(st.sampled_from(list(SCHEMES)))
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    inp = 128 * data.draw(st.integers(1, 2)) if name == "FP8_BLOCK" else data.draw(st.integers(1, 70))
+    out, tokens = data.draw(st.integers(1, 150)), data.draw(st.integers(0, 9))
+    magnitude = data.draw(st.sampled_from([1e-3, 1.0] + ([] if dtype == torch.float16 else [300.0])))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    linear = nn.Linear(inp, out, bias=data.draw(st.booleans())).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out, inp, generator=g) * magnitude)
+    x = (torch.randn(tokens, inp, generator=g) * magnitude).to(dtype)
+    if data.draw(st.booleans()):
+        x = torch.cat([x, x], dim=1)[:, ::2]  # a strided view
+    input_scale = torch.tensor([x.abs().max().item() / 448 if x.numel() else 1.0], dtype=dtype) \
+        if name == "FP8" else None
+    layer = Fp8Linear.from_linear(linear, SCHEMES[name], input_scale=input_scale)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.shape == (tokens, out) and y.dtype == dtype
+    if tokens:
+        want = reference(layer, linear, x.contiguous())
+        assert rel_err(y.float(), want.float()) <= DTYPE_TOL[dtype] * 2
+    bad = data.draw(st.sampled_from(["width", "float64", "int", "meta"]))
+    x_bad = {"width": torch.randn(2, inp + 1), "float64": torch.randn(2, inp, dtype=torch.float64),
+             "int": torch.ones(2, inp, dtype=torch.int32), "meta": torch.randn(2, inp, device="meta")}[bad]
+    with pytest.raises((ValueError, TypeError)):
+        layer(x_bad)

@@ -225,3 +225,26 @@ def test_non_finite_activations(tmp_path):
     with pytest.raises(ValueError, match="non-finite"):
         _run(model, lowbit.SmoothQuantModifier(), output_dir=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+PATTERNS = st.sampled_from(["re:.*q_proj", "re:.*gate_proj", "re:.*input_layernorm", "re:.*nothing", "q_proj", 3, None])
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(strength=st.one_of(st.floats(-1, 2), st.just(float("nan")), st.integers(-1, 2), st.text(max_size=3), st.none()),
+       mappings=st.one_of(st.none(), st.lists(st.one_of(st.tuples(st.lists(PATTERNS, max_size=3), PATTERNS),
+                                                        PATTERNS, st.dictionaries(st.text(max_size=5), PATTERNS)),
+                                              max_size=3)))
+def test_fuzz_smoothquant_arguments(strength, mappings):
+    """Any strength / mapping structure either builds a modifier whose values are valid, or is
+    refused with a ValueError / TypeError at construction."""
+    try:
+        modifier = lowbit.SmoothQuantModifier(smoothing_strength=strength, mappings=mappings)
+    except (ValueError, TypeError):
+        return
+    assert isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0 <= strength <= 1
+    assert all(isinstance(m.smooth_layers, str) and all(isinstance(b, str) for b in m.balance_layers)
+               for m in modifier.mappings or [])

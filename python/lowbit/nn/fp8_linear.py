@@ -144,14 +144,14 @@ class Fp8Linear(KeepsScalesFp32, nn.Module):
         """x as compressed-tensors' forward sees it: FP8-quantized and dequantized per token, per
         token group or with the static scale; unchanged without activation quantization."""
         a = self.input_args
-        if a is None:
+        if a is None or x.numel() == 0:
             return x
         x2d = x.reshape(-1, self.in_features)
         if a.dynamic:
             cols = self.in_features if a.strategy == "token" else a.group_size
             return ops.fp8_fake_quantize(x2d, ops.fp8_scales(x2d, 1, cols), 1, cols).reshape(x.shape)
         scale = self.input_scale.to(x.dtype).reshape(1, 1)
-        return ops.fp8_fake_quantize(x2d, scale, max(x2d.shape[0], 1), self.in_features).reshape(x.shape)
+        return ops.fp8_fake_quantize(x2d, scale, x2d.shape[0], self.in_features).reshape(x.shape)
 
     def quantized_matmul(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         x = self.quantize_input(x)
