@@ -15,7 +15,7 @@ from .. import functional as F
 from ..schemes import QuantizationArgs
 from .base import Modifier, matches
 from .quantization import QuantizationModifier
-from .scaling import fold_scales, nearest_balance_layers, output_width
+from .scaling import architecture_mappings, fold_scales, nearest_balance_layers, output_width
 
 logger = logging.getLogger("lowbit")
 
@@ -116,10 +116,9 @@ class AWQModifier(Modifier):
     def _mappings_for(self, model: nn.Module) -> List[AWQMapping]:
         if self.mappings is not None:
             return self.mappings
-        archs = list(getattr(model.config, "architectures", None) or []) + [type(model).__name__]
-        for arch in archs:
-            if arch in MAPPINGS_BY_ARCHITECTURE:
-                return MAPPINGS_BY_ARCHITECTURE[arch]
+        found = architecture_mappings(model, MAPPINGS_BY_ARCHITECTURE)
+        if found is not None:
+            return found
         raise ValueError(
             f"AWQModifier has no default mappings for {type(model).__name__} (known: "
             f"{', '.join(sorted(MAPPINGS_BY_ARCHITECTURE))}); pass them, for example AWQModifier(mappings=["

@@ -20,6 +20,13 @@ def _common_prefix(a: str, b: str) -> int:
     return n
 
 
+def architecture_mappings(model: nn.Module, table: Dict[str, list]) -> Optional[list]:
+    """The default mappings `table` holds for the model's architecture (config.architectures or
+    its class name), None when it has none."""
+    archs = list(getattr(model.config, "architectures", None) or []) + [type(model).__name__]
+    return next((table[a] for a in archs if a in table), None)
+
+
 def nearest_balance_layers(patterns: Sequence[str], smooth_name: str, modules: Dict[str, nn.Module]) -> List[str]:
     """For each pattern, the matching modules nearest smooth_name (longest common name prefix)."""
     names = []

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import functional as F
 from .base import Modifier, _as_list, matches
-from .scaling import fold_scales, nearest_balance_layers, output_width
+from .scaling import architecture_mappings, fold_scales, nearest_balance_layers, output_width
 
 logger = logging.getLogger("lowbit")
 
@@ -109,10 +109,9 @@ class SmoothQuantModifier(Modifier):
     def _mappings_for(self, model: nn.Module) -> List[SmoothQuantMapping]:
         if self.mappings is not None:
             return self.mappings
-        archs = list(getattr(model.config, "architectures", None) or []) + [type(model).__name__]
-        for arch in archs:
-            if arch in MAPPINGS_BY_ARCHITECTURE:
-                return MAPPINGS_BY_ARCHITECTURE[arch]
+        found = architecture_mappings(model, MAPPINGS_BY_ARCHITECTURE)
+        if found is not None:
+            return found
         raise ValueError(
             f"SmoothQuantModifier has no default mappings for {type(model).__name__} (known: "
             f"{', '.join(sorted(MAPPINGS_BY_ARCHITECTURE))}); pass them as [[balance layers...], smooth layer] "
