@@ -80,6 +80,18 @@ TORCH_LIBRARY(lowbit, m) {
         "Tensor? bias) -> Tensor");
   // SmoothQuant: running per-channel minimum / maximum (fp32 [C], in place) over the tokens of x [..., C].
   m.def("channel_range_(Tensor(a!) mins, Tensor(b!) maxs, Tensor x) -> ()");
+  // GGUF (llama.cpp's ggml block formats Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K .. Q6_K, case-insensitive):
+  // a [rows, cols] float weight -> uint8 [rows, row_bytes], ggml_quantize_chunk's bytes (its
+  // importance-weighted quantizers when importance, llama.cpp's imatrix [cols] float32, is given).
+  m.def("gguf_quantize(Tensor weight, str type, Tensor? importance=None) -> Tensor");
+  // uint8 blocks [rows, row_bytes] -> [rows, cols] as ggml's dequantize_row_* computes it (fp32), cast to dtype.
+  m.def("gguf_dequantize(Tensor blocks, str type, int cols, ScalarType dtype) -> Tensor");
+  // Each sub-block's affine grid -> (scale, offset) float32 [rows, cols / sub]: value = scale * q + offset
+  // for the unsigned code q in [0, 2^bits - 1] (sub 16 for Q2_K / Q3_K / Q6_K, else 32).
+  m.def("gguf_grid(Tensor blocks, str type, int cols) -> (Tensor scale, Tensor offset)");
+  // A copy of blocks with every element's code replaced by codes (uint8 [rows, cols], gguf_grid's
+  // convention); the block headers (d, dmin, sub-block scales) are kept.
+  m.def("gguf_encode(Tensor codes, Tensor blocks, str type) -> Tensor");
 }
 
 namespace {

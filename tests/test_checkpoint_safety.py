@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lowbit
-from lowbit.formats import checkpoint
+from lowbit.formats import checkpoint, files
 from tiny_models import fixed_ids, logits, make_model, save_float, w4_group_modifier
 
 IDS = fixed_ids(2, 16)
@@ -146,7 +146,7 @@ def test_stale_temp_dirs_are_cleaned_or_restored(tmp_path):
 @pytest.mark.parametrize("exchange", ["renameat2", "rename-aside"])
 def test_overwrite_swaps_in_the_new_checkpoint(tmp_path, monkeypatch, exchange):
     if exchange == "rename-aside":  # file systems without RENAME_EXCHANGE
-        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
     lowbit.save_compressed(_quantized(seed=0), tmp_path / "ckpt")
     lowbit.save_compressed(_quantized(seed=1), tmp_path / "ckpt", overwrite=True)
     assert torch.equal(logits(lowbit.load(tmp_path / "ckpt"), IDS), logits(_quantized(seed=1), IDS))
@@ -156,12 +156,11 @@ def test_overwrite_swaps_in_the_new_checkpoint(tmp_path, monkeypatch, exchange):
 def test_failed_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     lowbit.save_compressed(_quantized(seed=0), tmp_path / "ckpt")
     before = _files(tmp_path / "ckpt")
-    from lowbit.formats import compressed_tensors
 
     def disk_full(state, directory, *args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(compressed_tensors, "_write_safetensors", disk_full)
+    monkeypatch.setattr(checkpoint, "write_safetensors", disk_full)
     with pytest.raises(OSError, match="No space left"):
         lowbit.save_compressed(_quantized(seed=1), tmp_path / "ckpt", overwrite=True)
     assert _files(tmp_path / "ckpt") == before
@@ -222,7 +221,7 @@ def test_kill_9_during_save_never_loses_a_checkpoint(tmp_path, existing):
         outcome = next((k for k, v in expected.items() if torch.equal(got, v)), None)
         assert outcome == "new" or (existing and outcome == "old"), f"kill point {i}: {outcome}"
         outcomes.append(outcome)
-    checkpoint.remove_stale_temp_dirs(str(tmp_path))
+    files.remove_stale_temp_dirs(str(tmp_path))
     assert sorted(set(os.listdir(tmp_path)) - {"ckpt"}) == ["timing0", "timing1"]  # no temporary directory left
     print(f"kill -9 outcomes ({duration * 1e3:.0f} ms save): {outcomes}")
     # the kill points covered both sides of the swap
@@ -438,7 +437,7 @@ def test_deeply_nested_bitsandbytes_quant_state(tmp_path):
 
 
 def test_header_dtypes_are_read_without_loading(w4_dir):
-    headers = checkpoint.read_headers(str(w4_dir))
+    headers = files.read_headers(str(w4_dir))
     with safe_open(w4_dir / "model.safetensors", framework="pt") as f:
         assert sorted(headers) == sorted(f.keys())
     assert headers[f"{KEY}.weight_packed"].dtype == torch.int32

@@ -67,6 +67,7 @@ def _valid():
         a=torch.randint(-128, 128, (3, 64), dtype=I8, generator=g),
         b=torch.randint(-128, 128, (5, 64), dtype=I8, generator=g),
         fs=L.fp8_scales(w, 1, 64), fq=L.fp8_quantize(w, L.fp8_scales(w, 1, 64), 1, 64),
+        gb=L.gguf_quantize(w, "Q4_0"), gc=torch.randint(0, 16, (6, 64), dtype=U8, generator=g),
     )
 
 
@@ -250,7 +251,8 @@ CASES = {
                                                               v["col_group"], 4, 32, 0.01)),
     "gptq_solve/zero-shape": ("value", lambda v: L.gptq_solve(v["w"], v["h"], v["perm"], v["s"], v["z"][:, :1],
                                                               v["col_group"], 4, 32, 0.01)),
-    "gptq_solve/zero-float": ("type", lambda v: L.gptq_solve(v["w"], v["h"], v["perm"], v["s"], v["z"].float(),
+    # float32 zero points are GGUF grids' fractional offsets; other float dtypes are refused
+    "gptq_solve/zero-half": ("type", lambda v: L.gptq_solve(v["w"], v["h"], v["perm"], v["s"], v["z"].half(),
                                                              v["col_group"], 4, 32, 0.01)),
     "gptq_solve/block-0": ("value", lambda v: L.gptq_solve(v["w"], v["h"], v["perm"], v["s"], v["z"], v["col_group"],
                                                            4, 0, 0.01)),
@@ -604,6 +606,52 @@ CASES = {
     "channel_range_/mixed-meta": ("value", lambda v: L.channel_range_(torch.zeros(64), torch.zeros(64),
                                                                       v["xs"].to("meta"))),
     "channel_range_/meta": ("meta", lambda v: L.channel_range_(*_meta(torch.zeros(64), torch.zeros(64), v["xs"]))),
+    # ------------------------------------------------------------ GGUF (blocks gb: Q4_0, 2 blocks of 18 bytes per row)
+    "gguf_quantize/type": ("value", lambda v: L.gguf_quantize(v["w"], "Q4_2")),
+    "gguf_quantize/cols": ("value", lambda v: L.gguf_quantize(v["w"], "Q4_K")),
+    "gguf_quantize/w-int": ("type", lambda v: L.gguf_quantize(v["codes"], "Q4_0")),
+    "gguf_quantize/w-float64": ("type", lambda v: L.gguf_quantize(v["w"].double(), "Q4_0")),
+    "gguf_quantize/w-1d": ("value", lambda v: L.gguf_quantize(v["w"].reshape(-1), "Q4_0")),
+    "gguf_quantize/w-nan": ("value", lambda v: L.gguf_quantize(v["w"] * math.nan, "Q4_K")),
+    "gguf_quantize/importance-shape": ("value", lambda v: L.gguf_quantize(v["w"], "Q4_1", torch.ones(63))),
+    "gguf_quantize/importance-dtype": ("type", lambda v: L.gguf_quantize(v["w"], "Q4_1", torch.ones(64, dtype=F64))),
+    "gguf_quantize/importance-nan": ("value", lambda v: L.gguf_quantize(v["w"], "Q4_1", torch.full((64,), math.nan))),
+    "gguf_quantize/type-int": ("dispatch", lambda v: L.gguf_quantize(v["w"], 4)),
+    "gguf_quantize/noncontig": ("same", lambda v: (L.gguf_quantize(_nc(v["w"]), "Q4_1", _nc(torch.ones(64))),
+                                                   L.gguf_quantize(v["w"], "Q4_1", torch.ones(64)))),
+    "gguf_quantize/empty": ("same", lambda v: (L.gguf_quantize(v["w"][:0], "q8_0"), torch.empty(0, 68, dtype=U8))),
+    "gguf_quantize/mixed-meta": ("value", lambda v: L.gguf_quantize(v["w"], "Q4_1", torch.ones(64, device="meta"))),
+    "gguf_quantize/meta": ("meta", lambda v: (lambda w, i: L.gguf_quantize(w, "Q4_1", i))(
+        *_meta(v["w"], torch.ones(64)))),
+    "gguf_dequantize/row-bytes": ("value", lambda v: L.gguf_dequantize(v["gb"][:, :35], "Q4_0", 64, F32)),
+    "gguf_dequantize/cols": ("value", lambda v: L.gguf_dequantize(v["gb"], "Q4_0", 96, F32)),
+    "gguf_dequantize/cols-0": ("value", lambda v: L.gguf_dequantize(v["gb"][:, :0], "Q4_0", 0, F32)),
+    "gguf_dequantize/cols-negative": ("value", lambda v: L.gguf_dequantize(v["gb"], "Q4_0", -64, F32)),
+    "gguf_dequantize/blocks-int8": ("type", lambda v: L.gguf_dequantize(v["gb"].view(I8), "Q4_0", 64, F32)),
+    "gguf_dequantize/dtype-int": ("type", lambda v: L.gguf_dequantize(v["gb"], "Q4_0", 64, I32)),
+    "gguf_dequantize/blocks-1d": ("value", lambda v: L.gguf_dequantize(v["gb"].reshape(-1), "Q4_0", 64, F32)),
+    "gguf_dequantize/noncontig": ("same", lambda v: (L.gguf_dequantize(_nc(v["gb"]), "Q4_0", 64, F32),
+                                                     L.gguf_dequantize(v["gb"], "Q4_0", 64, F32))),
+    "gguf_dequantize/empty": ("same", lambda v: (L.gguf_dequantize(v["gb"][:0], "Q4_0", 64, BF16),
+                                                 torch.empty(0, 64, dtype=BF16))),
+    "gguf_dequantize/meta": ("meta", lambda v: L.gguf_dequantize(v["gb"].to("meta"), "Q4_0", 64, F16)),
+    "gguf_grid/type": ("value", lambda v: L.gguf_grid(v["gb"], "Q4_K", 64)),
+    "gguf_grid/row-bytes": ("value", lambda v: L.gguf_grid(v["gb"], "Q5_0", 64)),
+    "gguf_grid/blocks-3d": ("value", lambda v: L.gguf_grid(v["gb"].reshape(2, 3, 36), "Q4_0", 64)),
+    "gguf_grid/noncontig": ("same", lambda v: (L.gguf_grid(_nc(v["gb"]), "Q4_0", 64),
+                                               L.gguf_grid(v["gb"], "Q4_0", 64))),
+    "gguf_grid/meta": ("meta", lambda v: L.gguf_grid(v["gb"].to("meta"), "Q4_0", 64)),
+    "gguf_encode/out-of-range": ("value", lambda v: L.gguf_encode(v["gc"] + 16, v["gb"], "Q4_0")),
+    "gguf_encode/codes-int64": ("type", lambda v: L.gguf_encode(v["gc"].long(), v["gb"], "Q4_0")),
+    "gguf_encode/rows": ("value", lambda v: L.gguf_encode(v["gc"][:5], v["gb"], "Q4_0")),
+    "gguf_encode/blocks-bytes": ("value", lambda v: L.gguf_encode(v["gc"], v["gb"][:, :18], "Q4_0")),
+    "gguf_encode/type": ("value", lambda v: L.gguf_encode(v["gc"], v["gb"], "Q8_0")),
+    "gguf_encode/noncontig": ("same", lambda v: (L.gguf_encode(_nc(v["gc"]), _nc(v["gb"]), "Q4_0"),
+                                                 L.gguf_encode(v["gc"], v["gb"], "Q4_0"))),
+    "gguf_encode/identity": ("same", lambda v: (L.gguf_encode(v["gc"], L.gguf_encode(v["gc"], v["gb"], "Q4_0"), "Q4_0"),
+                                                L.gguf_encode(v["gc"], v["gb"], "Q4_0"))),
+    "gguf_encode/mixed-meta": ("value", lambda v: L.gguf_encode(v["gc"].to("meta"), v["gb"], "Q4_0")),
+    "gguf_encode/meta": ("meta", lambda v: L.gguf_encode(*_meta(v["gc"], v["gb"]), "Q4_0")),
 }
 
 EXPECTED = {
@@ -743,7 +791,7 @@ def test_every_op_has_cases():
         cases = [c for c in CASES if c.split("/")[0] == name]
         assert any(CASES[c][0] in EXPECTED for c in cases), f"{name}: no bad-argument case"
         if name not in ("quant_params", "pack", "unpack", "hessian_mirror_", "awq_gram_factor", "nf4_quantize",
-                        "int8_quantize_rowwise", "fp8_scales"):  # those take a single tensor
+                        "int8_quantize_rowwise", "fp8_scales", "gguf_dequantize", "gguf_grid"):  # a single tensor
             assert any("mixed-meta" in c for c in cases), f"{name}: no mixed meta / CPU case"
 
 

@@ -232,3 +232,60 @@ def stock_quantized_layers(stock: dict, model, kind) -> dict:
     layers = {n: m for n, m in model.named_modules() if isinstance(m, kind)}
     assert sorted(stock["weights"]) == sorted(layers) and len(layers) == 14
     return layers
+
+
+# Tiny models for GGUF: rows of 256 columns (a K-quant super-block) and a byte-level BPE
+# vocabulary, which llama.cpp's tokenizer reads. 2 decoder layers, GQA.
+GGUF_ARCHS = {
+    "llama": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=512)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=512)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=32, max_position_embeddings=512)),
+    "mistral": ("MistralConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=512, sliding_window=None)),
+    # llama.cpp's per-tensor rules count layers (the first / last eighth, every third, the first
+    # sixteenth) and fall back on rows that are not a multiple of 256 (288 columns here): 16
+    # layers exercise every rule.
+    "rules": ("LlamaConfig", dict(hidden_size=288, intermediate_size=512, num_attention_heads=9,
+                                  num_key_value_heads=3, max_position_embeddings=512, num_hidden_layers=16)),
+}
+GGUF_VOCAB = 512
+
+
+def make_bpe_tokenizer():
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenizer, 512 tokens) trained offline on TEXTS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=GGUF_VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(TEXTS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_gguf_model(arch: str = "llama", seed: int = 0, tie_word_embeddings: bool = False):
+    """A tiny causal LM for GGUF export (see GGUF_ARCHS), weights depending only on (arch, seed)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    cls_name, kwargs = GGUF_ARCHS[arch]
+    kwargs = {"num_hidden_layers": 2, **kwargs}
+    cfg = getattr(transformers, cls_name)(vocab_size=GGUF_VOCAB, tie_word_embeddings=tie_word_embeddings, **kwargs)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"gguf/{arch}/{seed}".encode()))
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.data.add_(torch.randn_like(p) * 0.05)
+            else:
+                p.data.mul_(2.0)
+    return model.eval()

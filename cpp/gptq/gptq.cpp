@@ -214,7 +214,9 @@ std::tuple<at::Tensor, at::Tensor, double, double> gptq_solve(
   check_dtype(perm_in, at::kLong, "perm");
   check_dtype(col_group_in, at::kLong, "col_group");
   check_float(scale_in, "scale");
-  check_integral(zero_in, "zero_point");
+  // Integer zero points (compressed-tensors' grids) or float32 ones (GGUF's grids, whose offsets
+  // are not a whole number of steps).
+  if (zero_in.scalar_type() != at::kFloat) check_integral(zero_in, "zero_point");
   check_dim(w_in, 2, "weight");
   const int64_t rows = w_in.size(0), cols = w_in.size(1);
   TORCH_CHECK_VALUE(cols > 0, "lowbit: the weight has no columns");

@@ -6,12 +6,14 @@ from . import _C  # noqa: F401  (registers torch.ops.lowbit.*)
 from . import eval, functional, nn, ops
 from .cpu import cpu_info, set_isa, supported_isas, use_isa
 from .formats import load, save_compressed
+from .formats.gguf import load_imatrix, save_gguf, save_imatrix
+from .ggml import IMatrix
 from .hf_quantizer import LowbitConfig, register as _register_quantizer
 from .modifiers import (AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, IMatrixGatherer, LLMInt8Modifier,
                         Modifier, QuantizationModifier, SmoothQuantMapping, SmoothQuantModifier)
-from .pipeline import dispatch_for_generation, oneshot
+from .pipeline import dispatch_for_generation, imatrix, oneshot
 from .recipe import parse_recipe
-from .schemes import PRESET_SCHEMES, QuantizationArgs, QuantizationScheme, resolve_scheme
+from .schemes import PRESET_SCHEMES, GGUFScheme, QuantizationArgs, QuantizationScheme, resolve_scheme
 
 __version__ = "0.1.0"
 
@@ -21,7 +23,9 @@ __all__ = [
     "AWQMapping",
     "AWQModifier",
     "BnB4bitModifier",
+    "GGUFScheme",
     "GPTQModifier",
+    "IMatrix",
     "IMatrixGatherer",
     "LLMInt8Modifier",
     "LowbitConfig",
@@ -36,13 +40,17 @@ __all__ = [
     "dispatch_for_generation",
     "eval",
     "functional",
+    "imatrix",
     "load",
+    "load_imatrix",
     "nn",
     "oneshot",
     "ops",
     "parse_recipe",
     "resolve_scheme",
     "save_compressed",
+    "save_gguf",
+    "save_imatrix",
     "set_isa",
     "supported_isas",
     "use_isa",

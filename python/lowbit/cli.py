@@ -73,8 +73,14 @@ def demo(args: argparse.Namespace) -> None:
 def quantize(args: argparse.Namespace) -> None:
     import lowbit
 
-    lowbit.oneshot(args.model, args.recipe, dataset=args.dataset, num_calibration_samples=args.samples,
-                   max_seq_length=args.seq_len, output_dir=args.output, overwrite=args.overwrite)
+    if args.type is not None and args.format != "gguf":
+        raise ValueError("--type is the GGUF type of --format gguf")
+    recipe = args.recipe if args.recipe is not None else args.type
+    if recipe is None:
+        raise ValueError("give --recipe (a preset or a YAML file), or --format gguf --type <GGUF type>")
+    options = {"save_format": "gguf", "gguf_type": args.type} if args.format == "gguf" else {}
+    lowbit.oneshot(args.model, recipe, dataset=args.dataset, num_calibration_samples=args.samples,
+                   max_seq_length=args.seq_len, output_dir=args.output, overwrite=args.overwrite, **options)
     print(f"saved to {args.output}")
 
 
@@ -122,8 +128,11 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("quantize", help="oneshot a local model directory and save it")
     p.add_argument("--model", required=True, help="local model directory")
-    p.add_argument("--recipe", required=True,
-                   help="preset scheme (W4A16, W4A16_ASYM, W8A16, W8A8, NF4, FP4, INT8_OUTLIER, ...) or a YAML file")
+    p.add_argument("--recipe", help="preset scheme (W4A16, W4A16_ASYM, W8A16, W8A8, NF4, FP4, INT8_OUTLIER, a GGUF "
+                                    "type such as Q4_K_M, ...) or a YAML file; with --format gguf it defaults to --type")
+    p.add_argument("--format", choices=["safetensors", "gguf"], default="safetensors",
+                   help="safetensors: a compressed-tensors / bitsandbytes checkpoint; gguf: model-<type>.gguf for llama.cpp")
+    p.add_argument("--type", help="GGUF type with --format gguf (llama-quantize's names: Q4_K_M, Q4_0, Q8_0, ...)")
     p.add_argument("--dataset", help="calibration data: .txt, .jsonl or .json")
     p.add_argument("--output", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--samples", type=int, default=512, help="number of calibration samples")

@@ -151,7 +151,8 @@ def hessian_mirror_(hessian: Tensor) -> Tensor:
 def gptq_solve(weight: Tensor, hessian: Tensor, perm: Tensor, scale: Tensor, zero_point: Tensor, col_group: Tensor,
                bits: int, block_size: int, dampening_frac: float, grid: str = "int") -> Tuple[Tensor, Tensor, float, float]:
     """weight [rows, cols] in processing order perm (int64 [cols]), hessian [cols, cols] in the
-    original order, scale / zero_point [rows, groups], col_group int64 [cols] -> (codes int8,
+    original order, scale / zero_point [rows, groups] (zero_point integer, or float32 for a
+    fractional offset), col_group int64 [cols] -> (codes int8,
     updated weight fp32, loss, damping fraction used or -1 when RTN was applied). grid "e4m3":
     the FP8 grid, codes are E4M3 bytes (view them as torch.float8_e4m3fn)."""
     return _ops.gptq_solve(weight, hessian, perm, scale, zero_point, col_group, bits, block_size, dampening_frac,
@@ -186,6 +187,35 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, block_rows: int,
     """x [..., in] float @ dequant(weight)^T (+ bias) for an FP8 weight [out, in] with scales
     [ceil(out / block_rows), ceil(in / block_cols)] -> [..., out] in x.dtype."""
     return _ops.fp8_linear(x, weight, weight_scale, block_rows, block_cols, bias)
+
+
+def gguf_quantize(weight: Tensor, type: str, importance: Optional[Tensor] = None) -> Tensor:
+    """weight [rows, cols] float -> uint8 [rows, row_bytes] in the GGUF block format `type` (Q8_0,
+    Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K; case-insensitive; cols a multiple of
+    the type's 32- or 256-value block): the bytes of ggml's ggml_quantize_chunk, its reference
+    quantizers without importance, its importance-weighted ones with importance (llama.cpp's
+    imatrix: float32 [cols], one value per input column; Q8_0 ignores it)."""
+    return _ops.gguf_quantize(weight, type, importance)
+
+
+def gguf_dequantize(blocks: Tensor, type: str, cols: int, dtype: torch.dtype) -> Tensor:
+    """GGUF blocks uint8 [rows, row_bytes] -> [rows, cols] as ggml's dequantize_row_* computes it
+    (float32), cast to dtype."""
+    return _ops.gguf_dequantize(blocks, type, cols, dtype)
+
+
+def gguf_grid(blocks: Tensor, type: str, cols: int) -> Tuple[Tensor, Tensor]:
+    """The affine grid of each sub-block of GGUF blocks: (scale, offset) float32 [rows, cols // sub]
+    (sub 16 for Q2_K / Q3_K / Q6_K, else 32) such that each dequantized value is exactly
+    scale * q + offset for its unsigned code q in [0, 2^bits - 1] (Q8_0: q = int8 + 128)."""
+    return _ops.gguf_grid(blocks, type, cols)
+
+
+def gguf_encode(codes: Tensor, blocks: Tensor, type: str) -> Tensor:
+    """A copy of the GGUF blocks uint8 [rows, row_bytes] with every element's code replaced by
+    codes (uint8 [rows, cols], gguf_grid's unsigned convention); d, dmin and the sub-block scales
+    are kept."""
+    return _ops.gguf_encode(codes, blocks, type)
 
 
 def channel_range_(mins: Tensor, maxs: Tensor, x: Tensor) -> None:
@@ -705,3 +735,77 @@ def _(mins, maxs, x):
         _dim(op, t, 1, name)
         _check(op, t.shape[0] == x.shape[-1], f"{name} must have {x.shape[-1]} entries (one per channel of x)")
     return None
+
+
+# name -> (elements per block, bytes per block, elements per sub-block, bits per code)
+GGUF_TYPES = {
+    "Q8_0": (32, 34, 32, 8), "Q4_0": (32, 18, 32, 4), "Q4_1": (32, 20, 32, 4), "Q5_0": (32, 22, 32, 5),
+    "Q5_1": (32, 24, 32, 5), "Q2_K": (256, 84, 16, 2), "Q3_K": (256, 110, 16, 3), "Q4_K": (256, 144, 32, 4),
+    "Q5_K": (256, 176, 32, 5), "Q6_K": (256, 210, 16, 6),
+}
+
+
+def _gguf_type(op: str, type: str):
+    t = GGUF_TYPES.get(type.upper())
+    if t is None:
+        raise ValueError(f"lowbit::{op}: unknown GGUF type {type!r}; expected one of {', '.join(GGUF_TYPES)}")
+    return t
+
+
+def _gguf_cols(op: str, type: str, cols, block: int) -> None:
+    _check(op, cols > 0, f"cols must be a positive multiple of {type.upper()}'s block of {block}, got {cols}")
+    _check(op, cols % block == 0, f"cols must be a positive multiple of {type.upper()}'s block of {block}, got {cols}")
+
+
+def _gguf_blocks(op: str, blocks: Tensor, type: str, cols) -> Tuple[int, int, int, int]:
+    t = _gguf_type(op, type)
+    _dtype(op, blocks, "blocks", (torch.uint8,))
+    _dim(op, blocks, 2, "blocks")
+    _gguf_cols(op, type, cols, t[0])
+    _check(op, blocks.shape[1] == cols // t[0] * t[1],
+           f"blocks must have {cols // t[0] * t[1]} bytes per row for {cols} values of {type.upper()}")
+    return t
+
+
+@torch.library.register_fake("lowbit::gguf_quantize")
+def _(weight, type, importance=None):
+    op = "gguf_quantize"
+    _same_device(op, weight=weight, importance=importance)
+    block, nbytes, _, _ = _gguf_type(op, type)
+    _dtype(op, weight, "weight", _FLOATS)
+    _dim(op, weight, 2, "weight")
+    cols = weight.shape[1]
+    _gguf_cols(op, type, cols, block)
+    if importance is not None:
+        _dtype(op, importance, "importance", (torch.float32,))
+        _dim(op, importance, 1, "importance")
+        _check(op, importance.shape[0] == cols, f"importance must have shape [{cols}] (one value per column)")
+    return weight.new_empty((weight.shape[0], cols // block * nbytes), dtype=torch.uint8)
+
+
+@torch.library.register_fake("lowbit::gguf_dequantize")
+def _(blocks, type, cols, dtype):
+    op = "gguf_dequantize"
+    if dtype not in _FLOATS:
+        raise TypeError(f"lowbit::{op}: dtype must be float32, float16 or bfloat16, got {dtype}")
+    _gguf_blocks(op, blocks, type, cols)
+    return blocks.new_empty((blocks.shape[0], cols), dtype=dtype)
+
+
+@torch.library.register_fake("lowbit::gguf_grid")
+def _(blocks, type, cols):
+    op = "gguf_grid"
+    _, _, sub, _ = _gguf_blocks(op, blocks, type, cols)
+    shape = (blocks.shape[0], cols // sub)
+    return blocks.new_empty(shape, dtype=torch.float32), blocks.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("lowbit::gguf_encode")
+def _(codes, blocks, type):
+    op = "gguf_encode"
+    _same_device(op, codes=codes, blocks=blocks)
+    _dtype(op, codes, "codes", (torch.uint8,))
+    _dim(op, codes, 2, "codes")
+    _gguf_blocks(op, blocks, type, codes.shape[1])
+    _check(op, blocks.shape[0] == codes.shape[0], "blocks must have one row per row of codes")
+    return torch.empty_like(blocks, memory_format=torch.contiguous_format)

@@ -11,6 +11,7 @@ import yaml
 
 from .modifiers import (BNB_PRESETS, MODIFIERS, AWQModifier, BnB4bitModifier, GPTQModifier, LLMInt8Modifier, Modifier,
                         QuantizationModifier)
+from . import ggml
 from .schemes import PRESET_SCHEMES
 
 # LLM.int8() with bitsandbytes' default threshold 6.0 (transformers' load_in_8bit).
@@ -47,7 +48,7 @@ def parse_recipe(recipe: Recipe, stage: Optional[str] = None) -> List[Modifier]:
 
 def _is_yaml(recipe) -> bool:
     return isinstance(recipe, os.PathLike) or recipe.endswith((".yaml", ".yml")) or (
-        recipe.upper() not in PRESET_SCHEMES and ":" in recipe)
+        recipe.upper() not in PRESET_SCHEMES and not ggml.is_file_type(recipe) and ":" in recipe)
 
 
 def _parse(recipe: Recipe, stage: Optional[str] = None) -> List[Modifier]:
@@ -67,6 +68,9 @@ def _parse(recipe: Recipe, stage: Optional[str] = None) -> List[Modifier]:
     if isinstance(recipe, str):
         if recipe.upper() in PRESET_SCHEMES:
             return [QuantizationModifier(scheme=recipe.upper(), targets="Linear", ignore=["lm_head"])]
+        if ggml.is_file_type(recipe) and ggml.file_type(recipe) not in ggml.FLOAT_TYPES:
+            # lm_head stays float here: the GGUF writer gives it (or the tied embedding) llama.cpp's type
+            return [QuantizationModifier(scheme=ggml.file_type(recipe), targets="Linear", ignore=["lm_head"])]
         if recipe.upper() in BNB_PRESETS:
             s = BNB_PRESETS[recipe.upper()]
             return [BnB4bitModifier(s.quant_type, s.blocksize, s.double_quant, targets="Linear", ignore=["lm_head"])]
@@ -75,7 +79,8 @@ def _parse(recipe: Recipe, stage: Optional[str] = None) -> List[Modifier]:
         if ":" in recipe:
             return _from_yaml(recipe, stage)
         raise ValueError(f"unknown recipe {recipe!r}: valid preset schemes are "
-                         f"{', '.join([*PRESET_SCHEMES, *BNB_PRESETS, INT8_OUTLIER_PRESET])}; "
+                         f"{', '.join([*PRESET_SCHEMES, *BNB_PRESETS, INT8_OUTLIER_PRESET])}, GGUF types "
+                         f"{', '.join(t for t in ggml.FILE_TYPES if t not in ggml.FLOAT_TYPES)}; "
                          "or pass YAML, a .yaml file, or modifiers")
     raise TypeError(f"recipe must be a preset name, YAML, a path, a modifier or a list of them, got {type(recipe).__name__}")
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Optional, Tuple, Union
 
+from . import ggml
+
 WEIGHT_STRATEGIES = ("tensor", "channel", "group", "block")
 # Dynamic activations: per token, per token group (FP8_BLOCK); static ones: one scale per tensor.
 DYNAMIC_ACTIVATION_STRATEGIES = ("token", "group")
@@ -107,6 +109,26 @@ class QuantizationScheme:
                 "input_activations": self.input_activations.to_dict() if self.input_activations else None}
 
 
+@dataclass(frozen=True)
+class GGUFScheme:
+    """Weights on ggml's blocks (what a GGUF file stores), as llama-quantize's `file_type` (Q4_0,
+    Q4_K_M, ...) lays them out: a modifier's plan gives each Linear its `tensor_type` by
+    llama.cpp's per-tensor rules."""
+
+    file_type: str
+    tensor_type: Optional[str] = None
+
+    @property
+    def search_args(self) -> QuantizationArgs:
+        """The integer grid closest to the tensor type's (bits, sub-block length, symmetric), for
+        searches that score candidates on an integer grid (AWQ)."""
+        bits, sub_block, symmetric = ggml.GRIDS[self.tensor_type or ggml.FILE_TYPES[self.file_type][1]]
+        return QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group", group_size=sub_block)
+
+    def to_dict(self) -> dict:
+        return {"gguf": self.file_type}
+
+
 def _weight_only(bits: int, symmetric: bool = True) -> QuantizationScheme:
     return QuantizationScheme(QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group", group_size=128))
 
@@ -152,15 +174,17 @@ def resolve_scheme(scheme: Union[str, QuantizationScheme, QuantizationArgs, dict
     if dumped is not scheme and "num_bits" in dumped:  # compressed-tensors' QuantizationArgs: the weights
         dumped = {"weights": dumped}
     scheme = dumped
-    if isinstance(scheme, QuantizationScheme):
+    if isinstance(scheme, (QuantizationScheme, GGUFScheme)):
         return scheme
     if isinstance(scheme, QuantizationArgs):
         return QuantizationScheme(scheme)
     if isinstance(scheme, str):
-        try:
+        if scheme.upper() in PRESET_SCHEMES:
             return PRESET_SCHEMES[scheme.upper()]
-        except KeyError:
-            raise ValueError(f"unknown scheme {scheme!r}; valid presets: {', '.join(PRESET_SCHEMES)}") from None
+        if ggml.is_file_type(scheme) and ggml.file_type(scheme) not in ggml.FLOAT_TYPES:
+            return GGUFScheme(ggml.file_type(scheme))
+        raise ValueError(f"unknown scheme {scheme!r}; valid presets: {', '.join(PRESET_SCHEMES)}, and GGUF types "
+                         f"{', '.join(ggml.FILE_TYPES)} (llama-quantize's names)")
     if isinstance(scheme, dict):
         if not isinstance(scheme.get("weights"), (dict, QuantizationArgs)):
             raise ValueError(f"a scheme dict needs a 'weights' entry (and optionally 'input_activations'), got keys {sorted(scheme)}")

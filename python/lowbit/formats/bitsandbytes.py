@@ -3,22 +3,26 @@ load_in_4bit, for a Linear X: ``X.weight`` (packed uint8 codes), ``X.weight.absm
 ``X.weight.quant_map`` and, with double quantization, ``X.weight.nested_absmax`` /
 ``X.weight.nested_quant_map``, plus ``X.weight.quant_state.bitsandbytes__<nf4|fp4>``: the UTF-8
 JSON of the rest of the state. load_in_8bit (LLM.int8()): ``X.weight`` (int8 codes), ``X.SCB``
-(fp32 row scales) and ``X.weight_format`` (uint8 0: row-major)."""
+(fp32 row scales) and ``X.weight_format`` (uint8 0: row-major). The config, the tensors of
+NF4Linear / Int8OutlierLinear, and their loader."""
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from .. import functional as F
+from ..nn.convert import replace_module
 from ..nn.int8_outlier import Int8OutlierLinear
 from ..nn.nf4_linear import NF4Linear, as_dtype
 from ..reference.nf4 import code as code_values
 
+QUANT_METHOD = "bitsandbytes"
+MODULE_TYPES = (NF4Linear, Int8OutlierLinear)
 QUANT_STATE_PREFIX = "quant_state.bitsandbytes__"
 
 
@@ -46,6 +50,16 @@ def int8_tensors(module: Int8OutlierLinear) -> Dict[str, torch.Tensor]:
     return {"weight": module.weight, "SCB": module.SCB, "weight_format": torch.tensor(0, dtype=torch.uint8)}
 
 
+def module_tensors(module: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """The checkpoint tensors of an NF4Linear or Int8OutlierLinear, named relative to it, or
+    None for every other module."""
+    if isinstance(module, NF4Linear):
+        return nf4_tensors(module)
+    if isinstance(module, Int8OutlierLinear):
+        return int8_tensors(module)
+    return None
+
+
 def quantization_config(model: nn.Module, plan: dict) -> dict:
     """config.json's quantization_config, as transformers' BitsAndBytesConfig(load_in_4bit=True)
     (NF4Linear layers) or (load_in_8bit=True) (Int8OutlierLinear layers) .to_dict() writes it.
@@ -62,7 +76,7 @@ def quantization_config(model: nn.Module, plan: dict) -> dict:
             "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": "fp4", "bnb_4bit_use_double_quant": False,
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "llm_int8_skip_modules": skip, "llm_int8_threshold": thresholds.pop(), "load_in_4bit": False,
-            "load_in_8bit": True, "quant_method": "bitsandbytes",
+            "load_in_8bit": True, "quant_method": QUANT_METHOD,
         }
     settings = {(s.quant_type, s.double_quant, s.compute_dtype) for _, s in plan.values()}
     if len(settings) > 1:
@@ -74,7 +88,7 @@ def quantization_config(model: nn.Module, plan: dict) -> dict:
         "_load_in_4bit": True, "_load_in_8bit": False, "bnb_4bit_compute_dtype": _dtype_name(dtype),
         "bnb_4bit_quant_storage": "uint8", "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
         "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": skip,
-        "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+        "llm_int8_threshold": 6.0, "load_in_4bit": True, "load_in_8bit": False, "quant_method": QUANT_METHOD,
     }
 
 
@@ -113,26 +127,26 @@ def _take(state: Dict[str, torch.Tensor], key: str, name: str) -> torch.Tensor:
     return state.pop(key)
 
 
-def load_into(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, device="cpu") -> List[str]:
+def load_into(model: nn.Module, qc: dict, state: Dict[str, torch.Tensor], dtype, device) -> None:
     """Replace every Linear the checkpoint stores quantized (4-bit: a packed quant state; 8-bit:
     an SCB) by an NF4Linear / Int8OutlierLinear made on `device` ("meta" for a skeleton) and
     rewrite its entries of `state` into the module's buffer names (checked for presence, dtype
-    and size); returns the replaced names."""
-    from ..nn.convert import replace_module
-
-    if qc.get("load_in_8bit"):
-        replaced = _load_int8(model, state, qc, replace_module, device)
-    else:
-        replaced = _load_4bit(model, state, qc, replace_module, device)
+    and size). The modules keep the dtypes the checkpoint records: `dtype` is not used."""
+    if bool(qc.get("load_in_8bit")) == bool(qc.get("load_in_4bit")):
+        raise ValueError("a bitsandbytes quantization_config needs exactly one of load_in_4bit / load_in_8bit, got "
+                         f"load_in_4bit={qc.get('load_in_4bit')!r}, load_in_8bit={qc.get('load_in_8bit')!r}")
+    replaced = (_load_int8 if qc.get("load_in_8bit") else _load_4bit)(model, state, qc, device)
     orphans = [k[:-len(".weight")] for k, t in state.items()
                if k.endswith(".weight") and t.dtype in (torch.uint8, torch.int8) and k[:-len(".weight")] not in replaced]
     if orphans:
         raise _bad(orphans[0], f"the weight is stored as {state[orphans[0] + '.weight'].dtype} codes but its quant "
                                f"state (weight.{QUANT_STATE_PREFIX}<nf4|fp4> for 4-bit, SCB for 8-bit) is missing")
-    return replaced
+    if not replaced:
+        raise ValueError("the bitsandbytes checkpoint holds no quantized weight (no *.weight.quant_state.bitsandbytes__* "
+                         "or *.SCB entry)")
 
 
-def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module, device) -> List[str]:
+def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, device) -> List[str]:
     threshold = qc.get("llm_int8_threshold", 6.0)
     replaced = []
     for name, module in list(model.named_modules()):
@@ -160,7 +174,7 @@ def _load_int8(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, repla
     return replaced
 
 
-def _load_4bit(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, replace_module, device) -> List[str]:
+def _load_4bit(model: nn.Module, state: Dict[str, torch.Tensor], qc: dict, device) -> List[str]:
     compute_dtype = qc.get("bnb_4bit_compute_dtype")
     replaced = []
     for name, module in list(model.named_modules()):

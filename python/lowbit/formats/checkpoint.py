@@ -1,420 +1,224 @@
-"""What every checkpoint format shares: where lowbit may write, how a directory is replaced so
-that the old or the new checkpoint is complete at every instant, and reading safetensors files
-that are bounded by, and resolve inside, the checkpoint directory."""
+"""The one entry to lowbit's checkpoint formats: save a quantized model in the format whose
+modules it holds, load a checkpoint directory by its quant_method. Each format is a peer
+module that owns its config, its tensors and its loader (QUANT_METHOD, MODULE_TYPES,
+quantization_config, module_tensors, load_into); what they share is in files.py."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import json
+import copy
 import os
-import re
-import shutil
-import tempfile
-from typing import Callable, Dict, Iterable, List, Optional
+import types
+from typing import Dict, Optional
 
 import torch
-from safetensors import safe_open
+from torch import nn
 
-TEMP_PREFIX = ".lowbit-"
-# .lowbit-<pid>-<mkdtemp suffix>: a new checkpoint being written (after an exchange, the old one
-# being deleted); .lowbit-<pid>-old-<name>: the old checkpoint moved aside where the file system
-# cannot exchange two directories atomically.
-_TEMP_NAME = re.compile(rf"^{re.escape(TEMP_PREFIX)}(\d+)-(old-(.+)|[^-]+)$")
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from . import bitsandbytes, compressed_tensors, gguf
+# check_output_dir and model_directories are also this entry's: oneshot checks output_dir before any work.
+from .files import (MAX_SHARD_SIZE, check_against_skeleton, check_layer_count, check_loading_info,
+                    check_output_dir, check_quantized_values, model_directories, read_config, read_headers,
+                    read_safetensors, resolve_dtype, state_with, write_directory, write_safetensors)
 
-
-# ---------------------------------------------------------------- where lowbit may write
-
-def _is_same_or_ancestor(path: str, other: str) -> bool:
-    """path == other, or path is a directory above other (both absolute and resolved)."""
-    return other == path or other.startswith(path.rstrip(os.sep) + os.sep)
+# The Hugging Face checkpoint directory formats: quant_method -> the module that writes and reads it.
+DIRECTORY_FORMATS = {f.QUANT_METHOD: f for f in (compressed_tensors, bitsandbytes)}
+# save_format -> the module that writes that format's file into the output directory
+# (write_into(model, directory, tokenizer=, **options)), for the formats that are not a Hugging Face
+# checkpoint directory.
+FILE_FORMATS = {"gguf": gguf}
 
 
-def model_directories(model) -> List[str]:
-    """The local directories a model was loaded from (config._name_or_path / name_or_path)."""
-    names = {getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)}
-    return sorted(os.path.realpath(n) for n in names if isinstance(n, str) and n and os.path.isdir(n))
+def _quantized_by(model: nn.Module, names) -> Dict[str, list]:
+    """quant_method -> the modules among `names` stored in that format."""
+    found: Dict[str, list] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        for method, fmt in DIRECTORY_FORMATS.items():
+            if isinstance(module, fmt.MODULE_TYPES):
+                found.setdefault(method, []).append(name)
+    return found
 
 
-def check_output_dir(output_dir, overwrite: bool = False, protected: Iterable[str] = ()) -> str:
-    """The absolute path lowbit may write a checkpoint to, or a ValueError naming what is wrong.
-
-    Refused: an empty path, "/", the home directory, the working directory or any directory
-    above it, any of `protected` (the model's own directory) or a directory above one, a
-    symbolic link, and an existing file. An existing non-empty directory is replaced only with
-    overwrite=True, and only when it holds a checkpoint (config.json): lowbit never deletes a
-    directory that is not one."""
-    if not isinstance(output_dir, (str, os.PathLike)):
-        raise TypeError(f"output_dir must be a path (str or os.PathLike), got {type(output_dir).__name__}")
-    path = os.fspath(output_dir)
-    if isinstance(path, bytes):
-        raise TypeError("output_dir must be a str path, not bytes")
-    if not path.strip():
-        raise ValueError(f"output_dir {path!r} is empty: name a new directory for the checkpoint")
-    if os.path.islink(path):
-        raise ValueError(f"output_dir {path!r} is a symbolic link; pass the directory it points to, "
-                         f"{os.path.realpath(path)!r}, or a new path")
-    real = os.path.realpath(path)
-    refusals = [
-        (real == os.path.realpath(os.sep), "is the root directory"),
-        (real == os.path.realpath(os.path.expanduser("~")), "is the home directory"),
-        (_is_same_or_ancestor(real, os.path.realpath(os.getcwd())), "is the working directory or a directory above it"),
-    ]
-    for protected_dir in protected:
-        refusals.append((_is_same_or_ancestor(real, os.path.realpath(protected_dir)),
-                         f"is (or holds) the directory the model was loaded from, {protected_dir!r}"))
-    for refused, why in refusals:
-        if refused:
-            raise ValueError(f"output_dir {path!r} ({real}) {why}: lowbit will not write a checkpoint over it; "
-                             "choose a new directory")
-    if os.path.exists(real) and not os.path.isdir(real):
-        raise ValueError(f"output_dir {path!r} exists and is not a directory")
-    if os.path.isdir(real) and os.listdir(real):
-        if not overwrite:
-            raise ValueError(f"output_dir {path!r} is not empty; pass overwrite=True to replace the checkpoint "
-                             "there, or choose a new directory")
-        if not os.path.isfile(os.path.join(real, "config.json")):
-            raise ValueError(f"output_dir {path!r} is not empty and holds no checkpoint (no config.json): lowbit "
-                             "replaces only checkpoint directories, even with overwrite=True; choose a new directory")
-    return real
-
-
-# ---------------------------------------------------------------- replacing a directory atomically
-
-def _exchange(a: str, b: str) -> bool:
-    """Swap two directories in one step (Linux renameat2 RENAME_EXCHANGE); False where the
-    system or file system cannot."""
-    rename_exchange, at_fdcwd = 2, -100
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, f"cannot exchange {a!r} and {b!r}: {os.strerror(err)}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_stale_temp_dirs(parent: str) -> None:
-    """Clean up after saves into `parent` that were killed: their temporary directories go,
-    and an old checkpoint that was moved aside and never replaced goes back to its place."""
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return
-    for entry in entries:
-        match = _TEMP_NAME.match(entry)
-        path = os.path.join(parent, entry)
-        if not match or os.path.islink(path) or not os.path.isdir(path):
-            continue
-        pid = int(match.group(1))
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        original = match.group(3)
-        if original is not None and not os.path.lexists(os.path.join(parent, original)):
-            os.rename(path, os.path.join(parent, original))
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            _fsync(os.path.join(directory, name))
-        _fsync(directory)
-
-
-def write_directory(output_dir, write: Callable[[str], None], overwrite: bool = False,
-                    protected: Iterable[str] = ()) -> str:
-    """Have `write(tmp)` fill a new temporary directory beside `output_dir`, then put it in
-    place so that `output_dir` holds the old checkpoint or the complete new one at every
-    instant (an atomic exchange of the two directories; the old one is then deleted). A
-    failure or a kill leaves the old checkpoint in place; the next save into the same parent
-    removes what a killed one left behind. Returns the absolute path written."""
-    target = check_output_dir(output_dir, overwrite, protected)
-    parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    remove_stale_temp_dirs(parent)
-    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        check_output_dir(target, overwrite, protected)  # nothing changed under us while writing
-        if not os.path.isdir(target):
-            os.rename(tmp, target)
-        elif not _exchange(tmp, target):
-            aside = os.path.join(parent, f"{TEMP_PREFIX}{os.getpid()}-old-{name}")
-            os.rename(target, aside)
-            os.rename(tmp, target)
-            tmp = aside
-        _fsync(parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # the failed new data, or the replaced old checkpoint
-    return target
-
-
-# ---------------------------------------------------------------- reading safetensors
-
-def _inside(root: str, name: str, what: str) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{what} names the file {name!r}, which is not a file name")
-    path = os.path.realpath(os.path.join(root, name))
-    if not path.startswith(root + os.sep):
-        raise ValueError(f"{what} names {name!r}, which resolves to {path}, outside the checkpoint directory "
-                         f"{root}: lowbit reads only files inside it")
-    if not os.path.isfile(path):
-        raise ValueError(f"{what} names {name!r}, which does not exist in {root}")
-    return path
-
-
-def read_index(path: str) -> Optional[Dict[str, str]]:
-    """The weight_map (tensor name -> file name) of a sharded checkpoint, None for one file."""
-    index = os.path.join(path, INDEX_FILE)
-    if not os.path.isfile(index):
+def quantization_config(model: nn.Module, plan) -> Optional[dict]:
+    """config.json's quantization_config for the modules of `plan` (name -> (module, scheme)),
+    once quantized, written by the format whose modules they are; None when none of them is
+    stored quantized (transformers' Conv1D layers are saved as floats)."""
+    found = _quantized_by(model, plan)
+    if len(found) > 1:
+        kinds = "; ".join(f"{method}: {names[0]} ({type(model.get_submodule(names[0])).__name__})"
+                          f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}"
+                          for method, names in found.items())
+        raise ValueError(f"the quantized layers belong to {len(found)} checkpoint formats ({kinds}), and one "
+                         "checkpoint cannot hold both: pick one scheme family for the recipe (compressed-tensors: "
+                         "W4A16, W8A8, FP8, ...; bitsandbytes: NF4, FP4, LLM.int8()), or quantize the two kinds "
+                         "in separate runs")
+    if not found:
         return None
-    try:
-        with open(index, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{index} is not valid JSON ({type(e).__name__}: {e}); re-save the checkpoint") from None
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise ValueError(f"{index} needs a non-empty 'weight_map' object of tensor name -> file name strings; "
-                         "re-save the checkpoint")
-    return weight_map
+    return DIRECTORY_FORMATS[found.popitem()[0]].quantization_config(model, plan)
 
 
-def safetensors_files(path: str) -> List[str]:
-    """The checkpoint's safetensors files, each checked to resolve inside `path`."""
-    root = os.path.realpath(path)
-    weight_map = read_index(path)
-    if weight_map is not None:
-        return [_inside(root, name, INDEX_FILE) for name in sorted(set(weight_map.values()))]
-    if not os.path.lexists(os.path.join(path, SINGLE_FILE)):
-        raise ValueError(f"{path!r} holds no {SINGLE_FILE} (lowbit loads safetensors only, never pickles)")
-    return [_inside(root, SINGLE_FILE, "the checkpoint")]
+def _module_tensors(module: nn.Module):
+    for fmt in DIRECTORY_FORMATS.values():
+        tensors = fmt.module_tensors(module)
+        if tensors is not None:
+            return tensors
+    return None
 
 
-def _for_each_file(path: str, read: Callable[[str, "safe_open", List[str]], None]) -> None:
-    """Open every safetensors file once and call read(file, handle, keys), checking that no
-    tensor appears twice and that each sits in the file the index names."""
-    root, weight_map = os.path.realpath(path), read_index(path)
-    seen: Dict[str, str] = {}
-    for file in safetensors_files(path):
-        try:
-            handle = safe_open(file, framework="pt")
-        except Exception as e:  # safetensors raises its own SafetensorError for a corrupt header
-            raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
-        with handle as f:
-            keys = list(f.keys())
-            for key in keys:
-                if key in seen:
-                    raise ValueError(f"tensor {key!r} is stored twice, in {seen[key]} and {file}")
-                if weight_map is not None and (key not in weight_map
-                                               or os.path.realpath(os.path.join(root, weight_map[key])) != file):
-                    raise ValueError(f"tensor {key!r} is in {file}, but {INDEX_FILE} places it in "
-                                     f"{weight_map.get(key)!r}")
-                seen[key] = file
-            read(file, f, keys)
-    if weight_map is not None:
-        lost = sorted(set(weight_map) - set(seen))
-        if lost:
-            raise ValueError(f"{INDEX_FILE} lists {lost[0]!r}, which no safetensors file holds")
+def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's tensors in the checkpoint's names and layouts, sorted by name."""
+    from ..nn import QUANTIZED_LINEAR_TYPES
 
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def read_headers(path: str) -> Dict[str, torch.Tensor]:
-    """Every stored tensor as an empty meta tensor of its stored dtype and shape: what the
-    files declare, read from their headers without loading any data."""
-    out: Dict[str, torch.Tensor] = {}
-
-    def read(file, f, keys):
-        for key in keys:
-            view = f.get_slice(key)
-            dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
-            if dtype is None:
-                raise ValueError(f"tensor {key!r} in {file} has dtype {view.get_dtype()}, which lowbit does not read")
-            out[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
-
-    _for_each_file(path, read)
-    return out
-
-
-def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    """All tensors of the checkpoint directory (single file or index + shards)."""
-    state: Dict[str, torch.Tensor] = {}
-
-    def read(file, f, keys):
-        for key in keys:
-            try:
-                state[key] = f.get_tensor(key)
-            except Exception as e:  # data shorter than the header says, for one
-                raise ValueError(f"{file} is not a readable safetensors file ({e})") from None
-
-    _for_each_file(path, read)
-    return state
-
-
-# ---------------------------------------------------------------- checking files against config.json
-
-FLOAT_STORAGE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype, what: str) -> Optional[torch.dtype]:
-    """None, "auto", a float dtype or its name -> None or the torch dtype."""
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, str):
-        dtype = MODEL_DTYPES.get(dtype.replace("torch.", ""), dtype)
-    if dtype not in MODEL_DTYPES.values():
-        raise ValueError(f"{what} must be float32, float16, bfloat16 or 'auto', got {dtype!r}")
-    return dtype
-
-
-def read_config(path: str):
-    """(the transformers config, the quantization_config dict or None) of a checkpoint
-    directory, with config.json's own fields checked first so that a malformed file is a
-    ValueError naming the key, not an error from deep inside transformers. The returned config
-    holds no quantization_config: lowbit builds the quantized layers itself."""
-    from transformers import AutoConfig
-
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        raise ValueError(f"{path!r} holds no config.json: not a model checkpoint")
-    try:
-        with open(file, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{file} is not valid JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(doc).__name__}")
-    qc = doc.get("quantization_config")
-    if qc is not None and not isinstance(qc, dict):
-        raise TypeError(f"{file}: quantization_config must be an object (or absent), got {type(qc).__name__} "
-                        f"{str(qc)[:80]!r}")
-    for key in ("dtype", "torch_dtype"):
-        resolve_dtype(doc.get(key), f"{file}: {key!r}")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError, RecursionError) as e:
-        raise ValueError(f"{file} cannot be read as a transformers config ({type(e).__name__}: {e})") from None
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = resolve_dtype(config.dtype, f"{file}: 'dtype'")
-    return config, qc
-
-
-def check_layer_count(config, stored: Dict[str, torch.Tensor]) -> None:
-    """Refuse a config that declares more decoder layers than the files hold, before a
-    skeleton of that many layers is built."""
-    declared = getattr(config, "num_hidden_layers", None)
-    if not isinstance(declared, int):
-        return
-    indices = [int(i) for key in stored for i in re.findall(r"\.(\d+)\.", key)]
-    held = max(indices) + 1 if indices else 0
-    if declared > held:
-        raise ValueError(f"config.json declares {declared} decoder layers (num_hidden_layers) but the safetensors "
-                         f"files hold tensors for {held}; the config does not belong to these files")
-
-
-def _looks_quantized(key: str, tensor: torch.Tensor) -> bool:
-    leaf = key.rsplit(".", 1)[-1]
-    return leaf in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "SCB",
-                    "absmax", "quant_map", "nested_absmax") or "quant_state" in key \
-        or (leaf == "weight" and tensor.dtype not in FLOAT_STORAGE)
-
-
-def check_against_skeleton(model: torch.nn.Module, state: Dict[str, torch.Tensor], path: str,
-                           unquantized: bool = False) -> None:
-    """Every tensor of `state` (what the files hold) must be one the model expects, with its
-    shape and a dtype of the same kind (any float dtype for a float tensor, exactly the dtype
-    for an integer one), and every tensor the model expects must be there (tied copies
-    aside). `model` is a meta-device skeleton, so nothing was allocated for a wrong config."""
-    expected = model.state_dict(keep_vars=True)
-    first_owner: Dict[int, str] = {}
-    tied = set()
-    for key, tensor in expected.items():
-        if id(tensor) in first_owner:
-            tied.add(key)
-        first_owner.setdefault(id(tensor), key)
-    skip_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    skip_missing = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
-    for key in sorted(state):
-        stored = state[key]
-        if key not in expected:
-            if any(re.search(p, key) for p in skip_unexpected):
-                continue
-            hint = (": the files hold quantized tensors, but config.json has no quantization_config"
-                    if unquantized and _looks_quantized(key, stored) else "")
-            raise ValueError(f"{path}: the files hold {key!r} ({stored.dtype}, {tuple(stored.shape)}), which the model "
-                             f"config.json describes has no place for{hint}")
-        want = expected[key]
-        if tuple(stored.shape) != tuple(want.shape):
-            raise ValueError(f"{path}: {key!r} has shape {tuple(stored.shape)} in the files, but config.json makes it "
-                             f"{tuple(want.shape)}")
-        if want.dtype in FLOAT_STORAGE:
-            ok, wanted = stored.dtype in FLOAT_STORAGE, "a float dtype (float32, float16, bfloat16)"
-        else:
-            ok, wanted = stored.dtype == want.dtype, str(want.dtype)
-        if not ok:
-            raise ValueError(f"{path}: {key!r} is stored as {stored.dtype}, expected {wanted}")
-    missing = [k for k in expected if k not in state and k not in tied
-               and not any(re.search(p, k) for p in skip_missing)]
-    if missing:
-        raise ValueError(f"{path}: {missing[0]!r} is missing from the files"
-                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the checkpoint is "
-                         "incomplete or its config.json belongs to another model")
-
-
-def check_loading_info(info: dict, path: str) -> None:
-    """transformers' own account of a from_pretrained load: anything left out is an error."""
-    for what in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        found = sorted(map(str, info.get(what) or []))
-        if found:
-            raise ValueError(f"{path}: transformers reports {what.replace('_', ' ')} {found[:3]}; the files and "
-                             "config.json disagree")
-
-
-def check_quantized_values(model: torch.nn.Module, path: str) -> None:
-    """Each quantized module checks the values it loaded (scales finite and positive, zero
-    points and group indices in range ...), so a tampered file is an error, not wrong logits."""
+    replaced = {}
     for name, module in model.named_modules():
-        check = getattr(module, "check_state", None)
-        if callable(check):
-            try:
-                check(name)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{path}: {e}") from None
+        tensors = _module_tensors(module)
+        if tensors is not None:
+            replaced[name] = tensors
+        elif isinstance(module, QUANTIZED_LINEAR_TYPES) and not isinstance(module, compressed_tensors.MODULE_TYPES):
+            raise ValueError(f"{name} is a {type(module).__name__}, which no Hugging Face checkpoint format holds; "
+                             "save it with save_format='gguf' (or lowbit.save_gguf)")
+    return state_with(model, replaced)
+
+
+def decompressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The quantized model as a plain float checkpoint (llmcompressor's save_compressed=False):
+    every lowbit layer's weight dequantized in the model's dtype, its quantized buffers
+    dropped, so any loader reads it as an ordinary model whose weights lie on the grid."""
+    from ..nn import QUANTIZED_LINEAR_TYPES
+
+    dtype = getattr(model.config, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return state_with(model, {name: {"weight": m.dequantized_weight(dtype)} for name, m in model.named_modules()
+                              if isinstance(m, QUANTIZED_LINEAR_TYPES)})
+
+
+def save(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: str = None, overwrite: bool = False,
+         compressed: bool = True, max_shard_size=MAX_SHARD_SIZE, save_format: str = None, **format_options) -> None:
+    """Write config.json (with quantization_config), safetensors, the tokenizer and
+    recipe.yaml to a temporary directory beside `output_dir`, then swap it into place, so
+    that `output_dir` holds the old or the complete new checkpoint at every instant (see
+    files.write_directory for the paths it refuses). compressed=False writes the
+    decompressed model instead (decompressed_state_dict; config.json without
+    quantization_config). save_format: None or "safetensors" for this directory, or a format of
+    FILE_FORMATS ("gguf": the model's GGUF file and recipe.yaml, the format's options such as
+    gguf_type passed on)."""
+    if save_format not in (None, "safetensors", *FILE_FORMATS):
+        raise ValueError(f"save_format={save_format!r} is not a format lowbit writes; use one of "
+                         f"{', '.join(repr(f) for f in ['safetensors', *FILE_FORMATS])}")
+    if format_options and save_format not in FILE_FORMATS:
+        raise TypeError(f"{sorted(format_options)} are options of save_format='gguf', not of a safetensors checkpoint")
+
+    def write(tmp: str) -> None:
+        if save_format in FILE_FORMATS:
+            FILE_FORMATS[save_format].write_into(model, tmp, tokenizer=tokenizer, **format_options)
+        elif compressed:
+            write_safetensors(compressed_state_dict(model), tmp, max_shard_size)
+            model.config.save_pretrained(tmp)
+        else:
+            write_safetensors(decompressed_state_dict(model), tmp, max_shard_size)
+            config = copy.deepcopy(model.config)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            config.save_pretrained(tmp)
+        if save_format not in FILE_FORMATS:
+            if getattr(model, "generation_config", None) is not None and model.can_generate():
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        if recipe_yaml:
+            with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as f:
+                f.write(recipe_yaml)
+
+    write_directory(output_dir, write, overwrite, protected=model_directories(model))
+
+
+# The public name (lowbit.save_compressed), as llmcompressor calls it.
+save_compressed = save
+
+# transformers' save_pretrained arguments that a lowbit checkpoint has no use for: accepted, ignored.
+_SAVE_PRETRAINED_IGNORED = {"state_dict", "save_function", "variant", "token", "save_peft_format", "save_original_format",
+                            "commit_message", "private", "create_pr", "safe_serialization"}
+
+
+def attach_save_pretrained(model: nn.Module, recipe_yaml: str = None) -> None:
+    """Make `model.save_pretrained(dir, save_compressed=True)` write lowbit's checkpoint, as
+    llmcompressor's oneshot does to the models it returns: transformers' own method would
+    write the layers' in-memory buffers (zero points unpacked, bitsandbytes' state missing),
+    which no loader reads. save_compressed=False writes the decompressed float model."""
+
+    def save_pretrained(self, save_directory, save_compressed: bool = True, max_shard_size=MAX_SHARD_SIZE,
+                        is_main_process: bool = True, push_to_hub: bool = False, **kwargs):
+        if push_to_hub:
+            raise ValueError("save_pretrained(push_to_hub=True): lowbit works offline; save to a directory and upload "
+                             "it with huggingface_hub's upload_folder")
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("save_pretrained(safe_serialization=False): lowbit writes safetensors only (never pickle)")
+        unknown = sorted(set(kwargs) - _SAVE_PRETRAINED_IGNORED)
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments {unknown}")
+        if not isinstance(save_compressed, bool):
+            raise TypeError(f"save_compressed must be True or False, got {save_compressed!r}")
+        if is_main_process:
+            save(self, save_directory, recipe_yaml=recipe_yaml, overwrite=True, compressed=save_compressed,
+                 max_shard_size=max_shard_size)
+
+    model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+# ---------------------------------------------------------------- loading
+
+def load(path, dtype: torch.dtype = None) -> nn.Module:
+    """Load a checkpoint directory into lowbit modules: compressed-tensors checkpoints (from
+    lowbit or llmcompressor) get PackedLinear / Int8DynamicLinear / Fp8Linear layers, bitsandbytes
+    checkpoints (from lowbit or transformers) NF4Linear (4-bit) or Int8OutlierLinear (8-bit)
+    layers, all running lowbit's kernels; an unquantized directory loads as transformers
+    would load it. Nothing is allocated before the files are checked against config.json on
+    a meta-device skeleton: a tensor the model does not expect, one it lacks, or one of the
+    wrong shape, dtype or value range is a ValueError naming it, never random weights."""
+    from transformers import AutoModelForCausalLM
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a checkpoint directory")
+    dtype = resolve_dtype(dtype, "dtype")
+    config, qc = read_config(path)
+    stored = read_headers(path)
+    check_layer_count(config, stored)
+    if qc is None:
+        check_against_skeleton(_skeleton(config, dtype), stored, path, unquantized=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
+                                                           output_loading_info=True)
+        check_loading_info(info, path)
+        return model.eval()
+    fmt = DIRECTORY_FORMATS.get(qc.get("quant_method"))
+    if fmt is None:
+        raise ValueError(f"lowbit.load reads checkpoints of quant_method {', '.join(map(repr, DIRECTORY_FORMATS))}, "
+                         f"not {qc.get('quant_method')!r}")
+    dtype = dtype or config.dtype or torch.float32
+    state = read_safetensors(path)
+    skeleton = _skeleton(config, dtype)
+    meta_state = dict(state)
+    fmt.load_into(skeleton, qc, meta_state, dtype, "meta")
+    check_against_skeleton(skeleton, meta_state, path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fmt.load_into(model, qc, state, dtype, "cpu")
+    model.load_state_dict(state, strict=False)
+    check_quantized_values(model, path)
+    for name, module in model.named_modules():  # a quantized KV cache divides by its scales
+        if getattr(module, "_lowbit_kv_scheme", None) is not None:
+            for scale in ("k_scale", "v_scale"):
+                t = getattr(module, scale)
+                if not (torch.isfinite(t).all() and (t > 0).all()):
+                    raise ValueError(f"{path}: {name}.{scale} must be finite and > 0 (the KV cache's scale), "
+                                     f"got {t.flatten()[:4].tolist()}")
+    model.tie_weights()
+    model.config.quantization_config = qc
+    attach_save_pretrained(model)
+    return model.eval()
+
+
+def _skeleton(config, dtype) -> nn.Module:
+    """The model config.json describes, on the meta device: its shapes cost no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or config.dtype or torch.float32)

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from ..schemes import QuantizationArgs
-from .base import Modifier, matches
+from ..schemes import GGUFScheme, QuantizationArgs
+from ..targets import matches
+from .base import Modifier
 from .quantization import QuantizationModifier
 from .scaling import architecture_mappings, fold_scales, nearest_balance_layers, output_width
 
@@ -227,7 +228,8 @@ class AWQModifier(Modifier):
             gram, _ = self._clip_grams.pop(name)
             to_clip.append((name, plan[name][0], F.mirror_hessian_(gram)))
         for name, module, gram in to_clip:
-            self._clip(name, module, gram, plan[name][1].weights)
+            scheme = plan[name][1]
+            self._clip(name, module, gram, scheme.search_args if isinstance(scheme, GGUFScheme) else scheme.weights)
 
     def _clip(self, name: str, module: nn.Linear, gram: torch.Tensor, args: QuantizationArgs) -> None:
         if args.strategy not in ("group", "channel"):
@@ -249,7 +251,11 @@ class AWQModifier(Modifier):
 
 
 def _weight_args(m: _Mapping, plan) -> QuantizationArgs:
-    args = {plan[n][1].weights for n in m.balance_names if n in plan}
+    schemes = [plan[n][1] for n in m.balance_names if n in plan]
+    if all(isinstance(s, GGUFScheme) for s in schemes):
+        # llama.cpp's mixes give q / k / v (gate / up) different types: search on the coarsest grid
+        return min((s.search_args for s in schemes), key=lambda a: a.num_bits)
+    args = {s.weights for s in schemes}
     if len(args) > 1:
         raise ValueError(f"AWQ: {', '.join(m.balance_names)} share one input but are quantized with different "
                          "weight schemes; AWQ searches one scale for them: give them the same scheme")

@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from typing import Dict, Iterable, List, Sequence, Union
 
 from torch import nn
 
 from ..nn import QUANTIZED_LINEAR_TYPES
-from ..nn.convert import Conv1D, quantize_module
-
-LINEAR_TYPES = (nn.Linear, Conv1D)
-
-
-def _as_list(value: Union[None, str, Sequence[str]], what: str = "targets / ignore") -> List[str]:
-    """A pattern or a list of patterns (module names, class names, 're:' regexes) as a list."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{what} must be a string or a list of strings (a class name such as 'Linear', a module "
-                        f"name, or 're:<regex>'), got {value!r}")
-    return list(value)
-
-
-def in_features(module: nn.Module) -> int:
-    """Input width of a Linear-like layer (Conv1D stores its weight as [in, out])."""
-    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
-
-
-def matches(pattern: str, name: str, module: nn.Module) -> bool:
-    """llmcompressor's target grammar: 're:<regex>' (re.match on the module name), an exact
-    module name, or a class name ("Linear" also covers transformers' Conv1D)."""
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], name) is not None
-    if pattern == name or pattern == type(module).__name__:
-        return True
-    return pattern == "Linear" and isinstance(module, LINEAR_TYPES)
+from ..nn.convert import quantize_module
+from ..targets import LINEAR_TYPES, as_list, matches
 
 
 class Modifier:
@@ -57,8 +28,8 @@ class Modifier:
     transforms_layers = False
 
     def __init__(self, targets: Union[str, Sequence[str]] = "Linear", ignore: Union[None, str, Sequence[str]] = None):
-        self.targets = _as_list(targets, "targets")
-        self.ignore = _as_list(ignore, "ignore")
+        self.targets = as_list(targets, "targets")
+        self.ignore = as_list(ignore, "ignore")
         if not self.targets:
             raise ValueError(f"{type(self).__name__} needs at least one target (for example targets='Linear')")
 

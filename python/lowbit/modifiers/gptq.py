@@ -14,9 +14,11 @@ from .. import functional as F
 from .. import ops
 from ..nn.convert import check_scheme
 from ..nn.fp8_linear import Fp8Linear
+from ..nn.gguf_linear import GGUFLinear
 from ..nn.int8_dynamic import Int8DynamicLinear
 from ..nn.packed_linear import PackedLinear
-from ..schemes import QuantizationScheme
+from .. import ggml
+from ..schemes import GGUFScheme, QuantizationScheme
 from .quantization import QuantizationModifier, static_input
 
 logger = logging.getLogger("lowbit")
@@ -28,7 +30,10 @@ class GPTQModifier(QuantizationModifier):
     activation scheme (W8A8, W4A8, FP8_DYNAMIC), GPTQ quantizes the weights and the activations
     are quantized as QuantizationModifier's layers do (static scales calibrated on the data).
     FP8 weights (FP8, FP8_DYNAMIC, FP8_BLOCK, type 'float') are solved onto the E4M3 grid with
-    round-to-nearest's tile scales.
+    round-to-nearest's tile scales. A GGUF type as scheme ("Q4_K_M", "Q3_K_M", "Q4_0", ...) solves
+    each Linear onto the ggml blocks of the tensor type llama.cpp's rules give it: the block
+    scales (and K-quants' sub-block scales and minimums) are fixed up front by ggml's own
+    quantizer weighted by diag(H), then GPTQ's error feedback chooses the codes.
 
     block_size, dampening_frac (0.01: the damping starts at 1% of mean(diag H) and doubles
     while the Cholesky factorisation fails; RTN with a warning if none succeeds) and
@@ -50,9 +55,10 @@ class GPTQModifier(QuantizationModifier):
         self.block_size, self.dampening_frac, self.actorder = block_size, dampening_frac, actorder
         self.offload_hessians = offload_hessians
         # The modifier's actorder applies to every group that does not set its own.
-        self.groups = [(t, QuantizationScheme(replace(s.weights, actorder=s.weights.actorder or actorder),
-                                              s.input_activations)) for t, s in self.groups]
-        if any(s.weights.actorder == "group" for _, s in self.groups):
+        self.groups = [(t, s if isinstance(s, GGUFScheme) else
+                        QuantizationScheme(replace(s.weights, actorder=s.weights.actorder or actorder),
+                                           s.input_activations)) for t, s in self.groups]
+        if any(not isinstance(s, GGUFScheme) and s.weights.actorder == "group" for _, s in self.groups):
             warnings.warn("actorder='group' saves weight_g_idx, which compressed-tensors 0.19 (and with it stock "
                           "transformers and llmcompressor 0.14) no longer reads: such checkpoints load with "
                           "lowbit.load only. Use actorder='static' (= 'weight') for checkpoints that load everywhere.",
@@ -88,15 +94,17 @@ class GPTQModifier(QuantizationModifier):
         self._last_input = (None, None)
         h, n = self._hessians.pop(name)
         F.mirror_hessian_(h)  # idempotent: a shared Hessian may be mirrored once per module
-        a = scheme.weights
         cols = module.in_features
         if n < cols:
             warnings.warn(f"{name}: {n} calibration tokens for {cols} input columns; the Hessian is "
                           "rank-deficient (damping keeps it invertible). Give more or longer samples.", stacklevel=2)
         w = module.weight.detach()
-        if a.type == "float":
+        if isinstance(scheme, GGUFScheme):
+            layer, rtn, damping = self._solve_gguf(module, scheme.tensor_type, h)
+        elif scheme.weights.type == "float":
             layer, rtn, damping = self._solve_fp8(name, module, scheme, h)
         else:
+            a = scheme.weights
             layer, damping = self._solve_int(name, module, scheme, h)
             rtn = F.fake_quantize(w, a.num_bits, a.symmetric, a.strategy, a.group_size, a.weight_observer)
         if damping < 0:
@@ -145,6 +153,32 @@ class GPTQModifier(QuantizationModifier):
         layer = Fp8Linear.from_codes(module, scheme, codes, scale,
                                      input_scale=self.input_scale(name, scheme, w.dtype))
         return layer, rtn, damping
+
+    def _solve_gguf(self, module: nn.Linear, tensor_type: str, h: torch.Tensor):
+        """GPTQ onto ggml's blocks: ggml's quantizer, weighted by the inputs' E[x^2] = diag(H) / 2
+        (llama.cpp's importance matrix), fixes every block's scales; each sub-block is then the
+        affine grid scale * q + offset (q in [0, 2^bits - 1]), over which GPTQ picks the codes
+        (a fractional zero point z = -offset / scale - 2^(bits - 1) on the signed codes), and the
+        codes go back into ggml's blocks. -> (GGUFLinear, the RTN weight, damping)."""
+        w = module.weight.detach()
+        importance = (torch.diag(h) / 2).clamp_min(0).contiguous()
+        blocks = ops.gguf_quantize(w, tensor_type, importance)
+        rtn = ops.gguf_dequantize(blocks, tensor_type, w.shape[1], torch.float32)
+        scale, offset = ops.gguf_grid(blocks, tensor_type, w.shape[1])
+        bits, sub_block, _ = ggml.GRIDS[tensor_type]
+        half = 1 << (bits - 1)
+        # A sub-block of zeros has scale 0: any code decodes to its offset (0 there); a tiny scale
+        # keeps the solve finite and its codes harmless.
+        scale = torch.where(scale == 0, torch.full_like(scale, 1e-12), scale)
+        zero = (-offset / scale - half).contiguous()
+        wf, dead = w.float().clone(), torch.diag(h) == 0
+        wf[:, dead] = 0  # inputs that never fire: their weights cannot matter
+        perm, col_group, _, _ = F._column_groups(torch.diag(h).masked_fill(dead, 1), w.shape[1], sub_block,
+                                                 "static" if self.actorder in ("static", "weight", "group") else None)
+        codes, _, _, damping = ops.gptq_solve(wf[:, perm].contiguous(), h, perm, scale.contiguous(), zero, col_group,
+                                              bits, self.block_size, self.dampening_frac)
+        codes = (codes[:, torch.argsort(perm)].to(torch.int16) + half).to(torch.uint8)
+        return GGUFLinear.from_blocks(module, tensor_type, ops.gguf_encode(codes, blocks, tensor_type)), rtn, damping
 
     @staticmethod
     def _output_error(h: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:

@@ -1,16 +1,55 @@
-"""IMatrixGatherer: llmcompressor's importance-matrix pass, for the imatrix_mse observer."""
+"""IMatrixGatherer: llmcompressor's importance-matrix pass (for the imatrix_mse observer) and
+llama.cpp's importance matrix (sum of x^2 per input column of every Linear, and the token
+count), which weights ggml's scale searches when a GGUF file is written."""
 
 from __future__ import annotations
 
+from typing import Dict
+
+import torch
+from torch import nn
+
+from ..ggml import IMatrix
 from .base import Modifier
 
 
 class IMatrixGatherer(Modifier):
-    """Makes oneshot run the calibration data through the model so that schemes with the
-    imatrix_mse observer get E[x^2] per input column of each layer they quantize (the
-    quantizing modifiers gather it themselves while the layer-sequential pass runs; GPTQ reads
-    it from its Hessian's diagonal). It quantizes nothing; targets / ignore are accepted as
-    llmcompressor's IMatrixGatherer takes them."""
+    """Runs the calibration data through the model and records llama.cpp's importance matrix
+    of every targeted Linear inside the decoder layers (`.imatrix` afterwards). It also makes
+    oneshot gather E[x^2] for schemes with the imatrix_mse observer (the quantizing modifiers
+    collect it themselves while the layer-sequential pass runs; GPTQ reads it from its
+    Hessian's diagonal). It quantizes nothing; targets / ignore are llmcompressor's."""
 
     requires_calibration = True
     collects_statistics = True
+
+    def __init__(self, targets="Linear", ignore=None):
+        super().__init__(targets, ignore)
+        self._selected: set = set()
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._counts: Dict[str, int] = {}
+
+    def prepare(self, model: nn.Module, layer_names, plan) -> None:
+        self._selected = set(self.select(model))
+        self._sums, self._counts = {}, {}
+
+    def layer_hooks(self, prefix: str, layer: nn.Module, plan) -> list:
+        hooks = []
+        for local, module in layer.named_modules():
+            name = f"{prefix}.{local}"
+            if name in self._selected:
+                hooks.append(module.register_forward_pre_hook(self._accumulator(name)))
+        return hooks
+
+    def _accumulator(self, name: str):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            total = self._sums.get(name)
+            squares = x.double().pow(2).sum(0)
+            self._sums[name] = squares if total is None else total + squares
+            self._counts[name] = self._counts.get(name, 0) + x.shape[0]
+        return accumulate
+
+    @property
+    def imatrix(self) -> IMatrix:
+        return IMatrix({n: s.float() for n, s in self._sums.items()}, dict(self._counts))

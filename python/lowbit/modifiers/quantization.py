@@ -9,8 +9,10 @@ from torch import nn
 
 from ..nn import kv_cache as kv
 from ..nn.convert import check_scheme, quantize_module
-from ..schemes import QuantizationScheme, args_from_dict, plain, resolve_scheme
-from .base import Modifier, _as_list
+from .. import ggml
+from ..schemes import GGUFScheme, QuantizationScheme, args_from_dict, plain, resolve_scheme
+from ..targets import as_list
+from .base import Modifier
 from .observers import ActivationRange
 
 
@@ -22,7 +24,9 @@ class QuantizationModifier(Modifier):
     ones (FP8, or input_activations with dynamic: false) calibrate one input scale per Linear
     on it with the activations' observer. Given data, the runner logs each layer's output
     error, and a scheme with the imatrix_mse observer weighs its range search by E[x^2] of
-    each input column on it."""
+    each input column on it. A GGUF type as scheme ("Q4_K_M", "Q4_0", ...: llama-quantize's
+    names) puts each Linear on the ggml blocks llama.cpp's rules give it, exactly as ggml
+    quantizes, weighted by E[x^2] (llama.cpp's importance matrix) when data is given."""
 
     def __init__(self, scheme: Union[None, str, dict, QuantizationScheme] = None,
                  config_groups: Optional[dict] = None, targets: Union[str, Sequence[str]] = "Linear",
@@ -46,7 +50,7 @@ class QuantizationModifier(Modifier):
         self._importance: Dict[str, Tuple[torch.Tensor, int]] = {}
         self._input_ranges: Dict[str, ActivationRange] = {}  # static activation scales being calibrated
         self._planned: Dict[str, QuantizationScheme] = {}  # module name -> scheme, set by plan()
-        self.collects_statistics = any(s.weights.observer == "imatrix_mse" for _, s in self.groups)
+        self.collects_statistics = any(uses_importance(s) for _, s in self.groups)
         self.requires_calibration = self.requires_calibration or any(static_input(s) for _, s in self.groups)
         for _, scheme in self.groups:
             check_scheme(scheme)
@@ -68,13 +72,13 @@ class QuantizationModifier(Modifier):
                 if acts is not None and not isinstance(acts, dict):
                     raise ValueError(f"config_groups[{name!r}]['input_activations'] must be a dict or null, got {acts!r}")
                 scheme = QuantizationScheme(args_from_dict(group["weights"]), args_from_dict(acts) if acts else None)
-                groups.append((_as_list(group.get("targets", self.targets), f"config_groups[{name!r}]['targets']"),
+                groups.append((as_list(group.get("targets", self.targets), f"config_groups[{name!r}]['targets']"),
                                scheme))
             return groups
         if isinstance(self.scheme, dict) and "weights" not in self.scheme:  # {preset: targets}
             if not self.scheme:
                 raise ValueError("scheme is an empty dict: give a preset name such as 'W4A16', or {preset: targets}")
-            return [(_as_list(targets, f"scheme[{preset!r}]"), resolve_scheme(preset))
+            return [(as_list(targets, f"scheme[{preset!r}]"), resolve_scheme(preset))
                     for preset, targets in self.scheme.items()]
         return [(self.targets, resolve_scheme(self.scheme))]
 
@@ -83,8 +87,15 @@ class QuantizationModifier(Modifier):
         first config group that matches a module wins."""
         out: Dict[str, Tuple[nn.Module, QuantizationScheme]] = {}
         for targets, scheme in self.groups:
+            types = ggml.module_tensor_types(model, scheme.file_type) if isinstance(scheme, GGUFScheme) else None
             for name, module in self.select(model, targets).items():
-                out.setdefault(name, (module, scheme))
+                if types is not None:
+                    if name not in types:
+                        raise ValueError(f"{name} has no place in a GGUF file of {type(model).__name__} (lowbit writes "
+                                         "the tensors llama.cpp's converter writes); add it to ignore")
+                    out.setdefault(name, (module, GGUFScheme(scheme.file_type, types[name])))
+                else:
+                    out.setdefault(name, (module, scheme))
         self._planned = {name: scheme for name, (_, scheme) in out.items()}
         return out
 
@@ -120,14 +131,14 @@ class QuantizationModifier(Modifier):
     def observes_input(self, name: str) -> bool:
         """True when module `name` needs statistics of its input (imatrix_mse, static activations)."""
         scheme = self._planned.get(name)
-        return scheme is not None and (scheme.weights.observer == "imatrix_mse" or static_input(scheme))
+        return scheme is not None and (uses_importance(scheme) or static_input(scheme))
 
     def observe_input(self, name: str, x: torch.Tensor) -> None:
         """Gather what module `name`'s scheme needs from one calibration input x: the sum of x^2
         per input column (float64) and the token count for imatrix_mse, the range for a static
         activation scale."""
         scheme = self._planned[name]
-        if scheme.weights.observer == "imatrix_mse":
+        if uses_importance(scheme):
             x2d = x.detach().reshape(-1, x.shape[-1])
             total, n = self._importance.get(name, (0.0, 0))
             self._importance[name] = (x2d.double().pow(2).sum(0) + total, n + x2d.shape[0])
@@ -146,7 +157,11 @@ class QuantizationModifier(Modifier):
     def importance(self, name: str) -> Optional[torch.Tensor]:
         """E[x^2] per input column of module `name` on the calibration data (imatrix_mse), or None."""
         total, n = self._importance.pop(name, (None, 0))
-        return None if total is None else (total / max(n, 1)).float()
+        if total is None:
+            return None
+        if isinstance(self._planned.get(name), GGUFScheme):  # llama.cpp's imatrix: float32 sums / count
+            return total.float() / float(n)
+        return (total / max(n, 1)).float()
 
     def input_scale(self, name: str, scheme: QuantizationScheme, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """The calibrated static activation scale of module `name` ([1] in dtype), None if dynamic."""
@@ -159,6 +174,8 @@ class QuantizationModifier(Modifier):
         return observed.scale(dtype)
 
     def quantize_module(self, name: str, module: nn.Module, scheme) -> nn.Module:
+        if isinstance(scheme, GGUFScheme):
+            return quantize_module(module, scheme, importance=self.importance(name))
         return quantize_module(module, scheme, importance=self.importance(name),
                                input_scale=self.input_scale(name, scheme, module.weight.dtype))
 
@@ -175,4 +192,10 @@ class QuantizationModifier(Modifier):
 
 
 def static_input(scheme: QuantizationScheme) -> bool:
-    return scheme.input_activations is not None and not scheme.input_activations.dynamic
+    return (not isinstance(scheme, GGUFScheme) and scheme.input_activations is not None
+            and not scheme.input_activations.dynamic)
+
+
+def uses_importance(scheme) -> bool:
+    """True when the scheme's quantizer weighs its search by E[x^2] per input column."""
+    return isinstance(scheme, GGUFScheme) or scheme.weights.observer == "imatrix_mse"

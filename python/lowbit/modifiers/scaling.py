@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from .base import matches
+from ..targets import matches
 
 
 def _common_prefix(a: str, b: str) -> int:

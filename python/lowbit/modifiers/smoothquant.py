@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .. import functional as F
-from .base import Modifier, _as_list, matches
+from ..targets import as_list, matches
+from .base import Modifier
 from .scaling import architecture_mappings, fold_scales, nearest_balance_layers, output_width
 
 logger = logging.getLogger("lowbit")
@@ -44,7 +45,7 @@ def _parse_mapping(m) -> SmoothQuantMapping:
     if isinstance(m, dict) and set(m) == {"balance_layers", "smooth_layers"}:
         m = (m["balance_layers"], m["smooth_layers"])
     if isinstance(m, (list, tuple)) and len(m) == 2 and isinstance(m[1], str):  # llmcompressor: [[balance...], smooth]
-        return SmoothQuantMapping(_as_list(m[0], "balance_layers"), m[1])
+        return SmoothQuantMapping(as_list(m[0], "balance_layers"), m[1])
     raise ValueError(f"a SmoothQuant mapping is [[balance layer patterns...], smooth layer pattern], e.g. "
                      f"[['re:.*q_proj', 're:.*k_proj', 're:.*v_proj'], 're:.*input_layernorm'], got {m!r}")
 

@@ -7,8 +7,9 @@ from typing import Optional, Union
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..schemes import QuantizationArgs, QuantizationScheme, resolve_scheme
+from ..schemes import GGUFScheme, QuantizationArgs, QuantizationScheme, resolve_scheme
 from .fp8_linear import Fp8Linear, check_fp8_scheme
+from .gguf_linear import GGUFLinear
 from .int8_dynamic import Int8DynamicLinear
 from .packed_linear import PackedLinear, check_activations
 
@@ -23,7 +24,7 @@ def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, Qu
     """The quantized replacement of an nn.Linear / transformers Conv1D (importance: E[x^2] per
     input column, for the imatrix_mse observer; input_scale: a calibrated static activation scale).
 
-    nn.Linear with FP8 weights -> Fp8Linear; with W8A8 (dynamic or static activations) ->
+    nn.Linear with a GGUF scheme -> GGUFLinear (ggml's blocks); with FP8 weights -> Fp8Linear; with W8A8 (dynamic or static activations) ->
     Int8DynamicLinear (an int8 GEMM); any other scheme -> PackedLinear (with int8 activations
     per token for W4A8 and the like).
     A Conv1D (GPT-2's [in, out] layers) keeps its class and gets the dequantized weight,
@@ -31,6 +32,12 @@ def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, Qu
     Conv1D, so these layers are saved as float values that lie on the integer grid.
     """
     scheme = resolve_scheme(scheme)
+    if isinstance(scheme, GGUFScheme):
+        if not isinstance(module, nn.Linear) or scheme.tensor_type is None:
+            raise ValueError(f"GGUF schemes quantize nn.Linear layers of the architectures lowbit writes as GGUF, each "
+                             f"to the tensor type its modifier's plan chose; got a {type(module).__name__} with "
+                             f"{scheme}")
+        return GGUFLinear.from_linear(module, scheme.tensor_type, importance)
     args = scheme.weights
     if isinstance(module, nn.Linear) and args.type == "float":
         return Fp8Linear.from_linear(module, scheme, input_scale=input_scale)
@@ -54,6 +61,8 @@ def quantize_module(module: nn.Module, scheme: Union[str, QuantizationScheme, Qu
 
 def check_scheme(scheme: QuantizationScheme) -> None:
     """ValueError, before any work, for a scheme no lowbit layer runs."""
+    if isinstance(scheme, GGUFScheme):
+        return
     if scheme.weights.type == "float":
         w = scheme.weights
         rows, cols = w.block_structure if w.strategy == "block" else (1, 1)

@@ -12,14 +12,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..formats.checkpoint import check_output_dir, model_directories
-from ..formats.compressed_tensors import attach_save_pretrained, quantization_config, save_compressed_checkpoint
-from ..formats import bitsandbytes
-from ..modifiers import BnB4bitScheme, LLMInt8Scheme, Modifier
-from ..modifiers.base import in_features
+from ..formats import checkpoint
+from ..modifiers import IMatrixGatherer, Modifier
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
-from ..schemes import QuantizationScheme
+from .. import ggml
+from ..schemes import GGUFScheme, QuantizationScheme
+from ..targets import in_features
 from .arguments import parse_recipe_args, pipeline_mode, warn_no_effect
 from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
@@ -66,7 +65,7 @@ def _load(model, tokenizer, *, config_name=None, precision="auto", trust_remote_
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
     if tokenizer is None:  # as llmcompressor: the tokenizer saved beside the model
-        for directory in model_directories(model):
+        for directory in checkpoint.model_directories(model):
             try:
                 tokenizer = AutoTokenizer.from_pretrained(directory)
                 break
@@ -125,7 +124,7 @@ def _plan(model: nn.Module, modifiers) -> Tuple[Plan, Dict[str, Modifier]]:
             if name in plan:
                 raise ValueError(f"module {name!r} is targeted by two modifiers; give it to one of them")
             plan[name], owners[name] = entry, modifier
-    if not plan:
+    if not plan and not any(isinstance(m, IMatrixGatherer) for m in modifiers):  # (gatherers only measure)
         asked = "; ".join(f"{type(m).__name__}(targets={m.targets}, ignore={m.ignore})" for m in modifiers)
         raise ValueError(f"the recipe quantizes no layer of {type(model).__name__}: {asked} leave nothing to "
                          "quantize (every target is ignored or already quantized); fix targets / ignore")
@@ -153,7 +152,8 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
             concatenate_data: bool = False, pad_to_max_length: bool = False, pipeline: Optional[str] = None,
             stage: Optional[str] = None, recipe_args=None, precision="auto", config_name=None,
             tie_word_embeddings: bool = True, trust_remote_code_model: bool = False, model_revision: str = "main",
-            sequential_targets=None, log_dir: Optional[str] = None, shuffle: Optional[bool] = None, **kwargs):
+            sequential_targets=None, log_dir: Optional[str] = None, shuffle: Optional[bool] = None,
+            save_format: Optional[str] = None, gguf_type: Optional[str] = None, **kwargs):
     """Quantize `model` (a PreTrainedModel or a local path) in place with `recipe` and return it.
 
     recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "NF4", "INT8_OUTLIER", ...), a
@@ -168,6 +168,9 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     LLM.int8(); save_compressed=False: the decompressed float model), written to a temporary
     directory, then renamed; an existing non-empty directory is refused unless overwrite=True.
     The returned model's save_pretrained(dir, save_compressed=True) writes the same checkpoint.
+    save_format="gguf" writes output_dir/model-<gguf_type>.gguf (and recipe.yaml) for llama.cpp
+    instead; gguf_type defaults to the recipe's GGUF scheme (GPTQModifier(scheme="Q4_K_M"), ...),
+    and the tensors the recipe left float take llama.cpp's rules for that type.
 
     Every other argument of llmcompressor 0.14's oneshot is accepted: pipeline ("sequential" =
     "independent", "basic": every layer calibrated on float activations, "datafree"),
@@ -191,12 +194,13 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
             raise ValueError("pass the calibration data as dataset= or dataset_path=, not both")
         dataset = dataset_path
     if output_dir is not None:  # refused before any work; checked again when the checkpoint is written
-        check_output_dir(output_dir, overwrite, [model] if isinstance(model, (str, os.PathLike))
-                         else model_directories(model))
+        checkpoint.check_output_dir(output_dir, overwrite, [model] if isinstance(model, (str, os.PathLike))
+                                    else checkpoint.model_directories(model))
     model, tokenizer = _load(model, _tokenizer_of(tokenizer if tokenizer is not None else processor),
                              config_name=config_name, precision=precision, trust_remote_code=trust_remote_code_model,
                              model_revision=model_revision, tie_word_embeddings=tie_word_embeddings)
     plan, owners = _plan(model, modifiers)
+    save_options = _save_options(model, plan, tokenizer, output_dir, save_format, gguf_type)
     needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
     if mode == "datafree":
         if needs_data:
@@ -236,11 +240,34 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     kv_schemes = [m.kv_cache_scheme for m in modifiers if getattr(m, "kv_cache_scheme", None) is not None]
     _finish_config(model, plan, output_embeddings, kv_schemes[0] if kv_schemes else None)
     recipe_yaml = recipe_to_yaml(modifiers, args)
-    attach_save_pretrained(model, recipe_yaml)
+    checkpoint.attach_save_pretrained(model, recipe_yaml)
     if output_dir is not None:
-        save_compressed_checkpoint(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_yaml,
-                                   overwrite=overwrite, compressed=save_compressed)
+        checkpoint.save(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_yaml, overwrite=overwrite,
+                        compressed=save_compressed, **save_options)
     return model
+
+
+def _save_options(model, plan: Plan, tokenizer, output_dir, save_format, gguf_type) -> dict:
+    """checkpoint.save's format arguments, checked before any work: for GGUF, the file type (the
+    recipe's GGUF scheme unless given), an architecture and a tokenizer llama.cpp can take."""
+    if save_format is None or save_format == "safetensors":
+        if gguf_type is not None:
+            raise ValueError("gguf_type is an option of save_format='gguf'")
+        return {} if save_format is None else {"save_format": save_format}
+    if save_format != "gguf":
+        raise ValueError(f"save_format={save_format!r} is not a format lowbit writes; use 'safetensors' or 'gguf'")
+    recipe_types = {scheme.file_type for _, scheme in plan.values() if isinstance(scheme, GGUFScheme)}
+    if gguf_type is None:
+        if len(recipe_types) != 1:
+            raise ValueError("save_format='gguf' needs gguf_type= (e.g. 'Q4_K_M'), or a recipe whose scheme is one GGUF "
+                             f"type (e.g. GPTQModifier(scheme='Q4_K_M')); the recipe has {sorted(recipe_types) or 'none'}")
+        gguf_type = recipe_types.pop()
+    ggml.file_type(gguf_type)
+    ggml.architecture(model)
+    if output_dir is not None and tokenizer is None:
+        raise ValueError("save_format='gguf' needs the tokenizer (tokenizer=, or one saved in the model's directory): "
+                         "llama.cpp reads the vocabulary from the GGUF file")
+    return {"save_format": "gguf", "gguf_type": gguf_type}
 
 
 def dispatch_for_generation(model):
@@ -267,15 +294,12 @@ def _log_to(log_dir):
 
 
 def _finish_config(model, plan: Plan, output_embeddings: nn.Module, kv_cache_scheme=None) -> None:
-    """Record the quantization in model.config, as compressed-tensors (or, for NF4 / FP4 and
-    LLM.int8(), transformers' bitsandbytes integration) describes it."""
+    """Record the quantization in model.config, as the checkpoint format of the quantized
+    modules describes it."""
     if any(module is output_embeddings for module, _ in plan.values()):
         # lm_head now holds its own quantized weight; the embedding stays float.
         model.config.tie_word_embeddings = False
-    if any(isinstance(scheme, (BnB4bitScheme, LLMInt8Scheme)) for _, scheme in plan.values()):
-        config = bitsandbytes.quantization_config(model, plan)
-    else:
-        config = quantization_config(model, plan)
+    config = checkpoint.quantization_config(model, plan)
     if config is not None:
         if kv_cache_scheme is not None:
             config["kv_cache_scheme"] = kv_cache_scheme.to_dict()

@@ -1,0 +1,391 @@
+"""GGUF files for llama.cpp: the model's tensors on ggml's block grids (quantized by lowbit's
+C++ packers, byte for byte what ggml's own quantizers write), its hyperparameters and its
+tokenizer, so that llama.cpp (and Ollama, LM Studio, ...) run the file with nothing else.
+
+Type names are llama-quantize's: a plain type (Q4_0, Q8_0, F16, ...) or a mix (Q2_K, Q3_K_M,
+Q4_K_M, ...) whose per-tensor rules (output and attn_v / ffn_down of some layers at more bits,
+32-column fallbacks for rows that are not a multiple of 256) are llama.cpp's. The `gguf`
+package writes the container; lowbit computes the blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ggml, ops
+
+# ---------------------------------------------------------------- architecture
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or {}
+    if "full_attention" in params:
+        params = params["full_attention"]
+    return dict(params)
+
+
+def _hyperparameters(writer, config, arch: str) -> None:
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    head_dim = _head_dim(config)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rope = _rope_parameters(config)
+    if "rope_theta" in rope:
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "linear":
+        gguf = ggml.gguf_package()
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope_type not in ("default", None):
+        raise ValueError(f"rope_type {rope_type!r} is not written to GGUF by lowbit yet (default and linear are)")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: Optional[dict]) -> str:
+    """llama.cpp's name (tokenizer.ggml.pre) for a byte-level BPE pre-tokenizer, from its
+    tokenizer.json description (llama.cpp's converter hashes the tokenization of a test text to
+    the same end; the structure says it without running anything)."""
+    steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        regex = steps[0].get("pattern", {}).get("Regex")
+        if regex == _LLAMA3_SPLIT:
+            return "llama-bpe"
+        if regex == _QWEN2_SPLIT:
+            return "qwen2"
+    raise ValueError(f"lowbit cannot convert this tokenizer's pre-tokenizer to GGUF ({json.dumps(pre)[:200]}); "
+                     "it knows GPT-2, SmolLM, Llama 3 and Qwen2 byte-level BPE tokenizers")
+
+
+def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.*: the byte-level BPE vocabulary (tokens, types, merges), special tokens,
+    add_bos / add_eos and the chat template, as llama.cpp's converter writes them."""
+    gguf = ggml.gguf_package()
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"lowbit converts fast (tokenizers-backed) tokenizers to GGUF, not {type(tokenizer).__name__}")
+    spec = json.loads(backend.to_str())
+    if spec["model"].get("type") != "BPE":
+        raise ValueError(f"lowbit converts byte-level BPE tokenizers to GGUF, not a {spec['model'].get('type')} one")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise ValueError(f"the tokenizer has token id {max(vocab.values())}, but the model's vocabulary is "
+                         f"{vocab_size}: pass the model's own tokenizer")
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(token_id)
+    for kind in ("bos", "eos"):
+        flag = getattr(tokenizer, f"add_{kind}_token", None)
+        if isinstance(flag, bool):
+            getattr(writer, f"add_add_{kind}_token")(flag)
+    if isinstance(getattr(tokenizer, "chat_template", None), str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# ---------------------------------------------------------------- tensors
+
+def _permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of q / k reordered for llama.cpp's rotary embedding (pairs, not halves)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensors(model: nn.Module, permute_qk: bool) -> Iterator[Tuple[str, torch.Tensor, Optional[str]]]:
+    """(GGUF name, tensor, its fixed tensor type) in the model's state-dict order: float tensors
+    (type None: the file type's rules pick it) and GGUFLinear layers' blocks (their own type);
+    q / k rows permuted for llama.cpp. Other quantized lowbit layers are refused."""
+    from ..nn import QUANTIZED_LINEAR_TYPES, GGUFLinear
+
+    config = model.config
+    arch = ggml.architecture(model)[0]
+    name_map = ggml.name_map(model)
+    blocks = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, GGUFLinear):
+            blocks[module_name] = module
+        elif isinstance(module, QUANTIZED_LINEAR_TYPES):
+            raise ValueError(f"{module_name} is a {type(module).__name__}, which lowbit cannot re-express on a GGUF "
+                             "grid; export the float model, or quantize it with a GGUF type as scheme (e.g. "
+                             "GPTQModifier(scheme='Q4_K_M')), which quantizes onto GGUF's grids")
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    tied = getattr(config, "tie_word_embeddings", False)
+    done = set()
+    for hf_name, tensor in model.state_dict().items():
+        owner, _, leaf = hf_name.rpartition(".")
+        if (tied and hf_name == "lm_head.weight") or hf_name.endswith("rotary_emb.inv_freq") or owner in done:
+            continue
+        if owner in blocks:  # the layer's weight (its blocks), then its bias
+            done.add(owner)
+            module = blocks[owner]
+            entries = [("weight", module.blocks, module.tensor_type)]
+            entries += [("bias", module.bias.detach(), None)] if module.bias is not None else []
+        else:
+            entries = [(leaf, tensor.detach(), None)]
+        for leaf, value, tensor_type in entries:
+            name = name_map.get_name(f"{owner}.{leaf}", try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ValueError(f"lowbit does not know where {owner}.{leaf} goes in a {arch} GGUF file")
+            kind = owner.rpartition(".")[2]
+            if permute_qk and kind in heads:
+                value = _permute_rows(value, heads[kind])
+            yield name, value, tensor_type
+
+
+def _columns(blocks: torch.Tensor, tensor_type: str) -> int:
+    """Values per row of ggml blocks of `tensor_type`."""
+    gguf = ggml.gguf_package()
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type]]
+    return blocks.shape[1] // size * block
+
+
+def _encode(tensor: torch.Tensor, tensor_type: str, importance: Optional[torch.Tensor]) -> np.ndarray:
+    """One tensor's bytes (quantized types: uint8 [rows, row_bytes]) or float array."""
+    if tensor_type == "F32":
+        return tensor.float().contiguous().numpy()
+    if tensor_type == "F16":
+        return tensor.to(torch.float16).contiguous().numpy()
+    if tensor_type == "BF16":
+        return tensor.to(torch.bfloat16).contiguous().view(torch.uint16).numpy()
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    return ops.gguf_quantize(rows, tensor_type, importance).numpy()
+
+
+# ---------------------------------------------------------------- writing
+
+def _check_path(path) -> str:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory; save_gguf writes one file (e.g. {os.path.join(path, 'model.gguf')})")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"the directory {parent!r} for {path!r} does not exist")
+    return path
+
+
+def save_gguf(model: nn.Module, path, tokenizer=None, type: str = "Q4_K_M", imatrix=None, pure: bool = False,
+              overwrite: bool = True) -> Dict[str, str]:
+    """Write `model` (Llama, Mistral, Qwen2 or Qwen3) to a GGUF file at `path` that llama.cpp runs
+    with nothing else: hyperparameters, `tokenizer` (required: llama.cpp needs the vocabulary)
+    and the tensors on the blocks of llama-quantize's `type` (its per-tensor rules for mixes;
+    pure=True: the base type everywhere), byte for byte what llama-quantize writes from the same
+    float weights. Layers lowbit already quantized onto GGUF blocks (a GGUF type as a modifier's
+    scheme: GPTQ, AWQ, RTN with an importance matrix) are written as they are. imatrix: an
+    IMatrix (lowbit.imatrix, lowbit.load_imatrix) or a dict of GGUF / module name -> E[x^2] per
+    input column, which weights ggml's scale searches as llama-quantize --imatrix does. The file
+    is written beside `path` and renamed into place: a failed export leaves no file. Returns
+    GGUF tensor name -> tensor type."""
+    gguf = ggml.gguf_package()
+
+    ftype = ggml.file_type(type)
+    if tokenizer is None:
+        raise ValueError("save_gguf needs the model's tokenizer (tokenizer=...): llama.cpp reads the vocabulary "
+                         "from the GGUF file")
+    path = _check_path(path)
+    if not overwrite and os.path.exists(path):
+        raise ValueError(f"{path!r} exists; pass overwrite=True to replace it")
+    arch, permute_qk = ggml.architecture(model)
+    config = model.config
+    importance = _importance_by_gguf_name(model, imatrix) if imatrix is not None else {}
+
+    tensors = list(_tensors(model, permute_qk))
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shapes = [(n, tuple(t.shape) if fixed is None else (t.shape[0], _columns(t, fixed))) for n, t, fixed in tensors]
+    types = ggml.tensor_types(shapes, ftype, n_layer=config.num_hidden_layers,
+                              n_gqa=config.num_attention_heads // n_kv, pure=pure, has_imatrix=bool(importance),
+                              big_llama=arch == "llama" and config.num_hidden_layers == 80)
+    types.update({n: fixed for n, _, fixed in tensors if fixed is not None})
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(os.path.basename(getattr(config, "_name_or_path", "") or "") or model.__class__.__name__)
+        _hyperparameters(writer, config, arch)
+        writer.add_file_type(gguf.LlamaFileType[ggml.FILE_TYPES[ftype][0]])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _tokenizer_metadata(writer, tokenizer, config.vocab_size)
+        for name, tensor, fixed in tensors:
+            tensor_type = types[name]
+            data = tensor.numpy() if fixed is not None else _encode(tensor, tensor_type, importance.get(name))
+            qtype = gguf.GGMLQuantizationType[tensor_type]
+            writer.add_tensor(name, data, raw_dtype=qtype if tensor_type not in ("F32", "F16") else None)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return types
+
+
+def write_into(model: nn.Module, directory: str, tokenizer=None, gguf_type: Optional[str] = None, imatrix=None,
+               pure: bool = False) -> str:
+    """oneshot's save_format="gguf": the model's GGUF file, model-<type>.gguf, in `directory` (the
+    checkpoint directory being written). -> the file's path."""
+    if gguf_type is None:
+        raise ValueError("save_format='gguf' needs gguf_type= (e.g. 'Q4_K_M'), or a recipe whose scheme is a GGUF type "
+                         "(e.g. GPTQModifier(scheme='Q4_K_M'))")
+    path = os.path.join(directory, f"model-{ggml.file_type(gguf_type)}.gguf")
+    save_gguf(model, path, tokenizer=tokenizer, type=gguf_type, imatrix=imatrix, pure=pure)
+    return path
+
+
+def _importance_by_gguf_name(model: nn.Module, imatrix) -> Dict[str, torch.Tensor]:
+    """An IMatrix (module or GGUF names) or a dict name -> E[x^2] per input column, keyed by
+    GGUF weight name."""
+    means = imatrix.means() if isinstance(imatrix, ggml.IMatrix) else imatrix
+    if not isinstance(means, dict):
+        raise TypeError(f"imatrix must be lowbit.imatrix's IMatrix (or lowbit.load_imatrix's), got {type(imatrix).__name__}")
+    arch = ggml.architecture(model)[0]
+    name_map = ggml.name_map(model)
+    return {_gguf_weight_name(key, name_map, arch): torch.as_tensor(values, dtype=torch.float32).contiguous()
+            for key, values in means.items()}
+
+
+# ---------------------------------------------------------------- importance matrices
+
+def save_imatrix(imatrix, path, model: nn.Module, datasets=None) -> None:
+    """Write `imatrix` (lowbit.imatrix's IMatrix) in llama.cpp's imatrix GGUF format
+    (<tensor>.in_sum2 and <tensor>.counts, F32), which llama-quantize --imatrix reads; module
+    names become `model`'s GGUF tensor names. Written beside `path`, then renamed."""
+    gguf = ggml.gguf_package()
+
+    path = _check_path(path)
+    arch = ggml.architecture(model)[0]
+    name_map = ggml.name_map(model)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type("imatrix")
+        writer.add_array("imatrix.datasets", list(datasets if datasets is not None else imatrix.datasets) or ["lowbit"])
+        chunks = max(imatrix.counts.values(), default=0)
+        writer.add_uint32("imatrix.chunk_count", chunks)
+        writer.add_uint32("imatrix.chunk_size", 1)
+        for key in sorted(imatrix.sums, key=_natural):
+            name = _gguf_weight_name(key, name_map, arch)
+            sums = imatrix.sums[key].float().reshape(1, -1).contiguous().numpy()
+            writer.add_tensor(f"{name}.in_sum2", sums)
+            writer.add_tensor(f"{name}.counts", np.array([[float(imatrix.counts[key])]], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_imatrix(path):
+    """Read llama.cpp's imatrix GGUF file (llama-imatrix's or lowbit's) -> IMatrix keyed by GGUF
+    tensor names. Only llama.cpp's GGUF imatrix format is read (its older .dat format is a raw
+    binary dump lowbit does not parse)."""
+    gguf = ggml.gguf_package()
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} is not a file (an imatrix GGUF written by llama-imatrix or lowbit.save_imatrix)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError / struct.error / ... on a bad file
+        raise ValueError(f"{path!r} is not a GGUF imatrix file ({type(e).__name__}: {e})") from None
+    kind = reader.fields.get("general.type")
+    if kind is None or kind.contents() != "imatrix":
+        raise ValueError(f"{path!r} is a GGUF file but not an imatrix (general.type is "
+                         f"{kind.contents() if kind else None!r})")
+    tensors = {t.name: t for t in reader.tensors}
+    out = ggml.IMatrix(datasets=list(reader.fields["imatrix.datasets"].contents())
+                  if "imatrix.datasets" in reader.fields else [])
+    for name, t in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[:-len(".in_sum2")]
+        counts = tensors.get(f"{base}.counts")
+        if counts is None:
+            raise ValueError(f"{path!r}: {base}.in_sum2 has no {base}.counts")
+        if t.tensor_type != gguf.GGMLQuantizationType.F32 or counts.tensor_type != gguf.GGMLQuantizationType.F32:
+            raise ValueError(f"{path!r}: {base}'s sums and counts must be F32")
+        c = np.asarray(counts.data, dtype=np.float32).reshape(-1)
+        if c.size != 1:
+            raise ValueError(f"{path!r}: {base} has {c.size} expert counts; lowbit reads dense models' imatrices")
+        out.sums[base] = torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(-1).copy())
+        out.counts[base] = int(round(float(c[0])))
+    return out
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _gguf_weight_name(key: str, name_map, arch: str) -> str:
+    if key.startswith(("blk.", "output", "token_embd")) and key.endswith(".weight"):
+        return key
+    name = name_map.get_name(f"{key}.weight", try_suffixes=(".weight",))
+    if name is None:
+        raise ValueError(f"imatrix entry {key!r} names no tensor of this {arch} model")
+    return name
