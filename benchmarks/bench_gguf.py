@@ -11,7 +11,8 @@ type by
     the same paragraphs, GPTQModifier and AWQModifier with the type as scheme (calibrated on
     the same paragraphs; the rest of the file takes llama.cpp's rules).
 Every file is scored by llama-perplexity on held-out text (the start of Pride and Prejudice,
-512-token chunks) with the same threads; bits per weight is llama.cpp's own figure.
+512-token chunks) with the same threads; bits per weight counts all the file's tensors
+(the 49152x576 embedding included).
 "gap closed" is (ppl(llama.cpp + imatrix) - ppl) / (ppl(llama.cpp + imatrix) - ppl(F32)).
 
 SmolLM2's weights come from a Q4_1 file (an asymmetric 32-element grid), so Q4_1 / Q5_x / Q4_K
@@ -59,10 +60,13 @@ def run(*args, timeout: int = 3600) -> str:
 
 
 def perplexity(path: Path, heldout: Path) -> tuple:
-    """(PPL, bits per weight) from llama-perplexity."""
+    """(PPL from llama-perplexity, bits per weight of the file's tensors)."""
+    import gguf
+
     log_text = run(tool("llama-perplexity"), "-m", path, "-f", heldout, "-c", 512, "-t", THREADS, "-b", 512)
     ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", log_text).group(1))
-    bpw = float(re.search(r"\(([0-9.]+) BPW\)", log_text).group(1))
+    tensors = gguf.GGUFReader(path).tensors
+    bpw = 8 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
     return ppl, bpw
 
 
@@ -159,9 +163,9 @@ def main():
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--speed-1b", action="store_true")
     args = parser.parse_args()
-    cpu = open("/proc/cpuinfo").read()
-    print(f"CPU: {re.search(r'model name\s*:\s*(.*)', cpu).group(1)}, {os.cpu_count()} cores; llama.cpp: "
-          f"{(llama_cpp_bin().parent / 'SOURCE').read_text().strip()}")
+    cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
+    source = (llama_cpp_bin().parent / "SOURCE").read_text().strip()
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; llama.cpp: {source}")
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
         work = Path(tmp)
         if not args.skip_quality:

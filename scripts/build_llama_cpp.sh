@@ -44,7 +44,7 @@ if ! built; then
   find "$tmp/build" \( -name 'libllama.a' -o -name 'libggml*.a' \) -exec cp {} "$tmp/out/lib/" \;
   cp "$src"/include/*.h "$src"/ggml/include/*.h "$tmp/out/include/"
   echo "llama-cpp-python $VERSION (vendor/llama.cpp, ggml $(grep -oP 'GGML_VERSION_(MAJOR|MINOR|PATCH) \K[0-9]+' \
-    "$src/ggml/CMakeLists.txt" | paste -sd.)), GGML_NATIVE on: $(grep -m1 'model name' /proc/cpuinfo)" \
+    "$src/ggml/CMakeLists.txt" | paste -sd.)), GGML_NATIVE on:$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-)" \
     >"$tmp/out/SOURCE"
   rm -rf "$CACHE"
   mv "$tmp/out" "$CACHE"  # complete or absent: a killed build leaves only its temporary directory

@@ -87,7 +87,9 @@ class QuantizationModifier(Modifier):
         first config group that matches a module wins."""
         out: Dict[str, Tuple[nn.Module, QuantizationScheme]] = {}
         for targets, scheme in self.groups:
-            types = ggml.module_tensor_types(model, scheme.file_type) if isinstance(scheme, GGUFScheme) else None
+            # a calibrating modifier (GPTQ) quantizes as llama-quantize --imatrix does, whose rules differ a little
+            types = ggml.module_tensor_types(model, scheme.file_type, has_imatrix=self.requires_calibration) \
+                if isinstance(scheme, GGUFScheme) else None
             for name, module in self.select(model, targets).items():
                 if types is not None:
                     if name not in types:
