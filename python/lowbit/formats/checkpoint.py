@@ -73,7 +73,8 @@ def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         tensors = _module_tensors(module)
         if tensors is not None:
             replaced[name] = tensors
-        elif isinstance(module, QUANTIZED_LINEAR_TYPES) and not isinstance(module, compressed_tensors.MODULE_TYPES):
+        elif isinstance(module, QUANTIZED_LINEAR_TYPES) and not any(isinstance(module, f.MODULE_TYPES)
+                                                                    for f in DIRECTORY_FORMATS.values()):
             raise ValueError(f"{name} is a {type(module).__name__}, which no Hugging Face checkpoint format holds; "
                              "save it with save_format='gguf' (or lowbit.save_gguf)")
     return state_with(model, replaced)

@@ -177,7 +177,7 @@ def _tensors(model: nn.Module, permute_qk: bool) -> Iterator[Tuple[str, torch.Te
         else:
             entries = [(leaf, tensor.detach(), None)]
         for leaf, value, tensor_type in entries:
-            name = name_map.get_name(f"{owner}.{leaf}", try_suffixes=(".weight", ".bias"))
+            name = ggml.gguf_name(name_map, f"{owner}.{leaf}")
             if name is None:
                 raise ValueError(f"lowbit does not know where {owner}.{leaf} goes in a {arch} GGUF file")
             kind = owner.rpartition(".")[2]
@@ -188,8 +188,7 @@ def _tensors(model: nn.Module, permute_qk: bool) -> Iterator[Tuple[str, torch.Te
 
 def _columns(blocks: torch.Tensor, tensor_type: str) -> int:
     """Values per row of ggml blocks of `tensor_type`."""
-    gguf = ggml.gguf_package()
-    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type]]
+    block, size = ggml.block_layout(tensor_type)
     return blocks.shape[1] // size * block
 
 
@@ -243,18 +242,11 @@ def save_gguf(model: nn.Module, path, tokenizer=None, type: str = "Q4_K_M", imat
     importance = _importance_by_gguf_name(model, imatrix) if imatrix is not None else {}
 
     tensors = list(_tensors(model, permute_qk))
-    n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     shapes = [(n, tuple(t.shape) if fixed is None else (t.shape[0], _columns(t, fixed))) for n, t, fixed in tensors]
-    types = ggml.tensor_types(shapes, ftype, n_layer=config.num_hidden_layers,
-                              n_gqa=config.num_attention_heads // n_kv, pure=pure, has_imatrix=bool(importance),
-                              big_llama=arch == "llama" and config.num_hidden_layers == 80)
+    types = ggml.model_tensor_types(model, shapes, ftype, pure=pure, has_imatrix=bool(importance))
     types.update({n: fixed for n, _, fixed in tensors if fixed is not None})
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
+    def fill(writer) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(os.path.basename(getattr(config, "_name_or_path", "") or "") or model.__class__.__name__)
         _hyperparameters(writer, config, arch)
@@ -266,6 +258,22 @@ def save_gguf(model: nn.Module, path, tokenizer=None, type: str = "Q4_K_M", imat
             data = tensor.numpy() if fixed is not None else _encode(tensor, tensor_type, importance.get(name))
             qtype = gguf.GGMLQuantizationType[tensor_type]
             writer.add_tensor(name, data, raw_dtype=qtype if tensor_type not in ("F32", "F16") else None)
+
+    _write_file(path, arch, fill)
+    return types
+
+
+def _write_file(path: str, arch: str, fill) -> None:
+    """A GGUF file filled by fill(writer), written beside `path`, synced and renamed into place:
+    `path` holds the old file or the complete new one at every instant, and a failure leaves
+    no temporary file behind."""
+    gguf = ggml.gguf_package()
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        fill(writer)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -277,7 +285,6 @@ def save_gguf(model: nn.Module, path, tokenizer=None, type: str = "Q4_K_M", imat
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    return types
 
 
 def write_into(model: nn.Module, directory: str, tokenizer=None, gguf_type: Optional[str] = None, imatrix=None,
@@ -310,35 +317,21 @@ def save_imatrix(imatrix, path, model: nn.Module, datasets=None) -> None:
     """Write `imatrix` (lowbit.imatrix's IMatrix) in llama.cpp's imatrix GGUF format
     (<tensor>.in_sum2 and <tensor>.counts, F32), which llama-quantize --imatrix reads; module
     names become `model`'s GGUF tensor names. Written beside `path`, then renamed."""
-    gguf = ggml.gguf_package()
-
     path = _check_path(path)
     arch = ggml.architecture(model)[0]
     name_map = ggml.name_map(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
+
+    def fill(writer) -> None:
         writer.add_type("imatrix")
         writer.add_array("imatrix.datasets", list(datasets if datasets is not None else imatrix.datasets) or ["lowbit"])
-        chunks = max(imatrix.counts.values(), default=0)
-        writer.add_uint32("imatrix.chunk_count", chunks)
+        writer.add_uint32("imatrix.chunk_count", max(imatrix.counts.values(), default=0))
         writer.add_uint32("imatrix.chunk_size", 1)
         for key in sorted(imatrix.sums, key=_natural):
             name = _gguf_weight_name(key, name_map, arch)
-            sums = imatrix.sums[key].float().reshape(1, -1).contiguous().numpy()
-            writer.add_tensor(f"{name}.in_sum2", sums)
+            writer.add_tensor(f"{name}.in_sum2", imatrix.sums[key].float().reshape(1, -1).contiguous().numpy())
             writer.add_tensor(f"{name}.counts", np.array([[float(imatrix.counts[key])]], dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    _write_file(path, arch, fill)
 
 
 def load_imatrix(path):

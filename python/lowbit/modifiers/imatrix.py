@@ -4,13 +4,14 @@ count), which weights ggml's scale searches when a GGUF file is written."""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
 
 from ..ggml import IMatrix
 from .base import Modifier
+from .observers import add_squares
 
 
 class IMatrixGatherer(Modifier):
@@ -26,30 +27,22 @@ class IMatrixGatherer(Modifier):
     def __init__(self, targets="Linear", ignore=None):
         super().__init__(targets, ignore)
         self._selected: set = set()
-        self._sums: Dict[str, torch.Tensor] = {}
-        self._counts: Dict[str, int] = {}
+        self._squares: Dict[str, Tuple[torch.Tensor, int]] = {}  # name -> (sum of x^2 [in], tokens)
 
     def prepare(self, model: nn.Module, layer_names, plan) -> None:
         self._selected = set(self.select(model))
-        self._sums, self._counts = {}, {}
+        self._squares = {}
 
     def layer_hooks(self, prefix: str, layer: nn.Module, plan) -> list:
         hooks = []
         for local, module in layer.named_modules():
             name = f"{prefix}.{local}"
             if name in self._selected:
-                hooks.append(module.register_forward_pre_hook(self._accumulator(name)))
+                hooks.append(module.register_forward_pre_hook(
+                    lambda mod, args, name=name: add_squares(self._squares, name, args[0])))
         return hooks
-
-    def _accumulator(self, name: str):
-        def accumulate(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            total = self._sums.get(name)
-            squares = x.double().pow(2).sum(0)
-            self._sums[name] = squares if total is None else total + squares
-            self._counts[name] = self._counts.get(name, 0) + x.shape[0]
-        return accumulate
 
     @property
     def imatrix(self) -> IMatrix:
-        return IMatrix({n: s.float() for n, s in self._sums.items()}, dict(self._counts))
+        return IMatrix({n: s.float() for n, (s, _) in self._squares.items()},
+                       {n: count for n, (_, count) in self._squares.items()})

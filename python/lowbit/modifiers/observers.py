@@ -59,3 +59,11 @@ class ActivationRange:
         levels = FP8_MAX if self.args.type == "float" else ((1 << self.args.num_bits) - 1) / 2
         scale = (absmax / levels).to(dtype).reshape(1)
         return torch.where(scale == 0, torch.finfo(dtype).eps, scale)
+
+
+def add_squares(totals: dict, name: str, x: Tensor) -> None:
+    """totals[name] = (sum of x^2 per input column in float64, tokens seen), one calibration input
+    x [..., columns] added: E[x^2] for imatrix_mse, llama.cpp's importance matrix, GGUF schemes."""
+    x2d = x.detach().reshape(-1, x.shape[-1])
+    total, n = totals.get(name, (0.0, 0))
+    totals[name] = (x2d.double().pow(2).sum(0) + total, n + x2d.shape[0])

@@ -13,7 +13,7 @@ from .. import ggml
 from ..schemes import GGUFScheme, QuantizationScheme, args_from_dict, plain, resolve_scheme
 from ..targets import as_list
 from .base import Modifier
-from .observers import ActivationRange
+from .observers import ActivationRange, add_squares
 
 
 class QuantizationModifier(Modifier):
@@ -141,9 +141,7 @@ class QuantizationModifier(Modifier):
         activation scale."""
         scheme = self._planned[name]
         if uses_importance(scheme):
-            x2d = x.detach().reshape(-1, x.shape[-1])
-            total, n = self._importance.get(name, (0.0, 0))
-            self._importance[name] = (x2d.double().pow(2).sum(0) + total, n + x2d.shape[0])
+            add_squares(self._importance, name, x)
         if static_input(scheme):
             self.observe_range(name, x)
 
