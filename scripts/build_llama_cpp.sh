@@ -10,7 +10,7 @@
 #   bash scripts/build_llama_cpp.sh            # -> ~/.cache/lowbit/llama.cpp-<version>-<key>/bin
 #
 # It is built for this CPU (GGML_NATIVE, as llama.cpp users build it), so the cache directory is
-# keyed by the CPU's flags and the build options as well as the version. About 15 minutes on two
+# keyed by the CPU's flags and the build options as well as the version. About 5 minutes on two
 # cores, the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +19,11 @@ PYTHON=${PYTHON:-.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 # No contraction of a*b+c into FMAs in ggml's scalar C: its reference quantizers then round exactly
 # as lowbit's C++ packers do, so their bytes can be compared (the SIMD kernels use explicit FMAs).
+# No AMX: ggml's AMX matmul dies of SIGILL (tilezero in its worker threads) on the AMX-capable
+# VMs lowbit is tested on, though the kernel grants the tile state; AVX-512 VNNI serves instead.
+FLAGS="-ffp-contract=off -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_OPTIONS=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON
-  -DCMAKE_C_FLAGS=-ffp-contract=off -DCMAKE_CXX_FLAGS=-ffp-contract=off
+  "-DCMAKE_C_FLAGS=$FLAGS" "-DCMAKE_CXX_FLAGS=$FLAGS"
   -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF)
 TOOLS=(llama-bench llama-quantize llama-completion llama-perplexity llama-imatrix llama-tokenize)
 KEY=$( (grep -m1 '^flags' /proc/cpuinfo; echo "${CMAKE_OPTIONS[*]} ${TOOLS[*]}") | md5sum | cut -c1-8)

@@ -184,3 +184,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"lowbit fuzz: {FUZZ_COUNTS['valid'] + FUZZ_COUNTS['invalid']} generated cases "
             f"({FUZZ_COUNTS['valid']} valid, {FUZZ_COUNTS['invalid']} invalid)")
+
+
+@pytest.fixture(scope="session")
+def llama_bin():
+    """llama.cpp's bin directory (built once by scripts/build_llama_cpp.sh, then cached)."""
+    import subprocess
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["bash", os.path.join(repo, "scripts", "build_llama_cpp.sh")], capture_output=True, text=True)
+    assert out.returncode == 0, f"scripts/build_llama_cpp.sh failed:\n{out.stderr[-2000:]}"
+    return out.stdout.strip().splitlines()[-1]

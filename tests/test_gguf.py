@@ -18,19 +18,9 @@ from lowbit.formats import gguf as lowbit_gguf
 
 import tiny_models as tm
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
 PLAIN = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16", "F32"]
 TEXT = "The quick brown fox jumps over the lazy dog. Quantization maps weights to a small grid!"
-
-
-@pytest.fixture(scope="session")
-def llama_bin():
-    """llama.cpp's bin directory (built once by scripts/build_llama_cpp.sh, then cached)."""
-    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "build_llama_cpp.sh")], capture_output=True,
-                         text=True)
-    assert out.returncode == 0, f"scripts/build_llama_cpp.sh failed:\n{out.stderr[-2000:]}"
-    return out.stdout.strip().splitlines()[-1]
 
 
 def run(tool, *args, timeout=300):
@@ -109,6 +99,25 @@ def test_tensor_types_are_llama_quantizes(llama_bin, tokenizer, tmp_path, tied):
         assert mine == theirs, file_type
 
 
+@pytest.mark.parametrize("arch,kv_heads", [("LlamaConfig", 1), ("LlamaConfig", 2), ("Qwen2Config", 2)],
+                         ids=["llama-gqa", "llama-mha", "qwen2-mha"])
+def test_seventy_b_rule_is_llama_quantizes(llama_bin, tokenizer, tmp_path, arch, kv_heads):
+    """llama.cpp's 70B class (80 layers: a Llama with grouped-query attention, any Qwen2) gives
+    attn_v more bits; a Llama without GQA (LLaMA 65B) does not."""
+    import transformers
+
+    config = getattr(transformers, arch)(vocab_size=tm.GGUF_VOCAB, hidden_size=256, intermediate_size=256,
+                                         num_attention_heads=2, num_key_value_heads=kv_heads, num_hidden_layers=80,
+                                         max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    lowbit.save_gguf(model, tmp_path / "f32.gguf", tokenizer=tokenizer, type="F32")
+    run(os.path.join(llama_bin, "llama-quantize"), tmp_path / "f32.gguf", tmp_path / "q.gguf", "Q3_K_M")
+    theirs = {name: t.tensor_type.name for name, t in tensors_of(tmp_path / "q.gguf").items()}
+    mine = ggml.model_tensor_types(model, shapes_of(tmp_path / "f32.gguf"), "Q3_K_M")
+    assert mine == theirs
+    assert (theirs["blk.40.attn_v.weight"] == "Q5_K") == (kv_heads == 1 or arch == "Qwen2Config")
+
+
 # ---------------------------------------------------------------- bytes
 
 @pytest.mark.parametrize("file_type", K_MIXES + ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"])
@@ -179,6 +188,54 @@ def test_metadata(tokenizer, tmp_path):
     assert "output.weight" not in tensors_of(path)  # tied: llama.cpp reuses token_embd
 
 
+def test_rope_settings(tokenizer, tmp_path):
+    """rope theta and linear scaling reach the file, from transformers 5's rope_parameters or 4.x's
+    rope_theta / rope_scaling; scalings llama.cpp needs more keys for are refused."""
+    from types import SimpleNamespace
+
+    model = tm.make_gguf_model("llama")
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 12345.0}
+    lowbit.save_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, type="F16")
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["llama.rope.freq_base"].contents() == 12345.0
+    assert fields["llama.rope.scaling.type"].contents() == "linear"
+    assert fields["llama.rope.scaling.factor"].contents() == 4.0
+    transformers4 = SimpleNamespace(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    assert lowbit_gguf._rope(transformers4) == (500000.0, "linear", 2.0)
+    assert lowbit_gguf._rope(SimpleNamespace(rope_theta=1e6, rope_scaling=None)) == (1e6, "default", None)
+    model.config.rope_parameters = {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not written"):
+        lowbit.save_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, type="F16")
+
+
+def test_llama3_rope_scaling_runs_in_llama_cpp(llama_bin, tokenizer, tmp_path):
+    """Llama 3's rope scaling (Llama 3.1 / 3.2 / 3.3) travels as llama.cpp's rope_freqs tensor:
+    llama.cpp's logits are transformers' for a model whose every frequency band is scaled."""
+    import transformers
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    config = transformers.LlamaConfig(vocab_size=tm.GGUF_VOCAB, hidden_size=128, intermediate_size=256,
+                                      num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                                      max_position_embeddings=128, rope_parameters=rope)
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    path = tmp_path / "m.gguf"
+    lowbit.save_gguf(model, path, tokenizer=tokenizer, type="F32")
+    factors = np.asarray(tensors_of(path)["rope_freqs.weight"].data)
+    assert factors.shape == (16,) and factors.min() == 1.0 and factors.max() == 8.0
+    ids = tokenizer.encode(TEXT)
+    with torch.inference_mode():
+        expected = model(torch.tensor([ids])).logits[0]
+    assert tm.rel_err(llama_logits(llama_bin, path, ids), expected) < 2e-3
+    plain = transformers.LlamaConfig(**{**config.to_dict(), "rope_parameters": {"rope_type": "default",
+                                                                                 "rope_theta": 10000.0}})
+    unscaled = transformers.AutoModelForCausalLM.from_config(plain).eval()
+    unscaled.load_state_dict(model.state_dict())
+    with torch.inference_mode():  # the scaling matters: unscaled, the same weights are further off than the tolerance
+        assert tm.rel_err(unscaled(torch.tensor([ids])).logits[0], expected) > 2 * 2e-3
+
+
 # ---------------------------------------------------------------- the real model
 
 def test_smollm2_q4_k_m_answers_as_transformers(llama_bin, smollm2, tmp_path):
@@ -243,6 +300,78 @@ def test_reads_llama_imatrix_files(llama_bin, tokenizer, tmp_path):
     assert types["blk.0.attn_q.weight"] == "Q4_K"
 
 
+def test_imatrix_statistics_are_llama_imatrixs(llama_bin, tokenizer, tmp_path):
+    """lowbit.imatrix on the token chunks llama-imatrix evaluates gives its mean squares per input
+    column and its token counts, tensor for tensor."""
+    model = tm.make_gguf_model("qwen2")
+    lowbit.save_gguf(model, tmp_path / "f32.gguf", tokenizer=tokenizer, type="F32")
+    text = " ".join(tm.TEXTS * 6)
+    (tmp_path / "calib.txt").write_text(text)
+    n_ctx = 64
+    run(os.path.join(llama_bin, "llama-imatrix"), "-m", tmp_path / "f32.gguf", "-f", tmp_path / "calib.txt",
+        "-o", tmp_path / "imatrix.gguf", "-c", n_ctx, "-t", 2, "--no-ppl")
+    theirs = lowbit.load_imatrix(tmp_path / "imatrix.gguf")
+    # llama-imatrix's tokens: the text tokenized with its special tokens, cut into n_ctx chunks
+    # whose first token becomes BOS when the vocabulary adds one
+    out = run(os.path.join(llama_bin, "llama-tokenize"), "-m", tmp_path / "f32.gguf", "-f", tmp_path / "calib.txt",
+              "--ids", "--log-disable")
+    ids = torch.tensor(eval(out.decode().strip().splitlines()[-1]))
+    chunks = ids[:len(ids) // n_ctx * n_ctx].reshape(-1, n_ctx).clone()
+    if ids[0] == tokenizer.bos_token_id:
+        chunks[:, 0] = tokenizer.bos_token_id
+    mine = lowbit.imatrix(model, {"input_ids": chunks}, num_calibration_samples=len(chunks), max_seq_length=n_ctx,
+                          shuffle_calibration_samples=False)
+    name_map = ggml.name_map(model)
+    assert len(mine.sums) == 14
+    for module_name, means in mine.means().items():
+        name = ggml.gguf_name(name_map, f"{module_name}.weight")
+        assert mine.counts[module_name] == theirs.counts[name] == chunks.numel(), name
+        # (llama.cpp keeps its KV cache in F16: attention outputs, so attn_output's inputs, differ by ~2e-4)
+        assert tm.rel_err(means, theirs.means()[name]) < 1e-3, name
+
+
+def test_imatrix_guard_rule_through_oneshot(llama_bin, tokenizer, tmp_path):
+    """RTN onto Q4_0 with calibration data is llama-quantize --imatrix: the first eighth of the
+    ffn_down layers (2 of 16) are Q4_1, and every decoder tensor has its bytes."""
+    data = tm.TEXTS * 2
+    model = lowbit.oneshot(tm.make_gguf_model("rules"), recipe="Q4_0", dataset=data, tokenizer=tokenizer,
+                           num_calibration_samples=16, pipeline="basic", output_dir=tmp_path / "out",
+                           save_format="gguf")
+    assert model.model.layers[1].mlp.down_proj.tensor_type == "Q4_1"
+    assert model.model.layers[2].mlp.down_proj.tensor_type == "Q4_0"
+    float_model = tm.make_gguf_model("rules")
+    imatrix = lowbit.imatrix(float_model, data, tokenizer=tokenizer, num_calibration_samples=16)
+    lowbit.save_imatrix(imatrix, tmp_path / "imatrix.gguf", float_model)
+    lowbit.save_gguf(float_model, tmp_path / "f32.gguf", tokenizer=tokenizer, type="F32")
+    run(os.path.join(llama_bin, "llama-quantize"), "--imatrix", tmp_path / "imatrix.gguf", tmp_path / "f32.gguf",
+        tmp_path / "theirs.gguf", "Q4_0")
+    mine, theirs = tensors_of(tmp_path / "out" / "model-Q4_0.gguf"), tensors_of(tmp_path / "theirs.gguf")
+    assert {n: t.tensor_type.name for n, t in mine.items()} == {n: t.tensor_type.name for n, t in theirs.items()}
+    for name in [n for n in theirs if n.startswith("blk.")]:
+        assert np.array_equal(np.asarray(mine[name].data), np.asarray(theirs[name].data)), name
+
+
+def test_gguf_scheme_leaves_rows_no_block_fits_float(llama_bin, tokenizer, tmp_path):
+    """A Linear whose rows no block type divides (272 columns: not a multiple of 32) stays float
+    under a GGUF scheme, and the file stores it as F16, as llama-quantize does."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=tm.GGUF_VOCAB, hidden_size=64, intermediate_size=272,
+                                      num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2,
+                                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = lowbit.oneshot(transformers.AutoModelForCausalLM.from_config(config).eval(), recipe="Q4_0",
+                           output_dir=tmp_path / "out", save_format="gguf", tokenizer=tokenizer)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[0].mlp.up_proj, lowbit.nn.GGUFLinear)
+    path = tmp_path / "out" / "model-Q4_0.gguf"
+    assert tensors_of(path)["blk.0.ffn_down.weight"].tensor_type.name == "F16"
+    ids = tokenizer.encode(TEXT)
+    with torch.inference_mode():
+        expected = dequantized_model(model, path)(torch.tensor([ids])).logits[0]
+    assert tm.rel_err(llama_logits(llama_bin, path, ids), expected) < 5e-2
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_bad_input(tokenizer, tmp_path):
@@ -260,7 +389,45 @@ def test_bad_input(tokenizer, tmp_path):
     quantized = lowbit.oneshot(tm.make_gguf_model("llama"), recipe="W4A16")
     with pytest.raises(ValueError, match="cannot re-express on a GGUF grid"):
         lowbit.save_gguf(quantized, tmp_path / "m.gguf", tokenizer=tokenizer, type="Q4_0")
+    for scheme, match in [("F16", "float GGUF type, not a quantization scheme"), ("Q9_K", "unknown GGUF type")]:
+        with pytest.raises(ValueError, match=match):
+            lowbit.GGUFScheme(scheme)
+    with pytest.raises(ValueError, match="not one of ggml's block types"):
+        lowbit.GGUFScheme("Q4_K_M", "Q4_X")
     assert os.listdir(tmp_path) == []
+
+
+def test_bad_imatrix(tokenizer, tmp_path):
+    """An importance matrix that does not fit the model, or holds no mean squares, is refused
+    before anything is written."""
+    model = tm.make_gguf_model("llama")
+    good = lowbit.imatrix(model, tm.TEXTS, tokenizer=tokenizer, num_calibration_samples=4)
+    q = "model.layers.0.self_attn.q_proj"
+    cols = good.sums[q].numel()
+    cases = [({q: torch.ones(cols + 1)}, "has shape \\(257,\\), but the tensor has 256 columns"),
+             ({q: torch.full((cols,), float("nan"))}, "NaN, Inf or negative"),
+             ({q: -torch.ones(cols)}, "NaN, Inf or negative"),
+             ({"blk.9.attn_q.weight": torch.ones(cols)}, "names no matrix"),
+             ({"model.layers.0.self_attn.nothing": torch.ones(cols)}, "names no tensor")]
+    for imatrix, match in cases:
+        with pytest.raises(ValueError, match=match):
+            lowbit.save_gguf(model, tmp_path / "m.gguf", tokenizer=tokenizer, type="Q4_K_M", imatrix=imatrix)
+    bad_count = lowbit.IMatrix(dict(good.sums), {**good.counts, q: -1})
+    with pytest.raises(ValueError, match="needs a token count"):
+        lowbit.save_imatrix(bad_count, tmp_path / "i.gguf", model)
+    bad_sums = lowbit.IMatrix({**good.sums, q: good.sums[q][:-1]}, dict(good.counts))
+    with pytest.raises(ValueError, match="but the tensor has 256 columns"):
+        lowbit.save_imatrix(bad_sums, tmp_path / "i.gguf", model)
+    with pytest.raises(TypeError, match="IMatrix"):
+        lowbit.save_imatrix({q: good.sums[q]}, tmp_path / "i.gguf", model)
+    assert os.listdir(tmp_path) == []
+    writer = gguf.GGUFWriter(tmp_path / "nan.gguf", "llama")  # a file whose counts are NaN
+    writer.add_type("imatrix")
+    writer.add_tensor("blk.0.attn_q.weight.in_sum2", np.ones((1, cols), np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.counts", np.array([[np.nan]], np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    with pytest.raises(ValueError, match="not a token count"):
+        lowbit.load_imatrix(tmp_path / "nan.gguf")
 
 
 def test_failed_export_leaves_no_file(tokenizer, tmp_path, monkeypatch):
@@ -336,11 +503,21 @@ quant_stage:
                    output_dir=tmp_path / "out", save_format="gguf")
     assert (tmp_path / "out" / "model-Q4_K_M.gguf").is_file()
     assert "scheme: Q4_K_M" in (tmp_path / "out" / "recipe.yaml").read_text()
+    # a GGUFScheme object as the scheme writes the same recipe, which parses back to it
+    lowbit.oneshot(tm.make_gguf_model("qwen2"), recipe=lowbit.GPTQModifier(scheme=lowbit.GGUFScheme("q4_k_m"),
+                                                                           ignore=["lm_head"]),
+                   dataset=tm.TEXTS, tokenizer=tokenizer, output_dir=tmp_path / "obj", save_format="gguf")
+    written = (tmp_path / "obj" / "recipe.yaml").read_text()
+    assert "scheme: Q4_K_M" in written
+    (parsed,) = lowbit.parse_recipe(written)
+    assert parsed.groups[0][1] == lowbit.GGUFScheme("Q4_K_M")
 
 
 def test_gguf_save_format_errors(tokenizer, tmp_path):
+    two_types = lowbit.QuantizationModifier(config_groups={"a": {"targets": ["re:.*q_proj"], "gguf": "Q4_K"},
+                                                           "b": {"targets": ["re:.*k_proj"], "gguf": "Q6_K"}})
     with pytest.raises(ValueError, match="needs gguf_type"):
-        lowbit.oneshot(tm.make_gguf_model("llama"), recipe="W4A16", output_dir=tmp_path / "a", save_format="gguf",
+        lowbit.oneshot(tm.make_gguf_model("llama"), recipe=two_types, output_dir=tmp_path / "a", save_format="gguf",
                        tokenizer=tokenizer)
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         lowbit.oneshot(tm.make_model("gpt2"), recipe=tm.w4_group_modifier(), output_dir=tmp_path / "b",
@@ -353,7 +530,52 @@ def test_gguf_save_format_errors(tokenizer, tmp_path):
     model = lowbit.oneshot(tm.make_gguf_model("llama"), recipe="Q8_0")
     with pytest.raises(ValueError, match="no Hugging Face checkpoint format holds"):
         model.save_pretrained(tmp_path / "e")
+    with pytest.raises(ValueError, match="writes into output_dir"):
+        lowbit.oneshot(tm.make_gguf_model("llama"), recipe="Q8_0", save_format="gguf", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="options of save_format='gguf'"):
+        lowbit.oneshot(tm.make_gguf_model("llama"), recipe="Q8_0", gguf_type="Q8_0", output_dir=tmp_path / "f")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_gguf_output_checked_before_calibration(tokenizer, tmp_path, monkeypatch):
+    """A GGUF export oneshot cannot write (a tokenizer or rope scaling lowbit cannot convert) is
+    refused before the calibration data is even read."""
+    import sys
+
+    oneshot_module = sys.modules["lowbit.pipeline.oneshot"]
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibration started")
+
+    monkeypatch.setattr(oneshot_module, "prepare_calibration", never)
+    gptq = lowbit.GPTQModifier(scheme="Q4_K_M", ignore=["lm_head"])
+    with pytest.raises(ValueError, match="pre-tokenizer|byte-level BPE"):
+        lowbit.oneshot(tm.make_gguf_model("llama"), recipe=gptq, dataset=tm.TEXTS, output_dir=tmp_path / "a",
+                       save_format="gguf", tokenizer=tm.make_tokenizer())
+    model = tm.make_gguf_model("llama")
+    model.config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    with pytest.raises(ValueError, match="rope_type 'yarn'"):
+        lowbit.oneshot(model, recipe=gptq, dataset=tm.TEXTS, output_dir=tmp_path / "b", save_format="gguf",
+                       tokenizer=tokenizer)
+    assert os.listdir(tmp_path) == []
+
+
+def test_gguf_output_dir_overwrite(tokenizer, tmp_path):
+    """overwrite=True replaces a GGUF output directory lowbit wrote (model-<type>.gguf and
+    recipe.yaml) and nothing else."""
+    out = tmp_path / "out"
+    lowbit.oneshot(tm.make_gguf_model("llama"), recipe="Q8_0", output_dir=out, save_format="gguf", tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="not empty; pass overwrite=True"):
+        lowbit.oneshot(tm.make_gguf_model("llama"), recipe="Q4_0", output_dir=out, save_format="gguf",
+                       tokenizer=tokenizer)
+    lowbit.oneshot(tm.make_gguf_model("llama"), recipe="Q4_0", output_dir=out, save_format="gguf", tokenizer=tokenizer,
+                   overwrite=True)
+    assert sorted(os.listdir(out)) == ["model-Q4_0.gguf", "recipe.yaml"]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        lowbit.oneshot(tm.make_gguf_model("llama"), recipe="Q8_0", output_dir=out, save_format="gguf",
+                       tokenizer=tokenizer, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_cli_quantize_gguf(llama_bin, tokenizer, tmp_path):
@@ -374,6 +596,14 @@ def test_cli_quantize_gguf(llama_bin, tokenizer, tmp_path):
         assert np.array_equal(np.asarray(mine[name].data), np.asarray(theirs[name].data)), name
     with pytest.raises(SystemExit, match="--type is the GGUF type of --format gguf"):
         cli.main(["quantize", "--model", str(tmp_path / "model"), "--type", "Q4_0", "--output", str(tmp_path / "x")])
+    cli.main(["quantize", "--model", str(tmp_path / "model"), "--format", "gguf", "--type", "f16",
+              "--output", str(tmp_path / "f16")])
+    lowbit.save_gguf(model, tmp_path / "f16.gguf", tokenizer=tokenizer, type="F16")
+    mine, theirs = tensors_of(tmp_path / "f16" / "model-F16.gguf"), tensors_of(tmp_path / "f16.gguf")
+    assert set(mine) == set(theirs)
+    for name in theirs:
+        assert mine[name].tensor_type == theirs[name].tensor_type
+        assert np.array_equal(np.asarray(mine[name].data), np.asarray(theirs[name].data)), name
 
 
 # ---------------------------------------------------------------- property: any shape, any type

@@ -9,9 +9,10 @@ from .formats import load, save_compressed
 from .formats.gguf import load_imatrix, save_gguf, save_imatrix
 from .ggml import IMatrix
 from .hf_quantizer import LowbitConfig, register as _register_quantizer
-from .modifiers import (AWQMapping, AWQModifier, BnB4bitModifier, GPTQModifier, IMatrixGatherer, LLMInt8Modifier,
-                        Modifier, QuantizationModifier, SmoothQuantMapping, SmoothQuantModifier)
-from .pipeline import dispatch_for_generation, imatrix, oneshot
+from .modifiers import (Allocation, AWQMapping, AWQModifier, BnB4bitModifier, Budget, GPTQModifier, IMatrixGatherer,
+                        LLMInt8Modifier, MixedPrecision, Modifier, QuantizationModifier, SensitivityReport,
+                        SmoothQuantMapping, SmoothQuantModifier, allocate)
+from .pipeline import dispatch_for_generation, imatrix, oneshot, sensitivity
 from .recipe import parse_recipe
 from .schemes import PRESET_SCHEMES, GGUFScheme, QuantizationArgs, QuantizationScheme, resolve_scheme
 
@@ -20,22 +21,27 @@ __version__ = "0.1.0"
 _register_quantizer()  # from_pretrained(..., quantization_config=lowbit.LowbitConfig(...))
 
 __all__ = [
+    "Allocation",
     "AWQMapping",
     "AWQModifier",
     "BnB4bitModifier",
+    "Budget",
     "GGUFScheme",
     "GPTQModifier",
     "IMatrix",
     "IMatrixGatherer",
     "LLMInt8Modifier",
     "LowbitConfig",
+    "MixedPrecision",
     "PRESET_SCHEMES",
     "Modifier",
     "QuantizationArgs",
     "QuantizationModifier",
     "QuantizationScheme",
+    "SensitivityReport",
     "SmoothQuantMapping",
     "SmoothQuantModifier",
+    "allocate",
     "cpu_info",
     "dispatch_for_generation",
     "eval",
@@ -51,6 +57,7 @@ __all__ = [
     "save_compressed",
     "save_gguf",
     "save_imatrix",
+    "sensitivity",
     "set_isa",
     "supported_isas",
     "use_isa",

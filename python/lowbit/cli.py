@@ -1,4 +1,4 @@
-"""The `lowbit` command line: demo, quantize, eval, env."""
+"""The `lowbit` command line: demo, quantize, sensitivity, eval, env."""
 
 from __future__ import annotations
 
@@ -79,8 +79,43 @@ def quantize(args: argparse.Namespace) -> None:
     if recipe is None:
         raise ValueError("give --recipe (a preset or a YAML file), or --format gguf --type <GGUF type>")
     options = {"save_format": "gguf", "gguf_type": args.type} if args.format == "gguf" else {}
+    if args.recipe is None and lowbit.ggml.file_type(args.type) in lowbit.ggml.FLOAT_TYPES:
+        _save_float_gguf(args, options)
+        return
     lowbit.oneshot(args.model, recipe, dataset=args.dataset, num_calibration_samples=args.samples,
                    max_seq_length=args.seq_len, output_dir=args.output, overwrite=args.overwrite, **options)
+    print(f"saved to {args.output}")
+
+
+def sensitivity(args: argparse.Namespace) -> None:
+    """Every Linear of a local model under every option: the markdown table (and CSV / plot)."""
+    import lowbit
+
+    report = lowbit.sensitivity(args.model, args.dataset, args.options.split(","), method=args.method,
+                                group_size=args.group_size, num_calibration_samples=args.samples,
+                                max_seq_length=args.seq_len)
+    print(report.to_markdown())
+    if args.csv:
+        report.to_csv(args.csv)
+        print(f"CSV: {args.csv}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"plot: {args.plot}")
+
+
+def _save_float_gguf(args: argparse.Namespace, options: dict) -> None:
+    """--format gguf --type F32 / F16 / BF16: the float model as a GGUF file (nothing to calibrate)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import lowbit
+
+    if args.dataset is not None:
+        raise ValueError(f"--type {args.type} writes the float model; --dataset has nothing to calibrate")
+    if not os.path.isdir(args.model):
+        raise ValueError(f"--model {args.model!r} is not a local model directory")
+    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    lowbit.save_compressed(model, args.output, tokenizer=tokenizer, overwrite=args.overwrite, **options)
     print(f"saved to {args.output}")
 
 
@@ -139,6 +174,18 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="maximum calibration sequence length")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=quantize)
+
+    p = sub.add_parser("sensitivity", help="each Linear's output error under each weight scheme (for mixed precision)")
+    p.add_argument("model", help="local model directory")
+    p.add_argument("--dataset", required=True, help="calibration data: .txt, .jsonl or .json")
+    p.add_argument("--options", default="W2A16,W3A16,W4A16,W8A16", help="comma-separated weight schemes")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn")
+    p.add_argument("--group-size", type=int, default=None, help="group size for every grouped option (e.g. 64)")
+    p.add_argument("--samples", type=int, default=128, help="number of calibration samples")
+    p.add_argument("--seq-len", type=int, default=None, help="maximum calibration sequence length")
+    p.add_argument("--csv", help="also write the rows as CSV here")
+    p.add_argument("--plot", help="also plot error against bits per weight here (PNG, needs matplotlib)")
+    p.set_defaults(func=sensitivity)
 
     p = sub.add_parser("eval", help="held-out perplexity of a (quantized) model directory")
     p.add_argument("--model", required=True, help="model directory (compressed-tensors or plain)")

@@ -25,14 +25,16 @@ FILE_TYPES = {
 # llama-quantize's aliases: a K type alone names its medium mix.
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
+# ggml's block types: name -> (values per block, bytes per block, values per sub-block scale,
+# bits per code, symmetric), as ggml-common.h lays them out (value = scale * q + offset).
+BLOCK_TYPES = {
+    "Q8_0": (32, 34, 32, 8, True), "Q4_0": (32, 18, 32, 4, True), "Q4_1": (32, 20, 32, 4, False),
+    "Q5_0": (32, 22, 32, 5, True), "Q5_1": (32, 24, 32, 5, False), "Q2_K": (256, 84, 16, 2, False),
+    "Q3_K": (256, 110, 16, 3, True), "Q4_K": (256, 144, 32, 4, False), "Q5_K": (256, 176, 32, 5, False),
+    "Q6_K": (256, 210, 16, 6, True),
+}
 # Block length (columns) of each tensor type.
-BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q8_0": 32, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32,
-         "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-# Each block type's grid: (bits of a code, values per sub-block scale, symmetric), as gguf_grid
-# describes it (value = scale * q + offset).
-GRIDS = {"Q8_0": (8, 32, True), "Q4_0": (4, 32, True), "Q4_1": (4, 32, False), "Q5_0": (5, 32, True),
-         "Q5_1": (5, 32, False), "Q2_K": (2, 16, False), "Q3_K": (3, 16, True), "Q4_K": (4, 32, False),
-         "Q5_K": (5, 32, False), "Q6_K": (6, 16, True)}
+BLOCK = {"F32": 1, "F16": 1, "BF16": 1, **{name: t[0] for name, t in BLOCK_TYPES.items()}}
 # llama.cpp's fallback when a row is not a multiple of a K type's 256 columns.
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -59,7 +61,7 @@ class _MixState:
     n_layer: int
     n_gqa: int
     tied: bool
-    big_llama: bool  # llama.cpp's LLM_TYPE_70B (80 layers): attn_v gets more bits
+    seventy_b: bool  # llama.cpp's LLM_TYPE_70B: attn_v gets more bits
     has_imatrix: bool
     i_attention_wv: int = 0
     i_ffn_down: int = 0
@@ -89,7 +91,7 @@ def _mixed_type(name: str, ftype: str, base: str, ncols: int, s: _MixState) -> s
             new = "Q6_K"
         elif ftype == "Q4_K_S" and s.i_attention_wv < 4:
             new = "Q5_K"
-        if s.big_llama and new in ("Q3_K", "Q4_K"):
+        if s.seventy_b and new in ("Q3_K", "Q4_K"):
             new = "Q5_K"
         s.i_attention_wv += 1
     elif "ffn_down" in name:
@@ -114,7 +116,7 @@ def _mixed_type(name: str, ftype: str, base: str, ncols: int, s: _MixState) -> s
 
 
 def tensor_types(names_and_shapes: List[Tuple[str, Tuple[int, ...]]], type: str, *, n_layer: int, n_gqa: int,
-                 big_llama: bool = False, pure: bool = False, has_imatrix: bool = False) -> Dict[str, str]:
+                 seventy_b: bool = False, pure: bool = False, has_imatrix: bool = False) -> Dict[str, str]:
     """GGUF tensor name -> tensor type for every tensor, in file order, as llama-quantize picks
     them from an F32 file: 1-D tensors and norms stay F32; the rest take the file type's rules
     (pure: the base type everywhere; has_imatrix: the file is quantized with an importance
@@ -122,7 +124,7 @@ def tensor_types(names_and_shapes: List[Tuple[str, Tuple[int, ...]]], type: str,
     dimension in torch order) is not a multiple of the block."""
     ftype = file_type(type)
     base = FILE_TYPES[ftype][1]
-    state = _MixState(n_layer=n_layer, n_gqa=n_gqa, big_llama=big_llama, has_imatrix=has_imatrix,
+    state = _MixState(n_layer=n_layer, n_gqa=n_gqa, seventy_b=seventy_b, has_imatrix=has_imatrix,
                       tied=not any(n == "output.weight" for n, _ in names_and_shapes))
     types = {}
     for name, shape in names_and_shapes:
@@ -208,9 +210,13 @@ def model_tensor_types(model: nn.Module, shapes: List[Tuple[str, Tuple[int, ...]
     read (layers, grouped-query ratio, llama.cpp's 70B class) taken from the model's config."""
     config = model.config
     n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return tensor_types(shapes, type, n_layer=config.num_hidden_layers, n_gqa=config.num_attention_heads // n_kv,
-                        pure=pure, has_imatrix=has_imatrix,
-                        big_llama=architecture(model)[0] == "llama" and config.num_hidden_layers == 80)
+    n_gqa = config.num_attention_heads // n_kv
+    arch, n_layer = architecture(model)[0], config.num_hidden_layers
+    # llama.cpp's LLM_TYPE_70B: a Llama of 80 layers with grouped-query attention (Llama 2 / 3 70B;
+    # without GQA it is LLaMA 65B) or a Qwen2 of 80 layers (Qwen2 72B)
+    seventy_b = n_layer == 80 and ((arch == "llama" and n_gqa > 1) or arch == "qwen2")
+    return tensor_types(shapes, type, n_layer=n_layer, n_gqa=n_gqa, pure=pure, has_imatrix=has_imatrix,
+                        seventy_b=seventy_b)
 
 
 @dataclasses.dataclass
@@ -232,8 +238,9 @@ class IMatrix:
 
 def block_layout(tensor_type: str) -> Tuple[int, int]:
     """(values, bytes) of one ggml block of `tensor_type`."""
-    gguf = gguf_package()
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[tensor_type]]
+    if tensor_type in BLOCK_TYPES:
+        return BLOCK_TYPES[tensor_type][:2]
+    return 1, {"F32": 4, "F16": 2, "BF16": 2}[tensor_type]
 
 
 def row_bytes(tensor_type: str, cols: int) -> int:

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
+from . import ggml
+
 _ops = torch.ops.lowbit
 
 
@@ -737,18 +739,10 @@ def _(mins, maxs, x):
     return None
 
 
-# name -> (elements per block, bytes per block, elements per sub-block, bits per code)
-GGUF_TYPES = {
-    "Q8_0": (32, 34, 32, 8), "Q4_0": (32, 18, 32, 4), "Q4_1": (32, 20, 32, 4), "Q5_0": (32, 22, 32, 5),
-    "Q5_1": (32, 24, 32, 5), "Q2_K": (256, 84, 16, 2), "Q3_K": (256, 110, 16, 3), "Q4_K": (256, 144, 32, 4),
-    "Q5_K": (256, 176, 32, 5), "Q6_K": (256, 210, 16, 6),
-}
-
-
 def _gguf_type(op: str, type: str):
-    t = GGUF_TYPES.get(type.upper())
+    t = ggml.BLOCK_TYPES.get(type.upper())
     if t is None:
-        raise ValueError(f"lowbit::{op}: unknown GGUF type {type!r}; expected one of {', '.join(GGUF_TYPES)}")
+        raise ValueError(f"lowbit::{op}: unknown GGUF type {type!r}; expected one of {', '.join(ggml.BLOCK_TYPES)}")
     return t
 
 
@@ -771,7 +765,7 @@ def _gguf_blocks(op: str, blocks: Tensor, type: str, cols) -> Tuple[int, int, in
 def _(weight, type, importance=None):
     op = "gguf_quantize"
     _same_device(op, weight=weight, importance=importance)
-    block, nbytes, _, _ = _gguf_type(op, type)
+    block, nbytes = _gguf_type(op, type)[:2]
     _dtype(op, weight, "weight", _FLOATS)
     _dim(op, weight, 2, "weight")
     cols = weight.shape[1]

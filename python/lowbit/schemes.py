@@ -113,20 +113,28 @@ class QuantizationScheme:
 class GGUFScheme:
     """Weights on ggml's blocks (what a GGUF file stores), as llama-quantize's `file_type` (Q4_0,
     Q4_K_M, ...) lays them out: a modifier's plan gives each Linear its `tensor_type` by
-    llama.cpp's per-tensor rules."""
+    llama.cpp's per-tensor rules, unless `tensor_type` is given: then every Linear the scheme
+    targets takes that block type (config_groups' {"gguf": "Q4_K"}, mixed precision's choice)."""
 
     file_type: str
     tensor_type: Optional[str] = None
+
+    def __post_init__(self):
+        file_type = ggml.file_type(self.file_type)  # canonical name; unknown names are a ValueError
+        if file_type in ggml.FLOAT_TYPES:
+            raise ValueError(f"{file_type} is a float GGUF type, not a quantization scheme: write the float model with "
+                             f"lowbit.save_gguf(model, path, tokenizer=..., type={file_type!r})")
+        if self.tensor_type is not None and self.tensor_type not in ggml.BLOCK_TYPES:
+            raise ValueError(f"tensor_type {self.tensor_type!r} is not one of ggml's block types "
+                             f"{', '.join(ggml.BLOCK_TYPES)}")
+        object.__setattr__(self, "file_type", file_type)
 
     @property
     def search_args(self) -> QuantizationArgs:
         """The integer grid closest to the tensor type's (bits, sub-block length, symmetric), for
         searches that score candidates on an integer grid (AWQ)."""
-        bits, sub_block, symmetric = ggml.GRIDS[self.tensor_type or ggml.FILE_TYPES[self.file_type][1]]
+        _, _, sub_block, bits, symmetric = ggml.BLOCK_TYPES[self.tensor_type or ggml.FILE_TYPES[self.file_type][1]]
         return QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group", group_size=sub_block)
-
-    def to_dict(self) -> dict:
-        return {"gguf": self.file_type}
 
 
 def _weight_only(bits: int, symmetric: bool = True) -> QuantizationScheme:
@@ -166,6 +174,13 @@ def plain(obj):
     return dump(mode="json") if callable(dump) else obj
 
 
+def gguf_tensor_scheme(tensor_type: str) -> GGUFScheme:
+    """A GGUF scheme that puts every Linear on one ggml block type (Q4_K, Q6_K, Q8_0, ...)."""
+    if not isinstance(tensor_type, str) or tensor_type.upper() not in ggml.BLOCK_TYPES:
+        raise ValueError(f"{tensor_type!r} is not one of ggml's block types {', '.join(ggml.BLOCK_TYPES)}")
+    return GGUFScheme(ggml.file_type(tensor_type), tensor_type.upper())  # (every block type names a file type too)
+
+
 def resolve_scheme(scheme: Union[str, QuantizationScheme, QuantizationArgs, dict]) -> QuantizationScheme:
     """A preset name, a QuantizationScheme, weight QuantizationArgs, a dict with "weights"
     (and "input_activations") in compressed-tensors' form, or compressed-tensors' own
@@ -181,8 +196,8 @@ def resolve_scheme(scheme: Union[str, QuantizationScheme, QuantizationArgs, dict
     if isinstance(scheme, str):
         if scheme.upper() in PRESET_SCHEMES:
             return PRESET_SCHEMES[scheme.upper()]
-        if ggml.is_file_type(scheme) and ggml.file_type(scheme) not in ggml.FLOAT_TYPES:
-            return GGUFScheme(ggml.file_type(scheme))
+        if ggml.is_file_type(scheme):
+            return GGUFScheme(scheme)
         raise ValueError(f"unknown scheme {scheme!r}; valid presets: {', '.join(PRESET_SCHEMES)}, and GGUF types "
                          f"{', '.join(ggml.FILE_TYPES)} (llama-quantize's names)")
     if isinstance(scheme, dict):

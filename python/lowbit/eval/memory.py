@@ -70,6 +70,41 @@ def _kv_cache_bytes(config, context_length: int, batch_size: int, itemsize: int)
     return 2 * layers * kv_heads * head_dim * context_length * batch_size * itemsize
 
 
+@dataclass(frozen=True)
+class LinearBytes:
+    """The stored bytes of one quantized Linear's weight, by part."""
+
+    packed: int
+    scales: int
+    zero_points: int
+    shapes: int
+
+    @property
+    def total(self) -> int:
+        return self.packed + self.scales + self.zero_points + self.shapes
+
+
+def linear_bytes(out_features: int, in_features: int, args: QuantizationArgs, itemsize: int,
+                 static_input: bool = False) -> LinearBytes:
+    """Bytes of an [out_features, in_features] weight quantized with `args` as the checkpoint
+    stores it: packed codes (int32 words of codes along a row; FP8 one byte each), scales in
+    `itemsize` bytes (one per group, channel, tile or tensor; + the static input scale),
+    asymmetric zero points int32-packed along the output dimension, and weight_shape."""
+    out, inp = out_features, in_features
+    if args.type == "float":  # FP8: one byte per weight, a scale per tile, no weight_shape
+        if args.strategy == "block":
+            rows, cols = args.block_structure
+            tiles = -(-out // rows) * -(-inp // cols)
+        else:
+            tiles = 1 if args.strategy == "tensor" else out
+        return LinearBytes(out * inp, (tiles + static_input) * itemsize, 0, 0)
+    groups = inp // args.group_size if args.strategy == "group" else 1
+    scale_rows = 1 if args.strategy == "tensor" else out
+    zeros = 0 if args.symmetric else -(-scale_rows * args.num_bits // 32) * groups * 4
+    return LinearBytes(out * -(-inp * args.num_bits // 32) * 4, (scale_rows * groups + static_input) * itemsize,
+                       zeros, 2 * 8)
+
+
 def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
                     scheme: Union[str, QuantizationScheme, QuantizationArgs, dict] = "W4A16", *,
                     ignore: Iterable[str] = ("lm_head",), dtype: Optional[Union[torch.dtype, str]] = None,
@@ -107,7 +142,6 @@ def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
     itemsize = _as_dtype(dtype if dtype is not None else default_dtype or torch.float32).itemsize
     ignore = {ignore} if isinstance(ignore, str) else set(ignore)
 
-    bits = args.num_bits
     quantized, qparams, packed, scales, zeros, shapes = set(), 0, 0, 0, 0, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name in ignore:
@@ -118,25 +152,9 @@ def memory_estimate(model_or_config: Union[nn.Module, PretrainedConfig],
                              "choose a group size that divides it, or add the layer to ignore")
         quantized.add(module)
         qparams += out * inp
-        if args.type == "float":  # FP8: one byte per weight, a scale per tile, no weight_shape
-            if args.strategy == "block":
-                rows, cols = args.block_structure
-                tiles = -(-out // rows) * -(-inp // cols)
-            else:
-                tiles = 1 if args.strategy == "tensor" else out
-            packed += out * inp
-            scales += tiles * itemsize
-        else:
-            groups = inp // args.group_size if args.strategy == "group" else 1
-            scale_rows = 1 if args.strategy == "tensor" else out
-            packed += out * -(-inp * bits // 32) * 4
-            scales += scale_rows * groups * itemsize
-            if not args.symmetric:
-                # On disk zero points are int32-packed along the output dimension.
-                zeros += -(-scale_rows * bits // 32) * groups * 4
-            shapes += 2 * 8  # weight_shape: int64 [2]
-        if acts is not None and not acts.dynamic:
-            scales += itemsize  # the static input_scale
+        parts = linear_bytes(out, inp, args, itemsize, static_input=acts is not None and not acts.dynamic)
+        packed, scales, zeros, shapes = (packed + parts.packed, scales + parts.scales, zeros + parts.zero_points,
+                                         shapes + parts.shapes)
 
     # A tied embedding stays unquantized even when its lm_head twin is quantized.
     seen, uparams = set(), 0

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from . import bitsandbytes, compressed_tensors, gguf
-# check_output_dir and model_directories are also this entry's: oneshot checks output_dir before any work.
+from . import files
+# model_directories is also this entry's: oneshot checks output_dir before any work.
 from .files import (MAX_SHARD_SIZE, check_against_skeleton, check_layer_count, check_loading_info,
-                    check_output_dir, check_quantized_values, model_directories, read_config, read_headers,
-                    read_safetensors, resolve_dtype, state_with, write_directory, write_safetensors)
+                    check_quantized_values, model_directories, read_config, read_headers, read_safetensors,
+                    resolve_dtype, state_with, write_directory, write_safetensors)
 
 # The Hugging Face checkpoint directory formats: quant_method -> the module that writes and reads it.
 DIRECTORY_FORMATS = {f.QUANT_METHOD: f for f in (compressed_tensors, bitsandbytes)}
@@ -25,6 +26,34 @@ DIRECTORY_FORMATS = {f.QUANT_METHOD: f for f in (compressed_tensors, bitsandbyte
 # (write_into(model, directory, tokenizer=, **options)), for the formats that are not a Hugging Face
 # checkpoint directory.
 FILE_FORMATS = {"gguf": gguf}
+
+
+def _lowbit_output(directory: str) -> bool:
+    return any(fmt.wrote(directory) for fmt in FILE_FORMATS.values())
+
+
+def check_output_dir(output_dir, overwrite: bool = False, protected=()) -> str:
+    """files.check_output_dir, knowing the output directories of every format lowbit writes."""
+    return files.check_output_dir(output_dir, overwrite, protected, _lowbit_output)
+
+
+def check_save_options(model: nn.Module, plan, tokenizer, output_dir, save_format: Optional[str] = None,
+                       **format_options) -> dict:
+    """save()'s format arguments for `model` once the modules of `plan` (name -> (module, scheme))
+    are quantized, checked before any work: a format lowbit writes, its options (a file format
+    fills in what the recipe implies and vets the model and tokenizer), and a directory to put
+    it in."""
+    if save_format in (None, "safetensors"):
+        if format_options:
+            raise ValueError(f"{', '.join(sorted(format_options))} are options of save_format='gguf'")
+        return {} if save_format is None else {"save_format": save_format}
+    if save_format not in FILE_FORMATS:
+        raise ValueError(f"save_format={save_format!r} is not a format lowbit writes; use one of "
+                         f"{', '.join(repr(f) for f in ['safetensors', *FILE_FORMATS])}")
+    if output_dir is None:
+        raise ValueError(f"save_format={save_format!r} writes into output_dir: pass output_dir= (or call lowbit.save_gguf "
+                         "on the returned model)")
+    return {"save_format": save_format, **FILE_FORMATS[save_format].check(model, plan, tokenizer, **format_options)}
 
 
 def _quantized_by(model: nn.Module, names) -> Dict[str, list]:
@@ -129,7 +158,7 @@ def save(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: str = None, 
             with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as f:
                 f.write(recipe_yaml)
 
-    write_directory(output_dir, write, overwrite, protected=model_directories(model))
+    write_directory(output_dir, write, overwrite, protected=model_directories(model), lowbit_output=_lowbit_output)
 
 
 # The public name (lowbit.save_compressed), as llmcompressor calls it.

@@ -42,13 +42,15 @@ def model_directories(model) -> List[str]:
     return sorted(os.path.realpath(n) for n in names if isinstance(n, str) and n and os.path.isdir(n))
 
 
-def check_output_dir(output_dir, overwrite: bool = False, protected: Iterable[str] = ()) -> str:
+def check_output_dir(output_dir, overwrite: bool = False, protected: Iterable[str] = (),
+                     lowbit_output: Callable[[str], bool] = lambda directory: False) -> str:
     """The absolute path lowbit may write a checkpoint to, or a ValueError naming what is wrong.
 
     Refused: an empty path, "/", the home directory, the working directory or any directory
     above it, any of `protected` (the model's own directory) or a directory above one, a
     symbolic link, and an existing file. An existing non-empty directory is replaced only with
-    overwrite=True, and only when it holds a checkpoint (config.json): lowbit never deletes a
+    overwrite=True, and only when it holds a checkpoint (config.json) or what
+    lowbit_output(directory) recognises as lowbit's (a GGUF output): lowbit never deletes a
     directory that is not one."""
     if not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"output_dir must be a path (str or os.PathLike), got {type(output_dir).__name__}")
@@ -79,9 +81,10 @@ def check_output_dir(output_dir, overwrite: bool = False, protected: Iterable[st
         if not overwrite:
             raise ValueError(f"output_dir {path!r} is not empty; pass overwrite=True to replace the checkpoint "
                              "there, or choose a new directory")
-        if not os.path.isfile(os.path.join(real, "config.json")):
-            raise ValueError(f"output_dir {path!r} is not empty and holds no checkpoint (no config.json): lowbit "
-                             "replaces only checkpoint directories, even with overwrite=True; choose a new directory")
+        if not os.path.isfile(os.path.join(real, "config.json")) and not lowbit_output(real):
+            raise ValueError(f"output_dir {path!r} is not empty and holds no checkpoint (no config.json, nor only a "
+                             "GGUF file lowbit wrote): lowbit replaces only checkpoint directories, even with "
+                             "overwrite=True; choose a new directory")
     return real
 
 
@@ -151,13 +154,14 @@ def _fsync_tree(root: str) -> None:
 
 
 def write_directory(output_dir, write: Callable[[str], None], overwrite: bool = False,
-                    protected: Iterable[str] = ()) -> str:
+                    protected: Iterable[str] = (), lowbit_output: Callable[[str], bool] = lambda directory: False) -> str:
     """Have `write(tmp)` fill a new temporary directory beside `output_dir`, then put it in
     place so that `output_dir` holds the old checkpoint or the complete new one at every
     instant (an atomic exchange of the two directories; the old one is then deleted). A
     failure or a kill leaves the old checkpoint in place; the next save into the same parent
-    removes what a killed one left behind. Returns the absolute path written."""
-    target = check_output_dir(output_dir, overwrite, protected)
+    removes what a killed one left behind. lowbit_output: see check_output_dir. Returns the
+    absolute path written."""
+    target = check_output_dir(output_dir, overwrite, protected, lowbit_output)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     remove_stale_temp_dirs(parent)
@@ -168,7 +172,7 @@ def write_directory(output_dir, write: Callable[[str], None], overwrite: bool = 
     try:
         write(tmp)
         _fsync_tree(tmp)
-        check_output_dir(target, overwrite, protected)  # nothing changed under us while writing
+        check_output_dir(target, overwrite, protected, lowbit_output)  # nothing changed under us while writing
         if not os.path.isdir(target):
             os.rename(tmp, target)
         elif not _exchange(tmp, target):

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import ggml, ops
+from ..schemes import GGUFScheme
 
 # ---------------------------------------------------------------- architecture
 
@@ -28,14 +29,38 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _rope_parameters(config) -> dict:
-    params = getattr(config, "rope_parameters", None) or {}
-    if "full_attention" in params:
+def _rope(config, arch: Optional[str] = None) -> Tuple[Optional[float], str, Optional[float]]:
+    """(rope theta, rope type, linear scaling factor) from transformers 5's config.rope_parameters
+    or 4.x's rope_theta / rope_scaling. Default, linear and (for `arch` llama) Llama 3's scaling
+    are written (Llama 3's as llama.cpp's rope_freqs tensor); others are refused."""
+    params = getattr(config, "rope_parameters", None)
+    if params is None:  # transformers 4.x
+        params = {**(getattr(config, "rope_scaling", None) or {}), "rope_theta": getattr(config, "rope_theta", None)}
+    elif "full_attention" in params:
         params = params["full_attention"]
-    return dict(params)
+    rope_type = params.get("rope_type", params.get("type")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope_type {rope_type!r} is not written to GGUF by lowbit yet (default, linear and llama3 "
+                         "are): convert this model with llama.cpp's convert_hf_to_gguf.py")
+    if rope_type == "llama3" and arch not in (None, "llama"):
+        raise ValueError(f"rope_type 'llama3' on a {arch} model is not something llama.cpp runs")
+    theta = params.get("rope_theta")
+    return (None if theta is None else float(theta)), rope_type, \
+        (float(params["factor"]) if rope_type == "linear" else None)
 
 
-def _hyperparameters(writer, config, arch: str) -> None:
+def _rope_freqs(config) -> torch.Tensor:
+    """Llama 3's rope scaling as llama.cpp takes it: per rotary frequency, the factor that
+    divides it (transformers' default inverse frequencies over its Llama 3 ones)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    theta, dim = _rope(config)[0], _head_dim(config)
+    default = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, torch.device("cpu"))
+    return (default / scaled).float()
+
+
+def _hyperparameters(writer, config) -> None:
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -49,17 +74,12 @@ def _hyperparameters(writer, config, arch: str) -> None:
     if head_dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    rope = _rope_parameters(config)
-    if "rope_theta" in rope:
-        writer.add_rope_freq_base(float(rope["rope_theta"]))
-    rope_type = rope.get("rope_type", "default")
-    if rope_type == "linear":
-        gguf = ggml.gguf_package()
-
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope_type not in ("default", None):
-        raise ValueError(f"rope_type {rope_type!r} is not written to GGUF by lowbit yet (default and linear are)")
+    theta, _, linear_factor = _rope(config)
+    if theta is not None:
+        writer.add_rope_freq_base(theta)
+    if linear_factor is not None:
+        writer.add_rope_scaling_type(ggml.gguf_package().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(linear_factor)
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -90,22 +110,31 @@ def _pre_tokenizer(pre: Optional[dict]) -> str:
                      "it knows GPT-2, SmolLM, Llama 3 and Qwen2 byte-level BPE tokenizers")
 
 
-def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
-    """tokenizer.ggml.*: the byte-level BPE vocabulary (tokens, types, merges), special tokens,
-    add_bos / add_eos and the chat template, as llama.cpp's converter writes them."""
-    gguf = ggml.gguf_package()
-
+def _tokenizer_spec(tokenizer, vocab_size: int) -> Tuple[dict, str]:
+    """(tokenizer.json as a dict, llama.cpp's pre-tokenizer name) of a tokenizer lowbit can
+    convert, or a ValueError saying why it cannot."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError(f"lowbit converts fast (tokenizers-backed) tokenizers to GGUF, not {type(tokenizer).__name__}")
     spec = json.loads(backend.to_str())
     if spec["model"].get("type") != "BPE":
-        raise ValueError(f"lowbit converts byte-level BPE tokenizers to GGUF, not a {spec['model'].get('type')} one")
+        raise ValueError(f"lowbit converts byte-level BPE tokenizers to GGUF, not a {spec['model'].get('type')} one: "
+                         "convert this model with llama.cpp's convert_hf_to_gguf.py")
     pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    top = max(tokenizer.get_vocab().values())
+    if top >= vocab_size:
+        raise ValueError(f"the tokenizer has token id {top}, but the model's vocabulary is {vocab_size}: pass the "
+                         "model's own tokenizer")
+    return spec, pre
+
+
+def _tokenizer_metadata(writer, tokenizer, vocab_size: int) -> None:
+    """tokenizer.ggml.*: the byte-level BPE vocabulary (tokens, types, merges), special tokens,
+    add_bos / add_eos and the chat template, as llama.cpp's converter writes them."""
+    gguf = ggml.gguf_package()
+
+    spec, pre = _tokenizer_spec(tokenizer, vocab_size)
     vocab = tokenizer.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has token id {max(vocab.values())}, but the model's vocabulary is "
-                         f"{vocab_size}: pass the model's own tokenizer")
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
     tokens, types = [], []
@@ -161,6 +190,8 @@ def _tensors(model: nn.Module, permute_qk: bool) -> Iterator[Tuple[str, torch.Te
             raise ValueError(f"{module_name} is a {type(module).__name__}, which lowbit cannot re-express on a GGUF "
                              "grid; export the float model, or quantize it with a GGUF type as scheme (e.g. "
                              "GPTQModifier(scheme='Q4_K_M')), which quantizes onto GGUF's grids")
+    if _rope(config, arch)[1] == "llama3":
+        yield "rope_freqs.weight", _rope_freqs(config), None
     heads = {"q_proj": config.num_attention_heads,
              "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
     tied = getattr(config, "tie_word_embeddings", False)
@@ -243,13 +274,14 @@ def save_gguf(model: nn.Module, path, tokenizer=None, type: str = "Q4_K_M", imat
 
     tensors = list(_tensors(model, permute_qk))
     shapes = [(n, tuple(t.shape) if fixed is None else (t.shape[0], _columns(t, fixed))) for n, t, fixed in tensors]
+    _check_importance(importance, dict(shapes))
     types = ggml.model_tensor_types(model, shapes, ftype, pure=pure, has_imatrix=bool(importance))
     types.update({n: fixed for n, _, fixed in tensors if fixed is not None})
 
     def fill(writer) -> None:
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(os.path.basename(getattr(config, "_name_or_path", "") or "") or model.__class__.__name__)
-        _hyperparameters(writer, config, arch)
+        _hyperparameters(writer, config)
         writer.add_file_type(gguf.LlamaFileType[ggml.FILE_TYPES[ftype][0]])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _tokenizer_metadata(writer, tokenizer, config.vocab_size)
@@ -273,11 +305,13 @@ def _write_file(path: str, arch: str, fill) -> None:
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, arch)
-        fill(writer)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -287,16 +321,49 @@ def _write_file(path: str, arch: str, fill) -> None:
         raise
 
 
+def check(model: nn.Module, plan, tokenizer, gguf_type: Optional[str] = None, imatrix=None,
+          pure: bool = False) -> dict:
+    """write_into's options for `model`, checked before oneshot calibrates anything: the file type
+    (the recipe's GGUF scheme when gguf_type is not given; plan: module name -> (module,
+    scheme)), an architecture, rope settings and a tokenizer lowbit can write."""
+    arch = ggml.architecture(model)[0]
+    foreign = [name for name, (_, scheme) in plan.items() if not isinstance(scheme, GGUFScheme)]
+    if foreign:
+        raise ValueError(f"{foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''} would be quantized "
+                         "with a scheme lowbit cannot re-express on a GGUF grid; with save_format='gguf' use a GGUF type "
+                         "as scheme (e.g. GPTQModifier(scheme='Q4_K_M')), or save a compressed-tensors checkpoint")
+    recipe_types = {scheme.file_type for _, scheme in plan.values()}
+    if gguf_type is None:
+        if len(recipe_types) != 1:
+            raise ValueError("save_format='gguf' needs gguf_type= (e.g. 'Q4_K_M'), or a recipe whose scheme is one GGUF "
+                             f"type (e.g. GPTQModifier(scheme='Q4_K_M')); the recipe has {sorted(recipe_types) or 'none'}")
+        gguf_type = next(iter(recipe_types))
+    ggml.file_type(gguf_type)
+    _rope(model.config, arch)
+    if tokenizer is None:
+        raise ValueError("save_format='gguf' needs the tokenizer (tokenizer=, or one saved in the model's directory): "
+                         "llama.cpp reads the vocabulary from the GGUF file")
+    _tokenizer_spec(tokenizer, model.config.vocab_size)
+    options = {"gguf_type": gguf_type, "pure": pure}
+    return options if imatrix is None else {**options, "imatrix": imatrix}
+
+
 def write_into(model: nn.Module, directory: str, tokenizer=None, gguf_type: Optional[str] = None, imatrix=None,
                pure: bool = False) -> str:
-    """oneshot's save_format="gguf": the model's GGUF file, model-<type>.gguf, in `directory` (the
-    checkpoint directory being written). -> the file's path."""
+    """The model's GGUF file, model-<type>.gguf, in `directory` (the output directory being
+    written; check() has vetted the options). -> the file's path."""
     if gguf_type is None:
-        raise ValueError("save_format='gguf' needs gguf_type= (e.g. 'Q4_K_M'), or a recipe whose scheme is a GGUF type "
-                         "(e.g. GPTQModifier(scheme='Q4_K_M'))")
+        raise ValueError("save_format='gguf' needs gguf_type= (e.g. 'Q4_K_M')")
     path = os.path.join(directory, f"model-{ggml.file_type(gguf_type)}.gguf")
     save_gguf(model, path, tokenizer=tokenizer, type=gguf_type, imatrix=imatrix, pure=pure)
     return path
+
+
+def wrote(directory: str) -> bool:
+    """True when `directory` holds what write_into (and oneshot's recipe.yaml) write and nothing
+    else: a directory lowbit may replace with overwrite=True."""
+    files = [e for e in os.listdir(directory) if e != "recipe.yaml"]
+    return bool(files) and all(re.fullmatch(r"model-[A-Z0-9_]+\.gguf", e) for e in files)
 
 
 def _importance_by_gguf_name(model: nn.Module, imatrix) -> Dict[str, torch.Tensor]:
@@ -311,6 +378,21 @@ def _importance_by_gguf_name(model: nn.Module, imatrix) -> Dict[str, torch.Tenso
             for key, values in means.items()}
 
 
+def _check_importance(importance: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """Each imatrix entry names a matrix of the file (`shapes`: GGUF name -> shape) and holds one
+    finite, non-negative value (a mean square or a sum of squares) per column of it."""
+    for name, values in importance.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"imatrix entry {name!r} names no matrix of this model's GGUF file; was the imatrix made "
+                             "for another model?")
+        if values.dim() != 1 or values.numel() != shape[1]:
+            raise ValueError(f"imatrix entry {name!r} has shape {tuple(values.shape)}, but the tensor has {shape[1]} "
+                             "columns (one value per column); was the imatrix made for another model?")
+        if not torch.isfinite(values).all() or (values < 0).any():
+            raise ValueError(f"imatrix entry {name!r} holds NaN, Inf or negative values; squares are finite and >= 0")
+
+
 # ---------------------------------------------------------------- importance matrices
 
 def save_imatrix(imatrix, path, model: nn.Module, datasets=None) -> None:
@@ -318,8 +400,19 @@ def save_imatrix(imatrix, path, model: nn.Module, datasets=None) -> None:
     (<tensor>.in_sum2 and <tensor>.counts, F32), which llama-quantize --imatrix reads; module
     names become `model`'s GGUF tensor names. Written beside `path`, then renamed."""
     path = _check_path(path)
+    if not isinstance(imatrix, ggml.IMatrix):
+        raise TypeError(f"save_imatrix writes lowbit.imatrix's IMatrix, got {type(imatrix).__name__}")
     arch = ggml.architecture(model)[0]
     name_map = ggml.name_map(model)
+    columns = {name: (0, module.in_features) for module_name, module in model.named_modules()
+               if isinstance(getattr(module, "in_features", None), int)
+               and (name := ggml.gguf_name(name_map, f"{module_name}.weight")) is not None}
+    for key in imatrix.sums:
+        count = imatrix.counts.get(key)
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"imatrix entry {key!r} needs a token count (an int >= 0), got {count!r}")
+    _check_importance({_gguf_weight_name(k, name_map, arch): torch.as_tensor(v).float()
+                       for k, v in imatrix.sums.items()}, columns)
 
     def fill(writer) -> None:
         writer.add_type("imatrix")
@@ -366,6 +459,8 @@ def load_imatrix(path):
         c = np.asarray(counts.data, dtype=np.float32).reshape(-1)
         if c.size != 1:
             raise ValueError(f"{path!r}: {base} has {c.size} expert counts; lowbit reads dense models' imatrices")
+        if not (np.isfinite(c[0]) and c[0] >= 0):
+            raise ValueError(f"{path!r}: {base}.counts is {c[0]}, not a token count")
         out.sums[base] = torch.from_numpy(np.asarray(t.data, dtype=np.float32).reshape(-1).copy())
         out.counts[base] = int(round(float(c[0])))
     return out

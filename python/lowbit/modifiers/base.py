@@ -26,6 +26,8 @@ class Modifier:
     # True: transform_layer changes the float layer (AWQ, SmoothQuant); the quantizing modifiers'
     # calibration statistics are then gathered in a second pass over the transformed layer.
     transforms_layers = False
+    # True: it only measures (imatrix, sensitivity); a recipe of such modifiers quantizes nothing.
+    measures_only = False
 
     def __init__(self, targets: Union[str, Sequence[str]] = "Linear", ignore: Union[None, str, Sequence[str]] = None):
         self.targets = as_list(targets, "targets")
@@ -68,9 +70,14 @@ class Modifier:
         """The modifiers this one stands for in a recipe (itself, plus any it implies)."""
         return [self]
 
-    def plan(self, model: nn.Module) -> Dict[str, tuple]:
-        """Module name -> (module, scheme) for every module this modifier quantizes."""
+    def plan(self, model: nn.Module, calibrated: bool = False) -> Dict[str, tuple]:
+        """Module name -> (module, scheme) for every module this modifier quantizes (calibrated:
+        oneshot has calibration data for it)."""
         return {}
+
+    def prepare_model(self, model: nn.Module, samples: list) -> None:
+        """Called once before the layer-by-layer pass with the whole float model and the
+        calibration samples (for statistics that need the full model, such as gradients)."""
 
     def prepare(self, model: nn.Module, layer_names: Sequence[str], plan: Dict[str, tuple]) -> None:
         """Called once before calibration with the decoder layers' names and the whole plan."""

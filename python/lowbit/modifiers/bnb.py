@@ -50,7 +50,7 @@ class BnB4bitModifier(Modifier):
         self.scheme = BnB4bitScheme(quant_type, blocksize, double_quant,
                                     None if dtype is None else str(dtype).replace("torch.", ""))
 
-    def plan(self, model: nn.Module) -> Dict[str, Tuple[nn.Module, BnB4bitScheme]]:
+    def plan(self, model: nn.Module, calibrated: bool = False) -> Dict[str, Tuple[nn.Module, BnB4bitScheme]]:
         return {n: (m, self.scheme) for n, m in self.select_linear(model).items()}
 
     def quantize_module(self, name: str, module: nn.Module, scheme: BnB4bitScheme) -> nn.Module:

@@ -155,30 +155,10 @@ class GPTQModifier(QuantizationModifier):
         return layer, rtn, damping
 
     def _solve_gguf(self, module: nn.Linear, tensor_type: str, h: torch.Tensor):
-        """GPTQ onto ggml's blocks: ggml's quantizer, weighted by the inputs' E[x^2] = diag(H) / 2
-        (llama.cpp's importance matrix), fixes every block's scales; each sub-block is then the
-        affine grid scale * q + offset (q in [0, 2^bits - 1]), over which GPTQ picks the codes
-        (a fractional zero point z = -offset / scale - 2^(bits - 1) on the signed codes), and the
-        codes go back into ggml's blocks. -> (GGUFLinear, the RTN weight, damping)."""
-        w = module.weight.detach()
-        importance = (torch.diag(h) / 2).clamp_min(0).contiguous()
-        blocks = ops.gguf_quantize(w, tensor_type, importance)
-        rtn = ops.gguf_dequantize(blocks, tensor_type, w.shape[1], torch.float32)
-        scale, offset = ops.gguf_grid(blocks, tensor_type, w.shape[1])
-        bits, sub_block, _ = ggml.GRIDS[tensor_type]
-        half = 1 << (bits - 1)
-        # A sub-block of zeros has scale 0: any code decodes to its offset (0 there); a tiny scale
-        # keeps the solve finite and its codes harmless.
-        scale = torch.where(scale == 0, torch.full_like(scale, 1e-12), scale)
-        zero = (-offset / scale - half).contiguous()
-        wf, dead = w.float().clone(), torch.diag(h) == 0
-        wf[:, dead] = 0  # inputs that never fire: their weights cannot matter
-        perm, col_group, _, _ = F._column_groups(torch.diag(h).masked_fill(dead, 1), w.shape[1], sub_block,
-                                                 "static" if self.actorder in ("static", "weight", "group") else None)
-        codes, _, _, damping = ops.gptq_solve(wf[:, perm].contiguous(), h, perm, scale.contiguous(), zero, col_group,
-                                              bits, self.block_size, self.dampening_frac)
-        codes = (codes[:, torch.argsort(perm)].to(torch.int16) + half).to(torch.uint8)
-        return GGUFLinear.from_blocks(module, tensor_type, ops.gguf_encode(codes, blocks, tensor_type)), rtn, damping
+        """-> (GGUFLinear, the RTN weight, damping): see solve_gguf."""
+        blocks, rtn, damping = solve_gguf(module.weight.detach(), h, tensor_type, self.block_size,
+                                          self.dampening_frac, self.actorder)
+        return GGUFLinear.from_blocks(module, tensor_type, blocks), rtn, damping
 
     @staticmethod
     def _output_error(h: torch.Tensor, w: torch.Tensor, q: torch.Tensor) -> float:
@@ -189,3 +169,30 @@ class GPTQModifier(QuantizationModifier):
     def recipe_args(self) -> dict:
         return {**super().recipe_args(), "block_size": self.block_size, "dampening_frac": self.dampening_frac,
                 "actorder": self.actorder, "offload_hessians": self.offload_hessians}
+
+
+def solve_gguf(w: torch.Tensor, h: torch.Tensor, tensor_type: str, block_size: int = 128,
+               dampening_frac: float = 0.01, actorder: Optional[str] = "static"):
+    """GPTQ onto ggml's blocks: ggml's quantizer, weighted by the inputs' E[x^2] = diag(H) / 2
+    (llama.cpp's importance matrix), fixes every block's scales; each sub-block is then the
+    affine grid scale * q + offset (q in [0, 2^bits - 1]), over which GPTQ picks the codes
+    (a fractional zero point z = -offset / scale - 2^(bits - 1) on the signed codes), and the
+    codes go back into ggml's blocks. -> (blocks, the RTN weight, damping)."""
+    importance = (torch.diag(h) / 2).clamp_min(0).contiguous()
+    blocks = ops.gguf_quantize(w, tensor_type, importance)
+    rtn = ops.gguf_dequantize(blocks, tensor_type, w.shape[1], torch.float32)
+    scale, offset = ops.gguf_grid(blocks, tensor_type, w.shape[1])
+    _, _, sub_block, bits, _ = ggml.BLOCK_TYPES[tensor_type]
+    half = 1 << (bits - 1)
+    # A sub-block of zeros has scale 0: any code decodes to its offset (0 there); a tiny scale
+    # keeps the solve finite and its codes harmless.
+    scale = torch.where(scale == 0, torch.full_like(scale, 1e-12), scale)
+    zero = (-offset / scale - half).contiguous()
+    wf, dead = w.float().clone(), torch.diag(h) == 0
+    wf[:, dead] = 0  # inputs that never fire: their weights cannot matter
+    perm, col_group, _, _ = F._column_groups(torch.diag(h).masked_fill(dead, 1), w.shape[1], sub_block,
+                                             "static" if actorder in ("static", "weight", "group") else None)
+    codes, _, _, damping = ops.gptq_solve(wf[:, perm].contiguous(), h, perm, scale.contiguous(), zero, col_group,
+                                          bits, block_size, dampening_frac)
+    codes = (codes[:, torch.argsort(perm)].to(torch.int16) + half).to(torch.uint8)
+    return ops.gguf_encode(codes, blocks, tensor_type), rtn, damping

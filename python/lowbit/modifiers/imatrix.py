@@ -23,6 +23,7 @@ class IMatrixGatherer(Modifier):
 
     requires_calibration = True
     collects_statistics = True
+    measures_only = True
 
     def __init__(self, targets="Linear", ignore=None):
         super().__init__(targets, ignore)

@@ -38,7 +38,7 @@ class LLMInt8Modifier(Modifier):
         self.outlier_fractions: Dict[str, float] = {}
         self._seen: Dict[str, torch.Tensor] = {}
 
-    def plan(self, model: nn.Module) -> Dict[str, Tuple[nn.Module, LLMInt8Scheme]]:
+    def plan(self, model: nn.Module, calibrated: bool = False) -> Dict[str, Tuple[nn.Module, LLMInt8Scheme]]:
         return {n: (m, self.scheme) for n, m in self.select_linear(model).items()}
 
     def calibration_hook(self, name: str, module: nn.Module):

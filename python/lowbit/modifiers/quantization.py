@@ -10,7 +10,7 @@ from torch import nn
 from ..nn import kv_cache as kv
 from ..nn.convert import check_scheme, quantize_module
 from .. import ggml
-from ..schemes import GGUFScheme, QuantizationScheme, args_from_dict, plain, resolve_scheme
+from ..schemes import GGUFScheme, QuantizationScheme, args_from_dict, gguf_tensor_scheme, plain, resolve_scheme
 from ..targets import as_list
 from .base import Modifier
 from .observers import ActivationRange, add_squares
@@ -65,6 +65,10 @@ class QuantizationModifier(Modifier):
                                  "['Linear'], 'weights': {'num_bits': 4, 'strategy': 'group', 'group_size': 128}}}")
             groups = []
             for name, group in self.config_groups.items():
+                if isinstance(group, dict) and "gguf" in group:  # lowbit's: one ggml block type for the group
+                    groups.append((as_list(group.get("targets", self.targets), f"config_groups[{name!r}]['targets']"),
+                                   gguf_tensor_scheme(group["gguf"])))
+                    continue
                 if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
                     raise ValueError(f"config_groups[{name!r}] needs 'targets' and a 'weights' dict of quantization "
                                      f"args, got {group!r}")
@@ -82,22 +86,30 @@ class QuantizationModifier(Modifier):
                     for preset, targets in self.scheme.items()]
         return [(self.targets, resolve_scheme(self.scheme))]
 
-    def plan(self, model: nn.Module) -> Dict[str, Tuple[nn.Module, QuantizationScheme]]:
+    def plan(self, model: nn.Module, calibrated: bool = False) -> Dict[str, Tuple[nn.Module, QuantizationScheme]]:
         """Module name -> (module, scheme) for every module this modifier quantizes; the
-        first config group that matches a module wins."""
+        first config group that matches a module wins. A GGUF scheme gives each module the tensor
+        type of llama.cpp's rules (those of llama-quantize --imatrix when `calibrated`: the
+        layers are quantized with the calibration data's importance); a module those rules keep
+        float (a row length no block type divides) stays float and is left out."""
         out: Dict[str, Tuple[nn.Module, QuantizationScheme]] = {}
         for targets, scheme in self.groups:
-            # a calibrating modifier (GPTQ) quantizes as llama-quantize --imatrix does, whose rules differ a little
-            types = ggml.module_tensor_types(model, scheme.file_type, has_imatrix=self.requires_calibration) \
+            types = ggml.module_tensor_types(model, scheme.file_type, has_imatrix=calibrated) \
                 if isinstance(scheme, GGUFScheme) else None
             for name, module in self.select(model, targets).items():
-                if types is not None:
-                    if name not in types:
-                        raise ValueError(f"{name} has no place in a GGUF file of {type(model).__name__} (lowbit writes "
-                                         "the tensors llama.cpp's converter writes); add it to ignore")
-                    out.setdefault(name, (module, GGUFScheme(scheme.file_type, types[name])))
-                else:
+                if types is None:
                     out.setdefault(name, (module, scheme))
+                elif scheme.tensor_type is not None:  # a fixed block type
+                    if name not in types or module.in_features % ggml.BLOCK[scheme.tensor_type]:
+                        raise ValueError(f"{name} ({module.in_features} columns) cannot take {scheme.tensor_type} "
+                                         f"blocks of {ggml.BLOCK[scheme.tensor_type]} values in a GGUF file; give it "
+                                         "another type or add it to ignore")
+                    out.setdefault(name, (module, scheme))
+                elif name not in types:
+                    raise ValueError(f"{name} has no place in a GGUF file of {type(model).__name__} (lowbit writes "
+                                     "the tensors llama.cpp's converter writes); add it to ignore")
+                elif types[name] not in ggml.FLOAT_TYPES:
+                    out.setdefault(name, (module, GGUFScheme(scheme.file_type, types[name])))
         self._planned = {name: scheme for name, (_, scheme) in out.items()}
         return out
 
@@ -185,7 +197,8 @@ class QuantizationModifier(Modifier):
             args["config_groups"] = self.config_groups
         else:
             scheme = plain(self.scheme)
-            args["scheme"] = scheme.to_dict() if isinstance(scheme, QuantizationScheme) else scheme
+            args["scheme"] = scheme.to_dict() if isinstance(scheme, QuantizationScheme) \
+                else scheme.file_type if isinstance(scheme, GGUFScheme) else scheme
         if self.kv_cache_scheme is not None:
             args["kv_cache_scheme"] = self.kv_cache_scheme.to_dict()
         return args

@@ -13,11 +13,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import checkpoint
-from ..modifiers import IMatrixGatherer, Modifier
+from ..modifiers import Modifier
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
-from .. import ggml
-from ..schemes import GGUFScheme, QuantizationScheme
+from ..schemes import QuantizationScheme
 from ..targets import in_features
 from .arguments import parse_recipe_args, pipeline_mode, warn_no_effect
 from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
@@ -115,16 +114,17 @@ def _check_sequential_targets(sequential_targets, layers) -> None:
                          f"model's decoder layers are {found}; pass [{found!r}] or leave sequential_targets unset")
 
 
-def _plan(model: nn.Module, modifiers) -> Tuple[Plan, Dict[str, Modifier]]:
-    """(module name -> (module, scheme), module name -> the modifier that quantizes it)."""
+def _plan(model: nn.Module, modifiers, calibrated: bool) -> Tuple[Plan, Dict[str, Modifier]]:
+    """(module name -> (module, scheme), module name -> the modifier that quantizes it);
+    calibrated: there is calibration data."""
     plan: Plan = {}
     owners: Dict[str, Modifier] = {}
     for modifier in modifiers:
-        for name, entry in modifier.plan(model).items():
+        for name, entry in modifier.plan(model, calibrated=calibrated).items():
             if name in plan:
                 raise ValueError(f"module {name!r} is targeted by two modifiers; give it to one of them")
             plan[name], owners[name] = entry, modifier
-    if not plan and not any(isinstance(m, IMatrixGatherer) for m in modifiers):  # (gatherers only measure)
+    if not plan and not any(m.measures_only for m in modifiers):
         asked = "; ".join(f"{type(m).__name__}(targets={m.targets}, ignore={m.ignore})" for m in modifiers)
         raise ValueError(f"the recipe quantizes no layer of {type(model).__name__}: {asked} leave nothing to "
                          "quantize (every target is ignored or already quantized); fix targets / ignore")
@@ -137,6 +137,12 @@ def _plan(model: nn.Module, modifiers) -> Tuple[Plan, Dict[str, Modifier]]:
                          f"{f' and {len(bad) - 4} more' if len(bad) > 4 else ''}; choose a group size that divides "
                          "them (config_groups with weights.group_size) or strategy 'channel'")
     return plan, owners
+
+
+def _by_layer(plan: Plan, layers_name: str, n_layers: int):
+    """(the planned module names of each decoder layer, those outside every decoder layer)."""
+    per_layer = [[n for n in plan if n.startswith(f"{layers_name}.{i}.")] for i in range(n_layers)]
+    return per_layer, [n for n in plan if not any(n in names for names in per_layer)]
 
 
 def _quantize(model: nn.Module, plan: Plan, owners: Dict[str, Modifier], names) -> None:
@@ -168,6 +174,8 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     LLM.int8(); save_compressed=False: the decompressed float model), written to a temporary
     directory, then renamed; an existing non-empty directory is refused unless overwrite=True.
     The returned model's save_pretrained(dir, save_compressed=True) writes the same checkpoint.
+    A MixedPrecision item first runs its sensitivity pass and allocation, then quantizes with the
+    chosen per-Linear schemes (recipe.yaml records the resulting modifier).
     save_format="gguf" writes output_dir/model-<gguf_type>.gguf (and recipe.yaml) for llama.cpp
     instead; gguf_type defaults to the recipe's GGUF scheme (GPTQModifier(scheme="Q4_K_M"), ...),
     and the tensors the recipe left float take llama.cpp's rules for that type.
@@ -199,8 +207,6 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     model, tokenizer = _load(model, _tokenizer_of(tokenizer if tokenizer is not None else processor),
                              config_name=config_name, precision=precision, trust_remote_code=trust_remote_code_model,
                              model_revision=model_revision, tie_word_embeddings=tie_word_embeddings)
-    plan, owners = _plan(model, modifiers)
-    save_options = _save_options(model, plan, tokenizer, output_dir, save_format, gguf_type)
     needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
     if mode == "datafree":
         if needs_data:
@@ -208,6 +214,9 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
         dataset = None
     if needs_data and dataset is None:
         raise ValueError(f"{', '.join(needs_data)} needs calibration data: pass dataset=")
+    plan, owners = _plan(model, modifiers, calibrated=dataset is not None)
+    save_options = checkpoint.check_save_options(model, plan, tokenizer, output_dir, save_format,
+                                                 **({} if gguf_type is None else {"gguf_type": gguf_type}))
     samples = None
     if dataset is not None:
         samples = prepare_calibration(dataset, tokenizer, num_calibration_samples=num_calibration_samples,
@@ -221,10 +230,17 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     output_embeddings = model.get_output_embeddings()
     layers_name, layers = decoder_layers(model)
     _check_sequential_targets(sequential_targets, layers)
-    per_layer = [[n for n in plan if n.startswith(f"{layers_name}.{i}.")] for i in range(len(layers))]
-    outside = [n for n in plan if not any(n in names for names in per_layer)]
+    per_layer, outside = _by_layer(plan, layers_name, len(layers))
     start = time.perf_counter()
     with _log_to(log_dir):
+        if any(hasattr(m, "choose") for m in modifiers):  # mixed precision: measure, allocate, then plan again
+            gatherers = {m: m.gatherer() for m in modifiers if hasattr(m, "choose")}
+            logger.info("mixed precision: sensitivity pass over %d layers", len(layers))
+            _run_layer_sequential(model, layers_name, layers, [[] for _ in layers], {}, {}, list(gatherers.values()),
+                                  samples)
+            modifiers = [m.choose(gatherers[m].report, model) if m in gatherers else m for m in modifiers]
+            plan, owners = _plan(model, modifiers, calibrated=True)
+            per_layer, outside = _by_layer(plan, layers_name, len(layers))
         if samples is None:
             for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
                 t0 = time.perf_counter()
@@ -245,29 +261,6 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
         checkpoint.save(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_yaml, overwrite=overwrite,
                         compressed=save_compressed, **save_options)
     return model
-
-
-def _save_options(model, plan: Plan, tokenizer, output_dir, save_format, gguf_type) -> dict:
-    """checkpoint.save's format arguments, checked before any work: for GGUF, the file type (the
-    recipe's GGUF scheme unless given), an architecture and a tokenizer llama.cpp can take."""
-    if save_format is None or save_format == "safetensors":
-        if gguf_type is not None:
-            raise ValueError("gguf_type is an option of save_format='gguf'")
-        return {} if save_format is None else {"save_format": save_format}
-    if save_format != "gguf":
-        raise ValueError(f"save_format={save_format!r} is not a format lowbit writes; use 'safetensors' or 'gguf'")
-    recipe_types = {scheme.file_type for _, scheme in plan.values() if isinstance(scheme, GGUFScheme)}
-    if gguf_type is None:
-        if len(recipe_types) != 1:
-            raise ValueError("save_format='gguf' needs gguf_type= (e.g. 'Q4_K_M'), or a recipe whose scheme is one GGUF "
-                             f"type (e.g. GPTQModifier(scheme='Q4_K_M')); the recipe has {sorted(recipe_types) or 'none'}")
-        gguf_type = recipe_types.pop()
-    ggml.file_type(gguf_type)
-    ggml.architecture(model)
-    if output_dir is not None and tokenizer is None:
-        raise ValueError("save_format='gguf' needs the tokenizer (tokenizer=, or one saved in the model's directory): "
-                         "llama.cpp reads the vocabulary from the GGUF file")
-    return {"save_format": "gguf", "gguf_type": gguf_type}
 
 
 def dispatch_for_generation(model):
@@ -320,9 +313,11 @@ def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, own
     llmcompressor's "basic" pipeline)."""
     names = [f"{layers_name}.{i}" for i in range(len(layers))]
     for modifier in modifiers:
+        modifier.prepare_model(model, samples)
         modifier.prepare(model, names, plan)
     float_inputs = float_inputs or any(m.propagates_float_outputs for m in modifiers)
     transforming = any(m.transforms_layers for m in modifiers)
+    measuring_only = all(m.measures_only for m in modifiers)  # the layers stay float: no second pass
     inputs = capture_first_layer_inputs(model, layers, samples)
     bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
     for i in bar:
@@ -353,7 +348,8 @@ def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, own
             _quantize(model, plan, owners, per_layer[i])
             # With float propagation the quantized pass only measures the error: a few samples do.
             measured = inputs[:ERROR_LOG_SAMPLES] if float_inputs else inputs
-            outputs = [layer_output(layer(*args, **kwargs)) for args, kwargs in measured]
+            outputs = reference[:len(measured)] if measuring_only else \
+                [layer_output(layer(*args, **kwargs)) for args, kwargs in measured]
         err = (sum((o - r).float().pow(2).sum() for o, r in zip(outputs, reference))
                / sum(r.float().pow(2).sum() for r in reference[:len(outputs)]).clamp_min(1e-30)).sqrt().item()
         if not torch.isfinite(torch.tensor(err)):
