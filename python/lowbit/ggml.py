@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .ops import GGUF_TYPES
+
 # llama-quantize's file types: name -> (LlamaFileType, the default tensor type).
 FILE_TYPES = {
     "F32": ("ALL_F32", "F32"), "F16": ("MOSTLY_F16", "F16"), "BF16": ("MOSTLY_BF16", "BF16"),
@@ -26,13 +28,9 @@ FILE_TYPES = {
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # ggml's block types: name -> (values per block, bytes per block, values per sub-block scale,
-# bits per code, symmetric), as ggml-common.h lays them out (value = scale * q + offset).
-BLOCK_TYPES = {
-    "Q8_0": (32, 34, 32, 8, True), "Q4_0": (32, 18, 32, 4, True), "Q4_1": (32, 20, 32, 4, False),
-    "Q5_0": (32, 22, 32, 5, True), "Q5_1": (32, 24, 32, 5, False), "Q2_K": (256, 84, 16, 2, False),
-    "Q3_K": (256, 110, 16, 3, True), "Q4_K": (256, 144, 32, 4, False), "Q5_K": (256, 176, 32, 5, False),
-    "Q6_K": (256, 210, 16, 6, True),
-}
+# bits per code, symmetric) (value = scale * q + offset; the symmetric ones have no offset).
+_SYMMETRIC = {"Q8_0", "Q4_0", "Q5_0", "Q3_K", "Q6_K"}
+BLOCK_TYPES = {name: (*layout, name in _SYMMETRIC) for name, layout in GGUF_TYPES.items()}
 # Block length (columns) of each tensor type.
 BLOCK = {"F32": 1, "F16": 1, "BF16": 1, **{name: t[0] for name, t in BLOCK_TYPES.items()}}
 # llama.cpp's fallback when a row is not a multiple of a K type's 256 columns.

@@ -17,8 +17,6 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import ggml
-
 _ops = torch.ops.lowbit
 
 
@@ -739,10 +737,20 @@ def _(mins, maxs, x):
     return None
 
 
+# ggml's block types: name -> (values per block, bytes per block, values per sub-block scale, bits
+# per code), as ggml-common.h lays them out. (This file also loads on its own, with the bare
+# extension, in the raw-op tests: it imports nothing of lowbit's.)
+GGUF_TYPES = {
+    "Q8_0": (32, 34, 32, 8), "Q4_0": (32, 18, 32, 4), "Q4_1": (32, 20, 32, 4), "Q5_0": (32, 22, 32, 5),
+    "Q5_1": (32, 24, 32, 5), "Q2_K": (256, 84, 16, 2), "Q3_K": (256, 110, 16, 3), "Q4_K": (256, 144, 32, 4),
+    "Q5_K": (256, 176, 32, 5), "Q6_K": (256, 210, 16, 6),
+}
+
+
 def _gguf_type(op: str, type: str):
-    t = ggml.BLOCK_TYPES.get(type.upper())
+    t = GGUF_TYPES.get(type.upper())
     if t is None:
-        raise ValueError(f"lowbit::{op}: unknown GGUF type {type!r}; expected one of {', '.join(ggml.BLOCK_TYPES)}")
+        raise ValueError(f"lowbit::{op}: unknown GGUF type {type!r}; expected one of {', '.join(GGUF_TYPES)}")
     return t
 
 
