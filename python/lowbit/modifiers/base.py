@@ -106,3 +106,14 @@ class Modifier:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.recipe_args().items())
         return f"{type(self).__name__}({args})"
+
+
+def input_hooks(prefix: str, layer: nn.Module, names, observe) -> list:
+    """Forward pre-hooks on the modules of decoder layer `prefix` whose full names are in
+    `names`, each calling observe(full name, its input)."""
+    hooks = []
+    for local, module in layer.named_modules():
+        name = f"{prefix}.{local}"
+        if name in names:
+            hooks.append(module.register_forward_pre_hook(lambda mod, args, name=name: observe(name, args[0])))
+    return hooks

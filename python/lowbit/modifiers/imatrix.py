@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..ggml import IMatrix
-from .base import Modifier
+from .base import Modifier, input_hooks
 from .observers import add_squares
 
 
@@ -35,13 +35,7 @@ class IMatrixGatherer(Modifier):
         self._squares = {}
 
     def layer_hooks(self, prefix: str, layer: nn.Module, plan) -> list:
-        hooks = []
-        for local, module in layer.named_modules():
-            name = f"{prefix}.{local}"
-            if name in self._selected:
-                hooks.append(module.register_forward_pre_hook(
-                    lambda mod, args, name=name: add_squares(self._squares, name, args[0])))
-        return hooks
+        return input_hooks(prefix, layer, self._selected, lambda name, x: add_squares(self._squares, name, x))
 
     @property
     def imatrix(self) -> IMatrix:

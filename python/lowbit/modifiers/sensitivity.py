@@ -16,7 +16,7 @@ from .. import functional as F
 from .. import ggml, ops
 from ..eval.memory import linear_bytes
 from ..schemes import PRESET_SCHEMES, GGUFScheme, QuantizationScheme, gguf_tensor_scheme, plain, resolve_scheme
-from .base import Modifier
+from .base import Modifier, input_hooks
 from .gptq import solve_gguf
 
 METHODS = ("rtn", "gptq")
@@ -315,13 +315,7 @@ class SensitivityGatherer(Modifier):
                              "measures one at a time; add them to ignore (lm_head usually is)")
 
     def layer_hooks(self, prefix: str, layer: nn.Module, plan) -> list:
-        hooks = []
-        for local, module in layer.named_modules():
-            name = f"{prefix}.{local}"
-            if name in self._selected:
-                hooks.append(module.register_forward_pre_hook(
-                    lambda mod, args, name=name: self._accumulate(name, args[0])))
-        return hooks
+        return input_hooks(prefix, layer, self._selected, self._accumulate)
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
         h, n = self._hessians.get(name, (None, 0))
