@@ -106,6 +106,25 @@ def test_report_loss_error_is_the_fisher_estimate(tokenizer, report):
             assert rows[(n, f"{option}_g32")].loss_error == pytest.approx(expected, rel=1e-3), (n, option)
 
 
+def test_gradient_pass_in_loss_chunks_equals_the_whole_forward(tokenizer, monkeypatch):
+    """The LM head and loss run a few tokens at a time on the body's output (the full-vocabulary
+    logits never exist at once): E[g^2] equals the one from the model's own forward."""
+    from lowbit.modifiers import sensitivity as sens
+
+    samples = lowbit.pipeline.prepare_calibration(DATA, tokenizer, num_calibration_samples=4, max_seq_length=2048)
+    assert max(s["input_ids"].shape[1] for s in samples) > 7
+    fishers = []
+    for chunk, transforms in ((3, sens._LOGIT_TRANSFORMS), (3, ("model_type",))):  # model_type: the whole forward
+        monkeypatch.setattr(sens, "LOSS_CHUNK_TOKENS", chunk)
+        monkeypatch.setattr(sens, "_LOGIT_TRANSFORMS", transforms)
+        gatherer = sens.SensitivityGatherer(OPTIONS, group_size=32)
+        gatherer.prepare_model(tm.make_model("llama"), samples)
+        fishers.append(gatherer._fisher)
+    assert fishers[0].keys() == fishers[1].keys() and len(fishers[0]) > 0
+    for name in fishers[0]:
+        torch.testing.assert_close(fishers[0][name], fishers[1][name], rtol=1e-4, atol=1e-12)
+
+
 def test_report_bytes_are_the_checkpoints(tokenizer, report, tmp_path):
     """Each option's bytes are what the compressed-tensors checkpoint stores for that Linear."""
     for option in OPTIONS:

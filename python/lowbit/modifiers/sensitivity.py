@@ -23,6 +23,12 @@ METHODS = ("rtn", "gptq")
 # The loss gradients' E[g^2] per output channel is a mean over tokens: a few samples estimate it
 # well, and the backward pass through the whole model (LM head included) is the dearest part.
 GRADIENT_SAMPLES = 8
+# Tokens per slice of the LM head and loss in the gradient pass: full-vocabulary logits of a whole
+# sample (and their softmax and gradient) would outgrow everything else the pass holds.
+LOSS_CHUNK_TOKENS = 128
+# Config fields of CausalLMs that transform the LM head's output before the loss: those models run
+# their own forward whole.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 Option = Union[QuantizationScheme, GGUFScheme]
@@ -285,14 +291,7 @@ class SensitivityGatherer(Modifier):
         try:
             with torch.enable_grad():
                 for sample in samples[:GRADIENT_SAMPLES]:
-                    ids, mask = sample["input_ids"], sample.get("attention_mask")
-                    labels = ids.masked_fill(mask == 0, -100) if mask is not None else ids
-                    logits = model(**sample, use_cache=False).logits[:, :-1].float()
-                    target = labels[:, 1:]
-                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                             ignore_index=-100, reduction="sum")
-                    loss.backward()
-                    tokens += int((target != -100).sum())
+                    tokens += _loss_backward(model, sample)
         finally:
             for h in hooks:
                 h.remove()
@@ -380,3 +379,31 @@ class SensitivityGatherer(Modifier):
     def recipe_args(self) -> dict:
         return {**super().recipe_args(), "options": self._given_options, "method": self.method,
                 "group_size": self.group_size, "block_size": self.block_size, "dampening_frac": self.dampening_frac}
+
+
+def _loss_backward(model: nn.Module, sample: dict) -> int:
+    """Backward of the summed next-token loss of one sample (padding masked out). The body runs
+    once; the LM head and loss run LOSS_CHUNK_TOKENS tokens at a time on its detached output, whose
+    gradient then goes back through the body in one pass. -> tokens scored"""
+    ids, mask = sample["input_ids"], sample.get("attention_mask")
+    labels = ids.masked_fill(mask == 0, -100) if mask is not None else ids
+    target = labels[:, 1:].reshape(-1)
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    config = getattr(model, "config", None)
+    if not isinstance(body, nn.Module) or body is model or not isinstance(head, nn.Linear) \
+            or any(getattr(config, k, None) for k in _LOGIT_TRANSFORMS):
+        logits = model(**sample, use_cache=False).logits[:, :-1].float()
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100,
+                                          reduction="sum").backward()
+        return int((target != -100).sum())
+    hidden = body(**sample, use_cache=False).last_hidden_state
+    leaf = hidden.detach()[:, :-1].reshape(-1, hidden.shape[-1]).requires_grad_(True)
+    for start in range(0, leaf.shape[0], LOSS_CHUNK_TOKENS):
+        part = slice(start, start + LOSS_CHUNK_TOKENS)
+        torch.nn.functional.cross_entropy(head(leaf[part]).float(), target[part], ignore_index=-100,
+                                          reduction="sum").backward()
+    grad = torch.zeros_like(hidden)
+    grad[:, :-1] = leaf.grad.view(hidden.shape[0], -1, hidden.shape[-1])
+    hidden.backward(grad)
+    return int((target != -100).sum())
