@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from typing import Dict, Optional, Tuple
@@ -18,6 +19,7 @@ from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
 from ..schemes import QuantizationScheme
 from ..targets import in_features
+from .activations import ActivationStore, check_activations, resolve_mode
 from .arguments import parse_recipe_args, pipeline_mode, warn_no_effect
 from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
@@ -159,7 +161,8 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
             stage: Optional[str] = None, recipe_args=None, precision="auto", config_name=None,
             tie_word_embeddings: bool = True, trust_remote_code_model: bool = False, model_revision: str = "main",
             sequential_targets=None, log_dir: Optional[str] = None, shuffle: Optional[bool] = None,
-            save_format: Optional[str] = None, gguf_type: Optional[str] = None, **kwargs):
+            save_format: Optional[str] = None, gguf_type: Optional[str] = None, activations: str = "auto",
+            spill_dir: Optional[str] = None, **kwargs):
     """Quantize `model` (a PreTrainedModel or a local path) in place with `recipe` and return it.
 
     recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "NF4", "INT8_OUTLIER", ...), a
@@ -179,6 +182,11 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     save_format="gguf" writes output_dir/model-<gguf_type>.gguf (and recipe.yaml) for llama.cpp
     instead; gguf_type defaults to the recipe's GGUF scheme (GPTQModifier(scheme="Q4_K_M"), ...),
     and the tensors the recipe left float take llama.cpp's rules for that type.
+    activations: where the calibration hidden states between decoder layers live: "memory",
+    "bf16" (half of fp32's memory, results within bf16 rounding of the layers' inputs), "disk"
+    (a file in spill_dir, default the temporary directory, read back a sample at a time; same
+    results as memory, free space checked up front) or "auto" (disk when they would take over
+    half the available memory).
 
     Every other argument of llmcompressor 0.14's oneshot is accepted: pipeline ("sequential" =
     "independent", "basic": every layer calibrated on float activations, "datafree"),
@@ -194,6 +202,7 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     if shuffle is not None:  # lowbit's earlier name of shuffle_calibration_samples
         shuffle_calibration_samples = shuffle
     mode = pipeline_mode(pipeline)
+    check_activations(activations, spill_dir)
     check_calibration_args(num_calibration_samples, max_seq_length)
     modifiers = parse_recipe(recipe, stage=stage)
     args = parse_recipe_args(recipe_args)
@@ -237,7 +246,7 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
             gatherers = {m: m.gatherer() for m in modifiers if hasattr(m, "choose")}
             logger.info("mixed precision: sensitivity pass over %d layers", len(layers))
             _run_layer_sequential(model, layers_name, layers, [[] for _ in layers], {}, {}, list(gatherers.values()),
-                                  samples)
+                                  samples, activations=activations, spill_dir=spill_dir)
             modifiers = [m.choose(gatherers[m].report, model) if m in gatherers else m for m in modifiers]
             plan, owners = _plan(model, modifiers, calibrated=True)
             per_layer, outside = _by_layer(plan, layers_name, len(layers))
@@ -249,7 +258,7 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
                             i, len(names), time.perf_counter() - t0)
         else:
             _run_layer_sequential(model, layers_name, layers, per_layer, plan, owners, modifiers, samples,
-                                  float_inputs=mode == "basic")
+                                  float_inputs=mode == "basic", activations=activations, spill_dir=spill_dir)
         _quantize(model, plan, owners, outside)
         logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
 
@@ -303,63 +312,104 @@ def _finish_config(model, plan: Plan, output_embeddings: nn.Module, kv_cache_sch
 
 
 def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, owners, modifiers, samples,
-                          float_inputs: bool = False) -> None:
+                          float_inputs: bool = False, activations: str = "memory", spill_dir=None) -> None:
     """Calibrate and quantize one decoder layer at a time: a float pass feeds the modifiers'
     statistics, transforming modifiers (AWQ, SmoothQuant) change the layer (a second float pass
     then feeds the quantizers' statistics), quantizing ones replace its Linears, and the
     relative output error of each layer (quantized vs float outputs on the same inputs) is
     logged. The next layer's inputs are the quantized outputs (so GPTQ corrects earlier layers'
     errors) unless a modifier asks for the float ones (AWQ) or the caller does (float_inputs:
-    llmcompressor's "basic" pipeline)."""
+    llmcompressor's "basic" pipeline). The hidden states between layers live where
+    `activations` says (see ActivationStore)."""
     names = [f"{layers_name}.{i}" for i in range(len(layers))]
     for modifier in modifiers:
         modifier.prepare_model(model, samples)
         modifier.prepare(model, names, plan)
     float_inputs = float_inputs or any(m.propagates_float_outputs for m in modifiers)
+    contexts, nbytes, first = [], [], []
+    for args, kwargs in capture_first_layer_inputs(model, layers, samples):
+        first.append(args[0] if args else kwargs["hidden_states"])
+        contexts.append(_with_hidden_states(args, kwargs, None))  # the rest of a layer's inputs stays in memory
+        nbytes.append(first[-1].numel() * first[-1].element_size())
+    mode = resolve_mode(activations, nbytes, spill_dir)
+    if mode != "memory":
+        logger.info("calibration activations: %s (%.2f GiB per set)", mode, sum(nbytes) / 2**30)
+    hidden = ActivationStore(mode, nbytes, spill_dir)
+    try:
+        for s, h in enumerate(first):
+            hidden.put(s, h)
+        del first
+        bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
+        for i in bar:
+            hidden, err = _calibrate_layer(i, names[i], layers[i], hidden, contexts, per_layer[i], plan, owners,
+                                           modifiers, model, float_inputs)
+            bar.set_postfix(err=f"{err:.4f}")
+    finally:
+        hidden.close()
+
+
+def _calibrate_layer(i, name, layer, inputs: ActivationStore, contexts, names, plan: Plan, owners, modifiers, model,
+                     float_inputs: bool):
+    """Decoder layer i of _run_layer_sequential, on `inputs` (closed once used). -> (the next
+    layer's inputs, the layer's relative output error)"""
+    t0 = time.perf_counter()
     transforming = any(m.transforms_layers for m in modifiers)
     measuring_only = all(m.measures_only for m in modifiers)  # the layers stay float: no second pass
-    inputs = capture_first_layer_inputs(model, layers, samples)
-    bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
-    for i in bar:
-        layer, t0 = layers[i], time.perf_counter()
 
-        def calibration_hooks():
-            return [h for name in per_layer[i] if (h := owners[name].calibration_hook(name, plan[name][0]))]
+    def run(s):
+        args, kwargs = _with_hidden_states(*contexts[s], inputs.get(s))
+        return layer_output(layer(*args, **kwargs))
 
+    def calibration_hooks():
+        return [h for n in names if (h := owners[n].calibration_hook(n, plan[n][0]))]
+
+    samples = range(len(inputs))
+    reference = inputs.like()
+    outputs = reference
+    try:
         # A transforming modifier (SmoothQuant, AWQ) changes the layer after the float pass, so the
         # quantizers' statistics (Hessians, activation ranges) then come from a second pass over it.
-        hooks = [h for m in modifiers for h in m.layer_hooks(names[i], layer, plan)]
+        hooks = [h for m in modifiers for h in m.layer_hooks(name, layer, plan)]
         hooks += [] if transforming else calibration_hooks()
         with torch.inference_mode():
             try:  # the float pass gives the reference outputs and feeds the modifiers' statistics
-                reference = [layer_output(layer(*args, **kwargs)) for args, kwargs in inputs]
+                for s in samples:
+                    reference.put(s, run(s))
             finally:
                 for h in hooks:
                     h.remove()
             for modifier in modifiers:
-                modifier.transform_layer(names[i], layer, plan)
+                modifier.transform_layer(name, layer, plan)
             hooks = calibration_hooks() if transforming else []
             try:
-                for args, kwargs in inputs if hooks else []:
-                    layer(*args, **kwargs)
+                for s in samples if hooks else []:
+                    run(s)
             finally:
                 for h in hooks:
                     h.remove()
-            _quantize(model, plan, owners, per_layer[i])
+            _quantize(model, plan, owners, names)
             # With float propagation the quantized pass only measures the error: a few samples do.
-            measured = inputs[:ERROR_LOG_SAMPLES] if float_inputs else inputs
-            outputs = reference[:len(measured)] if measuring_only else \
-                [layer_output(layer(*args, **kwargs)) for args, kwargs in measured]
-        err = (sum((o - r).float().pow(2).sum() for o, r in zip(outputs, reference))
-               / sum(r.float().pow(2).sum() for r in reference[:len(outputs)]).clamp_min(1e-30)).sqrt().item()
-        if not torch.isfinite(torch.tensor(err)):
+            measured = samples[:ERROR_LOG_SAMPLES] if float_inputs else samples
+            if not measuring_only:
+                outputs = inputs.like()
+                for s in measured:
+                    outputs.put(s, run(s))
+            diff = sum((outputs.get(s) - reference.get(s)).float().pow(2).sum() for s in measured)
+            norm = sum(reference.get(s).float().pow(2).sum() for s in measured)
+        err = (diff / norm.clamp_min(1e-30)).sqrt().item()
+        if not math.isfinite(err):
             raise ValueError(f"layer {i} produced NaN or Inf outputs on the calibration data")
-        logger.info("layer %d: %d modules in %.2f s, relative output error %.4f", i, len(per_layer[i]),
+        logger.info("layer %d: %d modules in %.2f s, relative output error %.4f", i, len(names),
                     time.perf_counter() - t0, err)
-        bar.set_postfix(err=f"{err:.4f}")
-        inputs = [_with_hidden_states(args, kwargs, out)
-                  for out, (args, kwargs) in zip(reference if float_inputs else outputs, inputs)]
-        del reference
+    except BaseException:
+        reference.close()
+        outputs.close()
+        raise
+    inputs.close()
+    following, dropped = (reference, outputs) if float_inputs else (outputs, reference)
+    if dropped is not following:
+        dropped.close()
+    return following, err
 
 
 def _with_hidden_states(args, kwargs, hidden):
