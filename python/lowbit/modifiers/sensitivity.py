@@ -388,6 +388,7 @@ def _loss_backward(model: nn.Module, sample: dict) -> int:
     ids, mask = sample["input_ids"], sample.get("attention_mask")
     labels = ids.masked_fill(mask == 0, -100) if mask is not None else ids
     target = labels[:, 1:].reshape(-1)
+    scored = int((target != -100).sum())
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     config = getattr(model, "config", None)
@@ -396,7 +397,7 @@ def _loss_backward(model: nn.Module, sample: dict) -> int:
         logits = model(**sample, use_cache=False).logits[:, :-1].float()
         torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, ignore_index=-100,
                                           reduction="sum").backward()
-        return int((target != -100).sum())
+        return scored
     hidden = body(**sample, use_cache=False).last_hidden_state
     leaf = hidden.detach()[:, :-1].reshape(-1, hidden.shape[-1]).requires_grad_(True)
     for start in range(0, leaf.shape[0], LOSS_CHUNK_TOKENS):
@@ -406,4 +407,4 @@ def _loss_backward(model: nn.Module, sample: dict) -> int:
     grad = torch.zeros_like(hidden)
     grad[:, :-1] = leaf.grad.view(hidden.shape[0], -1, hidden.shape[-1])
     hidden.backward(grad)
-    return int((target != -100).sum())
+    return scored

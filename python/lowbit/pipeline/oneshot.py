@@ -394,9 +394,11 @@ def _calibrate_layer(i, name, layer, inputs: ActivationStore, contexts, names, p
                 outputs = inputs.like()
                 for s in measured:
                     outputs.put(s, run(s))
-            diff = sum((outputs.get(s) - reference.get(s)).float().pow(2).sum() for s in measured)
-            norm = sum(reference.get(s).float().pow(2).sum() for s in measured)
-        err = (diff / norm.clamp_min(1e-30)).sqrt().item()
+            diff = norm = 0.0
+            for s in measured:  # each reference read once (on disk, a read of the spill file)
+                r = reference.get(s).float()
+                diff, norm = diff + (outputs.get(s).float() - r).pow(2).sum().item(), norm + r.pow(2).sum().item()
+        err = math.sqrt(diff / max(norm, 1e-30))
         if not math.isfinite(err):
             raise ValueError(f"layer {i} produced NaN or Inf outputs on the calibration data")
         logger.info("layer %d: %d modules in %.2f s, relative output error %.4f", i, len(names),
