@@ -28,10 +28,24 @@ def print_table(headers, rows):
         print(" | ".join(str(c).ljust(w) for c, w in zip(r, widths)))
 
 
-def cold_weights(make, weight_bytes: int, budget: int = 128 << 20):
+def last_level_cache() -> int:
+    """Bytes of the CPU's last-level cache (Linux sysfs; 32 MiB where it cannot be read)."""
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def cold_weights(make, weight_bytes: int, budget: int | None = None):
     """A callable that cycles through enough independent copies (from make(), each a callable
-    over its own weights) to span `budget` bytes, so every call reads its weights from memory
-    as a layer in a whole model does, not from a cache that the previous call warmed."""
+    over its own weights) to span `budget` bytes (default: twice the last-level cache, at least
+    128 MiB; some servers have L3s of hundreds of MiB), so every call reads its weights from
+    memory as a layer in a whole model does, not from a cache that the previous call warmed."""
+    budget = budget or max(128 << 20, 2 * last_level_cache())
     fns = [make() for _ in range(max(1, -(-budget // max(weight_bytes, 1))))]
     state = {"i": 0}
 
@@ -48,3 +62,24 @@ def read_bandwidth() -> float:
 
     big = torch.ones(1 << 28)
     return big.numel() * 4 / best_time(lambda: big.sum(), repeat=5) / 1e9
+
+
+def isa_paths(requested: str | None = None) -> list:
+    """The lowbit ISA paths to time: a comma list asked for, else LOWBIT_ISA's path alone when it is
+    set (scripts/as_cpu.sh sets it with the peers' caps), else every path this CPU supports."""
+    import os
+
+    import lowbit
+
+    if requested:
+        return requested.split(",")
+    return [os.environ["LOWBIT_ISA"]] if os.environ.get("LOWBIT_ISA") else lowbit.supported_isas()
+
+
+def peer_caps() -> str:
+    """The instruction-set caps on the dense peers (scripts/as_cpu.sh), for a table's caption."""
+    import os
+
+    caps = [f"{k}={os.environ[k]}" for k in ("MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+            if os.environ.get(k)]
+    return "dense peers capped: " + ", ".join(caps) if caps else "dense peers uncapped (the CPU's best code)"

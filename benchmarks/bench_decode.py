@@ -73,7 +73,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _decode_models as models  # noqa: E402
-from _timing import best_time, print_table  # noqa: E402
+from _timing import best_time, isa_paths, peer_caps, print_table  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import examples  # noqa: E402
@@ -451,7 +451,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 16 new tokens, one repeat, llama-bench -r 2")
     p.add_argument("--models", default=None, help="comma list of smollm2, 1b (default both; --quick: smollm2)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and llama-bench (default: torch's)")
-    p.add_argument("--isa", default=None, help="comma list of ISA paths (default: lowbit.supported_isas())")
+    p.add_argument("--isa", default=None, help="comma list of ISA paths (default: LOWBIT_ISA's, else lowbit.supported_isas())")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (and building its GGUF files)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
@@ -480,7 +480,7 @@ def main():
         torch.set_num_threads(a.threads)
     a.threads = torch.get_num_threads()
     supported = lowbit.supported_isas()
-    isas = a.isa.split(",") if a.isa else supported
+    isas = isa_paths(a.isa)
     for i in isas:
         if i not in supported:
             p.error(f"ISA path {i} is not supported here ({', '.join(supported)})")
@@ -498,7 +498,7 @@ def main():
            "isa_detected": info["detected"], "isa_paths": isas, "python": platform.python_version(),
            "load": os.getloadavg()}
     print(f"CPU: {env['cpu']} ({env['cores']} logical CPUs; lowbit detected {info['detected']}, paths timed: "
-          f"{', '.join(isas)}); threads: {a.threads}; torch {env['torch']}, transformers {env['transformers']}, "
+          f"{', '.join(isas)}; {peer_caps()}); threads: {a.threads}; torch {env['torch']}, transformers {env['transformers']}, "
           f"lowbit {env['lowbit']} ({os.path.dirname(lowbit.__file__)}); load average at start "
           f"{env['load'][0]:.2f}")
     if a.profile:

@@ -20,7 +20,7 @@ import torch
 import lowbit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_time, cold_weights, print_table, read_bandwidth  # noqa: E402
+from _timing import best_time, cold_weights, isa_paths, peer_caps, print_table, read_bandwidth  # noqa: E402
 
 from lowbit import ops  # noqa: E402
 
@@ -39,7 +39,7 @@ def main():
     ap.add_argument("--layouts", default="channel,block", help="comma list of channel, tensor, block")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     a = ap.parse_args()
-    isas = [a.isa] if a.isa else lowbit.supported_isas()
+    isas = isa_paths(a.isa)
     layouts = a.layouts.split(",")
     batches = [int(b) for b in a.batches.split(",")]
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def main():
                 rows.append([name, layout, *ratios, gbs if 1 in batches else "-"])
             info = lowbit.cpu_info()
             print(f"\nfp8_linear (E4M3) / fp32 F.linear time, {isa} path, {info['cpu']}, "
-                  f"{torch.get_num_threads()} threads (weights out of cache)", flush=True)
+                  f"{torch.get_num_threads()} threads (weights out of cache; {peer_caps()})", flush=True)
             print_table(["shape [out x in]", "scales", *(f"batch {m}" for m in batches), "GB/s at batch 1"], rows)
     dense_row = [f"{dense[f'{n}x{k}', 1] * 1e3:.2f} ms" for n, k in SHAPES] if 1 in batches else []
     if dense_row:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import cold_weights, print_table, read_bandwidth  # noqa: E402
+from _timing import cold_weights, isa_paths, peer_caps, print_table, read_bandwidth  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import examples  # noqa: E402
@@ -95,7 +95,7 @@ def speed(a):
     cpu, threads = lowbit.cpu_info()["cpu"], torch.get_num_threads()
     read = read_bandwidth()
     int_mm = {}
-    for isa in lowbit.supported_isas():
+    for isa in isa_paths():
         rows, gbs = [], []
         with lowbit.use_isa(isa), torch.inference_mode():
             for (n, k), (w, llm, w8a8) in layers.items():
@@ -119,7 +119,7 @@ def speed(a):
                         gbs.append([f"{n}x{k}", f"{n * k / t_llm / 1e9:.1f}", f"{n * k / t_w8a8 / 1e9:.1f}",
                                     f"{n * k * 4 / dense / 1e9:.1f}"])
         print(f"\n{cpu}, {threads} threads, lowbit path {isa}: time over fp32 F.linear (0.1% outlier columns "
-              "at 10x)")
+              f"at 10x; {peer_caps()})")
         print_table(["shape [out x in]", "batch", "fp32 dense ms", "LLM.int8() t=6", "W8A8",
                      "torch._int_mm alone"], rows)
         print(f"\nbatch 1 weight GB/s on path {isa} (read bandwidth, torch.sum over 1 GiB: {read:.1f} GB/s)")

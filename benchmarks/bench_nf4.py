@@ -33,7 +33,7 @@ import torch
 import lowbit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_time, cold_weights, print_table, read_bandwidth  # noqa: E402
+from _timing import best_time, cold_weights, isa_paths, peer_caps, print_table, read_bandwidth  # noqa: E402
 
 from lowbit import examples  # noqa: E402
 from lowbit import functional as F  # noqa: E402
@@ -132,7 +132,7 @@ def isa_tables():
                 x = torch.randn(m, w.shape[1])
                 cold = cold_weights(lambda: (lambda w=w.clone(): torch.nn.functional.linear(x, w)), w.numel() * 4)
                 dense[name, m] = best_time(cold, repeat=5 if m < 128 else 3)
-        for isa in lowbit.supported_isas():
+        for isa in isa_paths():
             rows = []
             with lowbit.use_isa(isa):
                 for name, w, module, payload in cases:
@@ -146,7 +146,7 @@ def isa_tables():
                             gbs = payload / t / 1e9
                     rows.append([name, *ratios, f"{gbs:.1f}"])
             print(f"\nNF4Linear / fp32 F.linear time, {isa} path, {lowbit.cpu_info()['cpu']}, "
-                  f"{torch.get_num_threads()} threads (weights out of cache)")
+                  f"{torch.get_num_threads()} threads (weights out of cache; {peer_caps()})")
             print_table(["shape [out x in]", *(f"batch {m}" for m in ISA_BATCHES), "GB/s at batch 1"], rows)
     print(f"\nmemory read bandwidth (sum over 1 GiB): {read_bandwidth():.1f} GB/s")
 

@@ -22,7 +22,7 @@ from lowbit import functional as LF
 from lowbit import reference as R
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_time, cold_weights, print_table, read_bandwidth  # noqa: E402
+from _timing import best_time, cold_weights, isa_paths, peer_caps, print_table, read_bandwidth  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
 SMALL = (576, 576)  # SmolLM2-135M's attention projections: the fixed cost per call
@@ -53,13 +53,13 @@ def torch_int4_peer(w, batch):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="first shape only, batches 1 and 16")
-    ap.add_argument("--isa", help="comma list of ISA paths to time (default: every one this CPU supports)")
+    ap.add_argument("--isa", help="comma list of ISA paths to time (default: LOWBIT_ISA's, else every one this CPU supports)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
     torch.manual_seed(0)
     info = lowbit.cpu_info()
     print(f"torch {torch.__version__}, lowbit {lowbit.__version__}, threads {torch.get_num_threads()}, "
-          f"CPU {info['cpu']} (best path {info['detected']}; paths timed: {args.isa or ', '.join(info['supported'])})\n")
+          f"CPU {info['cpu']} (best path {info['detected']}; paths timed: {', '.join(isa_paths(args.isa))}; {peer_caps()})\n")
 
     rows = []
     for out_f, in_f in shapes:
@@ -74,7 +74,7 @@ def main():
 
     bandwidth = read_bandwidth()
     print(f"measured read bandwidth (torch.sum over 1 GiB, {torch.get_num_threads()} threads): {bandwidth:.1f} GB/s\n")
-    isas = args.isa.split(",") if args.isa else lowbit.supported_isas()
+    isas = isa_paths(args.isa)
     batches = (1, 16) if args.quick else BATCHES
     linear_shapes = shapes + [SMALL]
     for scheme in ("W4A16", "W8A16"):

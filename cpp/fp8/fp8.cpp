@@ -13,7 +13,6 @@
 //   value = float(code) * scale in fp32, cast to the requested dtype.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -398,7 +397,7 @@ at::Tensor fp8_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t 
 // y [M, N] = x [M, K] @ W^T. Up to fused_tokens(isa) tokens every thread streams its rows of codes
 // once per group of up to 8 tokens (a row block of codes stays in L2 across the groups), decoding
 // them in registers; x is read from a zero-padded fp32 copy [M, Kp], Kp a multiple of 32. More
-// tokens: tiles of rows decoded to fp32 for ATen's GEMM (gemm_rows).
+// tokens: tiles of rows decoded to fp32 for ATen's GEMM (tiled_matmul).
 struct Fused {
   const Fp8Weight* W;
   const float* x;
@@ -452,6 +451,8 @@ LOWBIT_TARGET_AVX512 void tile_avx512(const Fused& F, int64_t r0, int64_t m0) {
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
         const uint8_t* p = n == 32 ? rows[i] + k : tail[i](rows[i] + k, n);
+        // A single row streams on; a tile fetches the same bytes of the next R rows.
+        _mm_prefetch(reinterpret_cast<const char*>(rows[i] + k) + (R == 1 ? kPrefetchBytes : R * W.K), _MM_HINT_T0);
         if (!E5M2) nan = nan_max(nan, p);
         w[i][0] = fp8x16_avx512<E5M2>(p);
         w[i][1] = fp8x16_avx512<E5M2>(p + 16);
@@ -513,6 +514,7 @@ LOWBIT_TARGET_AVX2 void row_avx2(const Fused& F, int64_t r, int64_t m0) {
     for (int64_t k = k0; k < k1; k += 32) {
       const int64_t n = std::min<int64_t>(32, k1 - k);
       const uint8_t* p = n == 32 ? row + k : tail(row + k, n);
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPrefetchBytes, _MM_HINT_T0);
       if (!E5M2) nan = nan_max(nan, p);
       __m256 w[4];
       fp8x16_avx2<E5M2>(p, w[0], w[1]);
@@ -566,6 +568,7 @@ LOWBIT_TARGET_AVX2 void pair_avx2(const Fused& F, int64_t r0, int64_t m0) {
 #pragma GCC unroll 2
       for (int i = 0; i < 2; ++i) {
         p[i] = n == 32 ? rows[i] + k : tail[i](rows[i] + k, n);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[i] + k) + 2 * W.K, _MM_HINT_T0);  // the next pair's
         if (!E5M2) nan = nan_max(nan, p[i]);
       }
 #pragma GCC unroll 2
@@ -661,27 +664,6 @@ void fused_portable(const Fused& F, int64_t M, int64_t begin, int64_t end) {
 // GEMM does not.
 int64_t fused_tokens(Isa isa) { return isa == Isa::generic ? 8 : 64; }
 
-// Many tokens: every thread decodes tiles of at least 256 of its rows to fp32 (8 MB or more, in its
-// own buffer) and multiplies each with ATen's GEMM, which runs single-threaded inside the parallel
-// region: one fork for the whole product and no barrier per tile, so a thread slowed by another
-// process on a shared machine holds up no other; x is packed once per tile, hence the large
-// tiles (measured at 512 tokens on 4096 x 11008: 0.99x dense with 64 rows, 0.83x with 256).
-void gemm_rows(const Fp8Weight& W, const at::Tensor& x, at::Tensor& out) {
-  const int64_t K = W.K, tile = std::max<int64_t>(256, (1 << 21) / K);
-  const at::ThreadLocalState caller;  // inference mode and the rest of the caller's state, for the workers
-  at::parallel_for(0, W.N, 16, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard guard(caller);
-    const at::AutoDispatchBelowADInplaceOrView below;  // a kernel's own GEMM: no autograd (x may require grad)
-    const at::Tensor buf = tile_buffer(std::min(tile, end - begin) * K);
-    for (int64_t r0 = begin; r0 < end; r0 += tile) {
-      const int64_t r1 = std::min(end, r0 + tile);
-      decode_rows(W, r0, r1, buf.data_ptr<float>());
-      at::Tensor o = out.narrow(1, r0, r1 - r0);
-      at::mm_out(o, x, buf.narrow(0, 0, (r1 - r0) * K).view({r1 - r0, K}).t());
-    }
-  });
-}
-
 at::Tensor fp8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& weight_scale, int64_t br,
                       int64_t bc, const c10::optional<at::Tensor>& bias) {
   check_cpu(x_in, "x");
@@ -717,7 +699,7 @@ at::Tensor fp8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at
   } else {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     out = at::empty({M, N}, xf.options());
-    gemm_rows(W, xf, out);
+    tiled_matmul(xf, out, N, [&](int64_t begin, int64_t end, float* dst) { decode_rows(W, begin, end, dst); });
   }
   return finish_linear(out, bias, x_in);
 }

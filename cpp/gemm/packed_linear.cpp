@@ -218,6 +218,7 @@ LOWBIT_VECTOR_LOOP void fused_tile(const LinearArgs& a, const float* xp, const f
     RowSums<D>& st = state[r - r0];
     for (int64_t g = g0; g < g1; ++g, ++scale) {
       V acc[MB][A] = {};
+      for (int64_t line = 0; line < chunks * kChunkBytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
       for (int64_t c = 0; c < chunks; ++c, wp += kChunkBytes, xg += 32)
         for (int i = 0; i < kSteps; ++i) {
           const V code = D::decode(wp + i * D::W * D::kBits / 8);
@@ -412,6 +413,8 @@ LOWBIT_TARGET_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int6
       const GroupDecoder<BITS> dec(a.scale + r * a.ngroups + g, a.zero ? a.zero + r * a.ngroups + g : nullptr);
       int64_t k = g * a.group_size;
       const int64_t end = k + a.group_size;
+      for (int64_t line = (k * BITS) >> 3; line < (end * BITS) >> 3; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(wrow) + line + kPrefetchBytes, _MM_HINT_T0);
       for (; k + 32 * U <= end; k += 32 * U)
         for (int u = 0; u < U; ++u) step(dec, k + 32 * u, u);
       for (; k < end; k += 32) step(dec, k, 0);

@@ -184,6 +184,9 @@ LOWBIT_VECTOR_LOOP void tile_generic(const Gemm& g, const int16_t* a16, int16_t*
   constexpr int R = kGenericRows;
   int32_t s[R * T];
   for (int i = 0; i < rows; ++i) widen(g.b + (n0 + i) * g.K + k0, kc, w16 + i * kc);
+  if (n0 + R + rows <= g.N)  // the next tile's rows, fetched while these are multiplied
+    for (int i = 0; i < rows; ++i)
+      for (int64_t c = 0; c < kc; c += 64) __builtin_prefetch(g.b + (n0 + R + i) * g.K + k0 + c);
   for (int i = rows; i < R; ++i) std::fill(w16 + i * kc, w16 + (i + 1) * kc, int16_t(0));
   dot_tile_i16<R, T>(a16 + m0 * g.K + k0, g.K, w16, kc, kc, s);
   for (int t = 0; t < T; ++t)
@@ -238,6 +241,7 @@ LOWBIT_TARGET_AVX2 void tile_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i * K + k));
+      _mm_prefetch(reinterpret_cast<const char*>(b + (i + R) * K + k), _MM_HINT_T0);  // the next tile's rows
       wa[i] = _mm256_abs_epi8(w[i]);
     }
 #pragma GCC unroll 8
@@ -344,7 +348,10 @@ LOWBIT_TARGET_AVX512_VNNI void int8_tile_vnni(const int8_t* a, const int8_t* b, 
     const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
     __m512i w[R];
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) w[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, b + (n0 + i) * K + k), flip);
+    for (int i = 0; i < R; ++i) {
+      w[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, b + (n0 + i) * K + k), flip);
+      _mm_prefetch(reinterpret_cast<const char*>(b + (n0 + i + R) * K + k), _MM_HINT_T0);  // the next tile's rows
+    }
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       const __m512i x = _mm512_maskz_loadu_epi8(mask, a + (m0 + t) * K + k);

@@ -297,12 +297,14 @@ void nf4_rows_sse2(const uint8_t* wp, const BlockScales& scales, const CodePairs
       __m128 acc[T][A];
       for (int t = 0; t < T; ++t)
         for (int j = 0; j < A; ++j) acc[t][j] = _mm_setzero_ps();
-      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 16)
+      for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + kPrefetchBytes, _MM_HINT_T0);
         for (int i = 0; i < 4; ++i) {
           const __m128 w = table.four(row + k / 2 + 2 * i);
           for (int t = 0; t < T; ++t)
             acc[t][i % A] = _mm_add_ps(acc[t][i % A], _mm_mul_ps(w, _mm_loadu_ps(xp + (m0 + t) * K + k + 4 * i)));
         }
+      }
       const __m128 am = _mm_set1_ps(scales(r * blocks_per_row + b));
       for (int t = 0; t < T; ++t) {
         __m128 sum = acc[t][0];
@@ -577,6 +579,7 @@ template <bool Half, typename Consume>
 LOWBIT_TARGET_AVX2 inline void decode_chunk_avx2(const uint8_t* bytes, const BytePlanes& planes, __m256 scale,
                                                  int64_t k, const Consume& consume) {
   __m256i hi, lo;
+  _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchBytes, _MM_HINT_T0);
   nibbles_avx2<Half>(bytes, hi, lo);
   __m256 w[4];
   lookup32_avx2(planes, hi, scale, w);
