@@ -658,11 +658,12 @@ void fused_portable(const Fused& F, int64_t M, int64_t begin, int64_t end) {
   }
 }
 
-// Up to this many tokens the fused kernels win (measured on 4096 x 4096, 11008 x 4096 and 4096 x
-// 11008, AMD EPYC Zen 4: 0.6-0.95x the time of the tiled GEMM path at 64 tokens, which is
-// ATen's GEMM at its own speed beyond); the portable one does without FMA, and the GEMM path's
-// GEMM does not.
-int64_t fused_tokens(Isa isa) { return isa == Isa::generic ? 8 : 64; }
+// Up to this many tokens the fused kernels win (AVX-512, measured on 4096 x 4096, 11008 x 4096 and
+// 4096 x 11008, AMD EPYC Zen 4: 0.6-0.95x the time of the tiled GEMM path at 64 tokens, which is
+// ATen's GEMM at its own speed beyond). The AVX2 one, against an AVX2 GEMM (scripts/as_cpu.sh
+// avx2 on a Xeon): 0.98-1.06x dense at 32 tokens, 1.29-1.52x at 64, where the tiles take
+// 0.92-0.99x. The portable one does without FMA, and the GEMM path's GEMM does not.
+int64_t fused_tokens(Isa isa) { return isa == Isa::generic ? 8 : isa == Isa::avx2 ? 16 : 64; }
 
 at::Tensor fp8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& weight_scale, int64_t br,
                       int64_t bc, const c10::optional<at::Tensor>& bias) {
