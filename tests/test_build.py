@@ -79,6 +79,23 @@ def test_lowbit_isa_environment_variable():
     assert out.returncode != 0 and "unknown ISA 'bogus'" in out.stderr
 
 
+AS_CPU = os.path.join(os.path.dirname(__file__), "..", "scripts", "as_cpu.sh")
+
+
+def test_as_cpu_caps_lowbit_and_the_dense_peers():
+    """scripts/as_cpu.sh (how the benchmarks time an AVX2-only or older CPU on a newer one) lowers
+    lowbit's path and caps MKL / oneDNN / ATen with it, and the benchmarks then time that path alone."""
+    code = ("import os, sys; sys.path.insert(0, 'benchmarks'); import lowbit; from _timing import isa_paths, peer_caps; "
+            "print(lowbit.cpu_info()['active'], isa_paths(), os.environ['ATEN_CPU_CAPABILITY'], peer_caps())")
+    out = subprocess.run(["bash", AS_CPU, "generic", sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=os.path.join(os.path.dirname(__file__), ".."))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[:3] == ["generic", "['generic']", "default"], out.stdout
+    assert "MKL_ENABLE_INSTRUCTIONS=SSE4_2" in out.stdout
+    bad = subprocess.run(["bash", AS_CPU, "sse9", "true"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "usage" in bad.stderr
+
+
 def test_env_command_names_the_path():
     out = subprocess.run([sys.executable, "-m", "lowbit.cli", "env"], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, LOWBIT_ISA="generic"))
