@@ -112,6 +112,52 @@ def bnb_linear(w, quant_type="nf4"):
     return layer.to("cpu").eval()
 
 
+def speed():
+    torch.manual_seed(0)
+    rows, cold_rows = [], []
+    for n, k in SHAPES:
+        w = torch.randn(n, k) * 0.02
+        packed, state = F.nf4_quantize(w, 64, "nf4")
+        packed_dq, state_dq = F.nf4_quantize(w, 64, "nf4", double_quant=True)
+        payload = packed.numel() + state.absmax.numel() * 4
+        bnb = bnb_linear(w)
+
+        def dequant_then_matmul(x):
+            weight = reference.dequantize(packed, state.absmax, 64, "nf4", (n, k), torch.float32)
+            return torch.nn.functional.linear(x, weight)
+
+        for m in BATCHES:
+            x = torch.randn(m, k)
+            with torch.inference_mode():
+                bnb(x)  # the first call repacks
+                t = {"lowbit": best_time(lambda: F.nf4_linear(x, packed, state)),
+                     "lowbit_dq": best_time(lambda: F.nf4_linear(x, packed_dq, state_dq)),
+                     "dense": best_time(lambda: torch.nn.functional.linear(x, w)),
+                     "torch": best_time(lambda: dequant_then_matmul(x), repeat=3),
+                     "bnb": best_time(lambda: bnb(x), repeat=3)}
+                if m == 1:
+                    cold = {"lowbit": cold_time(lambda: F.nf4_linear(x, packed, state)),
+                            "dense": cold_time(lambda: torch.nn.functional.linear(x, w))}
+            rows.append([f"{n}x{k}", m, f"{t['lowbit'] * 1e3:.2f}", f"{t['lowbit'] / t['dense']:.2f}x",
+                         f"{t['lowbit_dq'] / t['dense']:.2f}x", f"{t['lowbit'] / t['torch']:.3f}x",
+                         f"{t['lowbit'] / t['bnb']:.3f}x", f"{t['dense'] * 1e3:.2f}", f"{t['torch'] * 1e3:.1f}",
+                         f"{t['bnb'] * 1e3:.1f}", f"{payload / t['lowbit'] / 1e9:.1f}"])
+            if m == 1:
+                cold_rows.append([f"{n}x{k}", f"{cold['lowbit'] * 1e3:.2f}", f"{cold['dense'] * 1e3:.2f}",
+                                  f"{cold['lowbit'] / cold['dense']:.2f}x", f"{payload / cold['lowbit'] / 1e9:.1f}",
+                                  f"{n * k * 4 / cold['dense'] / 1e9:.1f}"])
+    print(f"\nfused NF4 matmul (blocksize 64, fp32 activations, {torch.get_num_threads()} threads), warm; "
+          "ratios are lowbit's time over the peer's")
+    print_table(["shape [out x in]", "batch", "lowbit ms", "vs fp32 dense", "NF4+DQ vs dense",
+                 "vs dequant+matmul (PyTorch)", "vs bitsandbytes", "dense ms", "dequant+matmul ms", "bitsandbytes ms",
+                 "lowbit GB/s"], rows)
+    print("\nbatch 1, cold (caches evicted before every call)")
+    print_table(["shape [out x in]", "lowbit ms", "dense ms", "lowbit vs dense", "lowbit GB/s", "dense GB/s"],
+                cold_rows)
+    print(f"\ncopy bandwidth (read + write): 1 GiB buffers {copy_bandwidth(2**30, cold_time):.1f} GB/s (memory), "
+          f"16 MiB buffers {copy_bandwidth(2**24, best_time):.1f} GB/s (cache)")
+
+
 def isa_tables():
     """Per ISA path: NF4Linear (blocksize 64, fp32 activations) time over fp32 F.linear at every
     batch size, and the NF4 payload bytes read per second at batch 1; both with their weights out of
