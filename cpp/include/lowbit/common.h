@@ -123,13 +123,11 @@ inline at::Tensor tile_buffer(int64_t n) {
 // multiplies each with ATen's GEMM, which runs single-threaded inside the parallel region: one fork
 // for the whole product, no barrier per tile (a thread slowed by another process holds up no
 // other), and each tile meets the GEMM while it is still in cache. x is packed once per tile, hence
-// tiles of at least 256 rows (FP8 at 512 tokens on 4096 x 11008: 0.99x dense with 64 rows, 0.83x
-// with 256) and of 16 MB with 128 tokens or more (W4A16 / NF4 at 512 tokens on 4096 x 4096, AVX2:
-// 1.09-1.12x dense in 256-row tiles, 1.03-1.05x in 1024-row ones), 8 MB below.
+// tiles of at least 256 rows and 8 MB (FP8 at 512 tokens on 4096 x 11008: 0.99x dense with 64 rows,
+// 0.83x with 256; 16 MB tiles from 128 tokens measured no better on a Xeon, 4096 x 11008 worse).
 template <typename Decode>
 void tiled_matmul(const at::Tensor& x, const at::Tensor& out, int64_t N, const Decode& decode) {
-  const int64_t M = x.size(0), K = x.size(1);
-  const int64_t tile = std::max<int64_t>(256, (M >= 128 ? 4 << 20 : 2 << 20) / std::max<int64_t>(K, 1));
+  const int64_t K = x.size(1), tile = std::max<int64_t>(256, (2 << 20) / std::max<int64_t>(K, 1));
   const at::ThreadLocalState caller;  // inference mode and the rest of the caller's state, for the workers
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     const at::ThreadLocalStateGuard guard(caller);
