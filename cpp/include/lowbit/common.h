@@ -109,7 +109,7 @@ inline void check_finite_nonneg(double v, const char* name) {
 // 4096 reach the in-cache speed, 512 does not).
 constexpr int64_t kPrefetchBytes = 2048;
 
-// The calling thread's fp32 tile buffer of at least n elements, kept between calls: a fresh
+// This thread's fp32 tile buffer of at least n elements, kept between calls: a fresh
 // multi-megabyte allocation is fresh pages, and their faults cost a small layer more than its GEMM.
 inline at::Tensor tile_buffer(int64_t n) {
   thread_local at::Tensor buf;
