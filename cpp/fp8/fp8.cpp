@@ -452,7 +452,7 @@ LOWBIT_TARGET_AVX512 void tile_avx512(const Fused& F, int64_t r0, int64_t m0) {
       for (int i = 0; i < R; ++i) {
         const uint8_t* p = n == 32 ? rows[i] + k : tail[i](rows[i] + k, n);
         // A single row streams on; a tile fetches the same bytes of the next R rows.
-        _mm_prefetch(reinterpret_cast<const char*>(rows[i] + k) + (R == 1 ? kPrefetchBytes : R * W.K), _MM_HINT_T0);
+        __builtin_prefetch(rows[i] + k + (R == 1 ? kPrefetchBytes : R * W.K));
         if (!E5M2) nan = nan_max(nan, p);
         w[i][0] = fp8x16_avx512<E5M2>(p);
         w[i][1] = fp8x16_avx512<E5M2>(p + 16);
@@ -514,7 +514,7 @@ LOWBIT_TARGET_AVX2 void row_avx2(const Fused& F, int64_t r, int64_t m0) {
     for (int64_t k = k0; k < k1; k += 32) {
       const int64_t n = std::min<int64_t>(32, k1 - k);
       const uint8_t* p = n == 32 ? row + k : tail(row + k, n);
-      _mm_prefetch(reinterpret_cast<const char*>(row + k) + kPrefetchBytes, _MM_HINT_T0);
+      __builtin_prefetch(row + k + kPrefetchBytes);
       if (!E5M2) nan = nan_max(nan, p);
       __m256 w[4];
       fp8x16_avx2<E5M2>(p, w[0], w[1]);
@@ -568,7 +568,7 @@ LOWBIT_TARGET_AVX2 void pair_avx2(const Fused& F, int64_t r0, int64_t m0) {
 #pragma GCC unroll 2
       for (int i = 0; i < 2; ++i) {
         p[i] = n == 32 ? rows[i] + k : tail[i](rows[i] + k, n);
-        _mm_prefetch(reinterpret_cast<const char*>(rows[i] + k) + 2 * W.K, _MM_HINT_T0);  // the next pair's
+        __builtin_prefetch(rows[i] + k + 2 * W.K);  // the next pair's
         if (!E5M2) nan = nan_max(nan, p[i]);
       }
 #pragma GCC unroll 2

@@ -414,7 +414,7 @@ LOWBIT_TARGET_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int6
       int64_t k = g * a.group_size;
       const int64_t end = k + a.group_size;
       for (int64_t line = (k * BITS) >> 3; line < (end * BITS) >> 3; line += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(wrow) + line + kPrefetchBytes, _MM_HINT_T0);
+        __builtin_prefetch(wrow + line + kPrefetchBytes);
       for (; k + 32 * U <= end; k += 32 * U)
         for (int u = 0; u < U; ++u) step(dec, k + 32 * u, u);
       for (; k < end; k += 32) step(dec, k, 0);

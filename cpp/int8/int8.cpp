@@ -241,7 +241,7 @@ LOWBIT_TARGET_AVX2 void tile_avx2(const Gemm& g, int64_t m0, int64_t n0, int64_t
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       w[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + i * K + k));
-      _mm_prefetch(reinterpret_cast<const char*>(b + (i + R) * K + k), _MM_HINT_T0);  // the next tile's rows
+      __builtin_prefetch(b + (i + R) * K + k);  // the next tile's rows
       wa[i] = _mm256_abs_epi8(w[i]);
     }
 #pragma GCC unroll 8
@@ -350,7 +350,7 @@ LOWBIT_TARGET_AVX512_VNNI void int8_tile_vnni(const int8_t* a, const int8_t* b, 
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       w[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, b + (n0 + i) * K + k), flip);
-      _mm_prefetch(reinterpret_cast<const char*>(b + (n0 + i + R) * K + k), _MM_HINT_T0);  // the next tile's rows
+      __builtin_prefetch(b + (n0 + i + R) * K + k);  // the next tile's rows
     }
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {

@@ -298,7 +298,7 @@ void nf4_rows_sse2(const uint8_t* wp, const BlockScales& scales, const CodePairs
       for (int t = 0; t < T; ++t)
         for (int j = 0; j < A; ++j) acc[t][j] = _mm_setzero_ps();
       for (int64_t k = b * blocksize; k < (b + 1) * blocksize; k += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + k / 2) + kPrefetchBytes, _MM_HINT_T0);
+        __builtin_prefetch(row + k / 2 + kPrefetchBytes);
         for (int i = 0; i < 4; ++i) {
           const __m128 w = table.four(row + k / 2 + 2 * i);
           for (int t = 0; t < T; ++t)
@@ -443,7 +443,7 @@ LOWBIT_TARGET_AVX512 void nf4_tile_avx512(const uint8_t* wp, const float* tile_s
       __m512 even[R], odd[R];
 #pragma GCC unroll 16
       for (int i = 0; i < R; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[i]) + next_tile, _MM_HINT_T0);
+        __builtin_prefetch(rows[i] + next_tile);
         const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[i])));
         rows[i] += 16;
         even[i] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table[i]);
@@ -586,7 +586,7 @@ template <bool Half, typename Consume>
 LOWBIT_TARGET_AVX2 inline void decode_chunk_avx2(const uint8_t* bytes, const BytePlanes& planes, __m256 scale,
                                                  int64_t k, const Consume& consume) {
   __m256i hi, lo;
-  _mm_prefetch(reinterpret_cast<const char*>(bytes) + kPrefetchBytes, _MM_HINT_T0);
+  __builtin_prefetch(bytes + kPrefetchBytes);
   nibbles_avx2<Half>(bytes, hi, lo);
   __m256 w[4];
   lookup32_avx2(planes, hi, scale, w);
