@@ -93,12 +93,15 @@ def _module_tensors(module: nn.Module):
     return None
 
 
-def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The model's tensors in the checkpoint's names and layouts, sorted by name."""
+def compressed_state_dict(model: nn.Module, skip: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The model's tensors in the checkpoint's names and layouts, sorted by name (skip: a
+    module left out, see state_with)."""
     from ..nn import QUANTIZED_LINEAR_TYPES
 
     replaced = {}
     for name, module in model.named_modules():
+        if skip is not None and (name + ".").startswith(skip + "."):
+            continue
         tensors = _module_tensors(module)
         if tensors is not None:
             replaced[name] = tensors
@@ -106,19 +109,48 @@ def compressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
                                                                     for f in DIRECTORY_FORMATS.values()):
             raise ValueError(f"{name} is a {type(module).__name__}, which no Hugging Face checkpoint format holds; "
                              "save it with save_format='gguf' (or lowbit.save_gguf)")
-    return state_with(model, replaced)
+    return state_with(model, replaced, skip)
 
 
-def decompressed_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+def saved_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a decompressed checkpoint's weights: the model's."""
+    dtype = getattr(model.config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def decompressed_state_dict(model: nn.Module, dtype: Optional[torch.dtype] = None,
+                            skip: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """The quantized model as a plain float checkpoint (llmcompressor's save_compressed=False):
-    every lowbit layer's weight dequantized in the model's dtype, its quantized buffers
-    dropped, so any loader reads it as an ordinary model whose weights lie on the grid."""
+    every lowbit layer's weight dequantized in `dtype` (default the model's, saved_dtype), its
+    quantized buffers dropped, so any loader reads it as an ordinary model whose weights lie on
+    the grid. skip: see state_with."""
     from ..nn import QUANTIZED_LINEAR_TYPES
 
-    dtype = getattr(model.config, "dtype", None)
-    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    dtype = dtype or saved_dtype(model)
     return state_with(model, {name: {"weight": m.dequantized_weight(dtype)} for name, m in model.named_modules()
-                              if isinstance(m, QUANTIZED_LINEAR_TYPES)})
+                              if isinstance(m, QUANTIZED_LINEAR_TYPES)
+                              and not (skip is not None and name.startswith(skip + "."))}, skip)
+
+
+def write_metadata(model: nn.Module, directory: str, tokenizer=None, recipe_yaml: str = None,
+                   compressed: bool = True) -> None:
+    """Everything of a checkpoint directory but its tensors: config.json (without
+    quantization_config when decompressed), generation_config.json, the tokenizer and
+    recipe.yaml."""
+    if compressed:
+        model.config.save_pretrained(directory)
+    else:
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    if recipe_yaml:
+        with open(os.path.join(directory, "recipe.yaml"), "w", encoding="utf-8") as f:
+            f.write(recipe_yaml)
 
 
 def save(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: str = None, overwrite: bool = False,
@@ -140,23 +172,13 @@ def save(model: nn.Module, output_dir, tokenizer=None, recipe_yaml: str = None, 
     def write(tmp: str) -> None:
         if save_format in FILE_FORMATS:
             FILE_FORMATS[save_format].write_into(model, tmp, tokenizer=tokenizer, **format_options)
-        elif compressed:
-            write_safetensors(compressed_state_dict(model), tmp, max_shard_size)
-            model.config.save_pretrained(tmp)
-        else:
-            write_safetensors(decompressed_state_dict(model), tmp, max_shard_size)
-            config = copy.deepcopy(model.config)
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            config.save_pretrained(tmp)
-        if save_format not in FILE_FORMATS:
-            if getattr(model, "generation_config", None) is not None and model.can_generate():
-                model.generation_config.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        if recipe_yaml:
-            with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as f:
-                f.write(recipe_yaml)
+            if recipe_yaml:
+                with open(os.path.join(tmp, "recipe.yaml"), "w", encoding="utf-8") as f:
+                    f.write(recipe_yaml)
+            return
+        state = compressed_state_dict(model) if compressed else decompressed_state_dict(model)
+        write_safetensors(state, tmp, max_shard_size)
+        write_metadata(model, tmp, tokenizer, recipe_yaml, compressed)
 
     write_directory(output_dir, write, overwrite, protected=model_directories(model), lowbit_output=_lowbit_output)
 
@@ -214,7 +236,7 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
     stored = read_headers(path)
     check_layer_count(config, stored)
     if qc is None:
-        check_against_skeleton(_skeleton(config, dtype), stored, path, unquantized=True)
+        check_against_skeleton(skeleton(config, dtype), stored, path, unquantized=True)
         model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=dtype,
                                                            output_loading_info=True)
         check_loading_info(info, path)
@@ -225,10 +247,10 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
                          f"not {qc.get('quant_method')!r}")
     dtype = dtype or config.dtype or torch.float32
     state = read_safetensors(path)
-    skeleton = _skeleton(config, dtype)
+    meta_model = skeleton(config, dtype)
     meta_state = dict(state)
-    fmt.load_into(skeleton, qc, meta_state, dtype, "meta")
-    check_against_skeleton(skeleton, meta_state, path)
+    fmt.load_into(meta_model, qc, meta_state, dtype, "meta")
+    check_against_skeleton(meta_model, meta_state, path)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fmt.load_into(model, qc, state, dtype, "cpu")
     model.load_state_dict(state, strict=False)
@@ -246,7 +268,7 @@ def load(path, dtype: torch.dtype = None) -> nn.Module:
     return model.eval()
 
 
-def _skeleton(config, dtype) -> nn.Module:
+def skeleton(config, dtype) -> nn.Module:
     """The model config.json describes, on the meta device: its shapes cost no memory."""
     from transformers import AutoModelForCausalLM
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -188,14 +190,16 @@ def write_directory(output_dir, write: Callable[[str], None], overwrite: bool = 
 
 # ---------------------------------------------------------------- writing safetensors
 
-def state_with(model: torch.nn.Module, replaced: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+def state_with(model: torch.nn.Module, replaced: Dict[str, Dict[str, torch.Tensor]],
+               skip: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """model.state_dict() with the tensors of each module in `replaced` (but its bias) swapped
     for replaced[module] (local names), sorted by name; tied duplicates (an lm_head sharing
-    the embedding) are dropped, transformers re-ties them."""
+    the embedding) are dropped, transformers re-ties them. skip: a module whose tensors are
+    left out (the decoder layers of a streamed model, saved one by one)."""
     state, seen = {}, set()
     for key, tensor in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if owner in replaced and leaf != "bias":
+        if (owner in replaced and leaf != "bias") or (skip is not None and key.startswith(skip + ".")):
             continue
         if tensor.numel() and tensor.data_ptr() in seen:
             continue
@@ -206,17 +210,121 @@ def state_with(model: torch.nn.Module, replaced: Dict[str, Dict[str, torch.Tenso
     return {k: state[k].detach().contiguous() for k in sorted(state)}
 
 
-def write_safetensors(state: Dict[str, torch.Tensor], directory: str, max_shard_size=MAX_SHARD_SIZE) -> None:
-    """`state` as model.safetensors, or as shards of at most `max_shard_size` with their index."""
+def _shards(layout: Dict[str, torch.Tensor], max_shard_size):
+    """huggingface_hub's split of tensors of `layout`'s shapes and dtypes into shards, filled in
+    name order. It is computed on meta placeholders, so a tensor counts its own bytes (not a
+    larger storage it views) and a streamed save splits exactly as an in-memory one."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
-    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    for filename, keys in split.filename_to_tensors.items():
-        save_file({k: state[k] for k in keys}, os.path.join(directory, filename), metadata={"format": "pt"})
+    meta = {k: torch.empty(layout[k].shape, dtype=layout[k].dtype, device="meta") for k in sorted(layout)}
+    return split_torch_state_dict_into_shards(meta, max_shard_size=max_shard_size)
+
+
+def _write_index(split, directory: str) -> None:
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         with open(os.path.join(directory, INDEX_FILE), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
+
+
+def write_safetensors(state: Dict[str, torch.Tensor], directory: str, max_shard_size=MAX_SHARD_SIZE) -> None:
+    """`state` as model.safetensors, or as shards of at most `max_shard_size` with their index."""
+    split = _shards(state, max_shard_size)
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: state[k] for k in keys}, os.path.join(directory, filename), metadata=SAFETENSORS_METADATA)
+    _write_index(split, directory)
+
+
+SAFETENSORS_METADATA = {"format": "pt"}
+
+
+@functools.lru_cache(maxsize=None)
+def _safetensors_dtype_rank() -> Dict[torch.dtype, int]:
+    """The order in which safetensors lays out tensors of different dtypes (then by name), read
+    off the installed library: one tensor of each dtype, serialized, in header order."""
+    from safetensors.torch import save
+
+    probe = {f"t{i}": torch.zeros(1, dtype=dtype) for i, dtype in enumerate(_SAFETENSORS_DTYPES.values())}
+    raw = save(probe)
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    return {probe[key].dtype: rank for rank, key in enumerate(k for k in header if k != "__metadata__")}
+
+
+def safetensors_header(layout: Dict[str, torch.Tensor], metadata=SAFETENSORS_METADATA):
+    """(the header bytes safetensors' save_file writes for tensors of `layout`'s names, dtypes
+    and shapes, [(name, offset of its data after the header, nbytes)] in file order)."""
+    rank, names = _safetensors_dtype_rank(), {v: k for k, v in _SAFETENSORS_DTYPES.items()}
+    order = sorted(layout, key=lambda k: (rank[layout[k].dtype], k))
+    entries, doc, offset = [], {"__metadata__": dict(metadata)}, 0
+    for key in order:
+        t = layout[key]
+        nbytes = t.numel() * t.element_size()
+        doc[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        entries.append((key, offset, nbytes))
+        offset += nbytes
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, entries
+
+
+class TensorSpill:
+    """Tensors written to one file as they are produced (a decoder layer's checkpoint tensors
+    while the next layer is calibrated), to be assembled into safetensors shards at the end
+    without holding them in memory. The file lives in the caller's directory (the checkpoint's
+    temporary directory, removed with it)."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, ".lowbit-spill.bin")
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self.layout: Dict[str, torch.Tensor] = {}  # name -> meta tensor of its dtype and shape
+        self._offsets: Dict[str, int] = {}
+        self._end = 0
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.layout:
+            raise ValueError(f"tensor {name!r} was spilled twice")
+        data = tensor.detach().contiguous()
+        view = memoryview(data.view(-1).view(torch.uint8).numpy()) if data.numel() else memoryview(b"")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], self._end + done)
+        self.layout[name] = torch.empty(data.shape, dtype=data.dtype, device="meta")
+        self._offsets[name] = self._end
+        self._end += len(view)
+
+    def copy_to(self, name: str, fd: int, offset: int) -> None:
+        """Write tensor `name`'s bytes into file `fd` at `offset` (a kernel copy: no user memory)."""
+        t = self.layout[name]
+        left, src, dst = t.numel() * t.element_size(), self._offsets[name], offset
+        while left:
+            n = os.copy_file_range(self._fd, fd, left, src, dst)
+            if n == 0:
+                raise OSError(f"the spill file {self.path} ended early (was it truncated?)")
+            left, src, dst = left - n, src + n, dst + n
+
+    def write_safetensors(self, directory: str, max_shard_size=MAX_SHARD_SIZE) -> None:
+        """The spilled tensors as write_safetensors writes the same tensors: the same shards, bytes
+        and index."""
+        split = _shards(self.layout, max_shard_size)
+        for filename, keys in split.filename_to_tensors.items():
+            header, entries = safetensors_header({k: self.layout[k] for k in keys})
+            fd = os.open(os.path.join(directory, filename), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                done = 0
+                while done < len(header):
+                    done += os.write(fd, header[done:])
+                for key, offset, _ in entries:
+                    self.copy_to(key, fd, len(header) + offset)
+            finally:
+                os.close(fd)
+        _write_index(split, directory)
+
+    def close(self) -> None:
+        """Delete the spill file."""
+        if self._fd is not None:
+            os.close(self._fd)
+            os.unlink(self.path)
+            self._fd = None
 
 
 # ---------------------------------------------------------------- reading safetensors
@@ -308,6 +416,18 @@ def read_headers(path: str) -> Dict[str, torch.Tensor]:
             if dtype is None:
                 raise ValueError(f"tensor {key!r} in {file} has dtype {view.get_dtype()}, which lowbit does not read")
             out[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+
+    _for_each_file(path, read)
+    return out
+
+
+def tensor_files(path: str) -> Dict[str, str]:
+    """Every stored tensor's name -> the safetensors file that holds it (checked as read_headers
+    checks them)."""
+    out: Dict[str, str] = {}
+
+    def read(file, f, keys):
+        out.update(dict.fromkeys(keys, file))
 
     _for_each_file(path, read)
     return out

@@ -15,6 +15,7 @@ from .. import functional as F
 from ..schemes import GGUFScheme, QuantizationArgs
 from ..targets import matches
 from .base import Modifier
+from .observers import reduce_average_pair, reduce_sum_pair
 from .quantization import QuantizationModifier
 from .scaling import architecture_mappings, fold_scales, nearest_balance_layers, output_width
 
@@ -200,6 +201,17 @@ class AWQModifier(Modifier):
                         self._clip_grams[name] = F.hessian(args[0].detach(), h, n, mirror=False)
                     handles.append(module.register_forward_pre_hook(gram))
         return handles
+
+    def reduce_statistics(self, group, prefix: str) -> None:
+        """Each mapping's |x| sums and Gram matrix, and the clipping Gram matrices, over every
+        rank's tokens."""
+        for m in self._layer.get(prefix, []):
+            if m.gram is None:
+                continue
+            m.stats, _ = reduce_sum_pair(group, (m.stats, m.tokens), f"AWQ {m.smooth_name} |x|")
+            m.gram, m.tokens = reduce_average_pair(group, (m.gram, m.tokens), f"AWQ {m.smooth_name} Gram matrix")
+        for name in sorted(n for n in self._clip_grams if n.startswith(prefix + ".")):
+            self._clip_grams[name] = reduce_average_pair(group, self._clip_grams[name], f"AWQ {name} Gram matrix")
 
     def transform_layer(self, prefix: str, layer: nn.Module, plan) -> None:
         """Search and fold each mapping's scales (in order), then clip."""

@@ -90,6 +90,12 @@ class Modifier:
     def transform_layer(self, prefix: str, layer: nn.Module, plan: Dict[str, tuple]) -> None:
         """Change decoder layer `prefix` after its float pass, before it is quantized."""
 
+    def reduce_statistics(self, group, prefix: str) -> None:
+        """Distributed calibration: combine what this modifier gathered on decoder layer `prefix`
+        in the pass that just ran with the other ranks' (group: pipeline.distributed.Group), so
+        that every rank holds the statistics of all the samples. Modifiers that gather nothing
+        keep this no-op."""
+
     def calibration_hook(self, name: str, module: nn.Module):
         """A hook handle that gathers what this modifier needs from `module` while the runner
         feeds its decoder layer the calibration data; None when it needs nothing."""

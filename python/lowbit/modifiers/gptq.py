@@ -19,6 +19,7 @@ from ..nn.int8_dynamic import Int8DynamicLinear
 from ..nn.packed_linear import PackedLinear
 from .. import ggml
 from ..schemes import GGUFScheme, QuantizationScheme
+from .observers import reduce_average_pair
 from .quantization import QuantizationModifier, static_input
 
 logger = logging.getLogger("lowbit")
@@ -87,6 +88,17 @@ class GPTQModifier(QuantizationModifier):
         if not isinstance(module, nn.Linear):
             raise TypeError(f"GPTQModifier quantizes nn.Linear layers; {name} is a {type(module).__name__}")
         return module.register_forward_pre_hook(accumulate)
+
+    def reduce_statistics(self, group, prefix: str) -> None:
+        """The Hessians averaged over every rank's tokens (a Hessian that q/k/v share, once)."""
+        super().reduce_statistics(group, prefix)
+        reduced = {}
+        for name in sorted(n for n in self._hessians if n.startswith(prefix + ".")):
+            h, n = self._hessians[name]
+            if id(h) not in reduced:
+                reduced[id(h)] = reduce_average_pair(group, (h, n), f"{name} GPTQ Hessian")
+            self._hessians[name] = reduced[id(h)]
+        self._last_input = (None, None)
 
     def quantize_module(self, name: str, module: nn.Module, scheme: QuantizationScheme) -> nn.Module:
         if name not in self._hessians:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..ggml import IMatrix
 from .base import Modifier, input_hooks
-from .observers import add_squares
+from .observers import add_squares, reduce_sum_pair
 
 
 class IMatrixGatherer(Modifier):
@@ -36,6 +36,10 @@ class IMatrixGatherer(Modifier):
 
     def layer_hooks(self, prefix: str, layer: nn.Module, plan) -> list:
         return input_hooks(prefix, layer, self._selected, lambda name, x: add_squares(self._squares, name, x))
+
+    def reduce_statistics(self, group, prefix: str) -> None:
+        for name in sorted(n for n in self._squares if n.startswith(prefix + ".")):
+            self._squares[name] = reduce_sum_pair(group, self._squares[name], f"{name} E[x^2]")
 
     @property
     def imatrix(self) -> IMatrix:

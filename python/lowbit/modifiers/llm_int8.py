@@ -52,6 +52,11 @@ class LLMInt8Modifier(Modifier):
 
         return module.register_forward_pre_hook(record)
 
+    def reduce_statistics(self, group, prefix: str) -> None:
+        """The outlier dimensions seen on any rank."""
+        for name in sorted(n for n in self._seen if n.startswith(prefix + ".")):
+            self._seen[name] = group.max_(self._seen[name].to(torch.uint8), f"{name} outliers").bool()
+
     def quantize_module(self, name: str, module: nn.Module, scheme: LLMInt8Scheme) -> nn.Module:
         if name in self._seen:
             seen = self._seen.pop(name)

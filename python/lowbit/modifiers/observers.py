@@ -26,7 +26,9 @@ class ActivationRange:
 
     def __init__(self, args: QuantizationArgs, name: str):
         self.args, self.name = args, name
-        self.low = self.high = None
+        # each sample's (min, max), folded in sample order by scale(): a distributed run gathers the
+        # ranks' records into the single-process order (reduce) and folds the same sequence
+        self.records = []
 
     def update(self, x: Tensor) -> None:
         x = x.detach().reshape(1, -1).float()
@@ -42,23 +44,49 @@ class ActivationRange:
             scale, _ = ops.quant_params(x, self.args.num_bits, True, x.shape[1], "mse", **MSE_SEARCH)
             shrink = scale.reshape(()) * ((1 << self.args.num_bits) - 1) / 2 / absmax
             low, high = low * shrink, high * shrink
-        if self.low is None or self.args.observer.startswith("memoryless"):
-            self.low, self.high = low, high
-        elif self.args.observer == "static_minmax":
-            self.low, self.high = torch.minimum(self.low, low), torch.maximum(self.high, high)
-        else:
-            self.low = torch.lerp(self.low, low, AVERAGING_CONSTANT)
-            self.high = torch.lerp(self.high, high, AVERAGING_CONSTANT)
+        self.records.append((low, high))
+
+    def reduce(self, group) -> None:
+        """Every rank's records, in global sample order (distributed calibration)."""
+        self.records = group.interleave(group.gather(self.records, f"{self.name} activation range"))
+
+    def _fold(self):
+        low, high = self.records[0]
+        for x_low, x_high in self.records[1:]:
+            if self.args.observer.startswith("memoryless"):
+                low, high = x_low, x_high
+            elif self.args.observer == "static_minmax":
+                low, high = torch.minimum(low, x_low), torch.maximum(high, x_high)
+            else:
+                low, high = torch.lerp(low, x_low, AVERAGING_CONSTANT), torch.lerp(high, x_high, AVERAGING_CONSTANT)
+        return low, high
 
     def scale(self, dtype: torch.dtype) -> Tensor:
         """The input_scale [1] in `dtype` (a zero range gets the dtype's eps, as compressed-tensors)."""
-        if self.low is None:
+        if not self.records:
             raise ValueError(f"{self.name} saw no calibration data: its static activation scale needs the layer to "
                              "run on the dataset")
-        absmax = torch.maximum(-self.low.clamp_max(0), self.high.clamp_min(0))
+        low, high = self._fold()
+        absmax = torch.maximum(-low.clamp_max(0), high.clamp_min(0))
         levels = FP8_MAX if self.args.type == "float" else ((1 << self.args.num_bits) - 1) / 2
         scale = (absmax / levels).to(dtype).reshape(1)
         return torch.where(scale == 0, torch.finfo(dtype).eps, scale)
+
+
+def reduce_sum_pair(group, pair: tuple, what: str) -> tuple:
+    """(sum tensor, count) summed over the ranks (E[x^2] and AWQ's |x| sums)."""
+    total, n = pair
+    count = group.sum_(torch.tensor([float(n)], dtype=torch.float64), what)
+    return group.sum_(total, what), int(count.item())
+
+
+def reduce_average_pair(group, pair: tuple, what: str) -> tuple:
+    """(running average, count) -> the average over every rank's rows: sum_r avg_r * n_r / N
+    (GPTQ's Hessians, AWQ's Gram matrices), updated in place."""
+    average, n = pair
+    count = int(group.sum_(torch.tensor([float(n)], dtype=torch.float64), what).item())
+    group.sum_(average.mul_(n), what).div_(max(count, 1))
+    return average, count
 
 
 def add_squares(totals: dict, name: str, x: Tensor) -> None:

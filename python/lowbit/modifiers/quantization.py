@@ -13,7 +13,7 @@ from .. import ggml
 from ..schemes import GGUFScheme, QuantizationScheme, args_from_dict, gguf_tensor_scheme, plain, resolve_scheme
 from ..targets import as_list
 from .base import Modifier
-from .observers import ActivationRange, add_squares
+from .observers import ActivationRange, add_squares, reduce_sum_pair
 
 
 class QuantizationModifier(Modifier):
@@ -141,6 +141,16 @@ class QuantizationModifier(Modifier):
         for name, attention in kv.attention_modules(layer, prefix).items():
             kv.register_scales(attention, self.kv_cache_scheme, dtype, self._kv_ranges.pop(name))
             kv.quantize_cache(attention, self.kv_cache_scheme)
+
+    def reduce_statistics(self, group, prefix: str) -> None:
+        """E[x^2] sums and counts added up, activation ranges' per-sample records gathered in
+        sample order, KV-cache maxima maxed: what the single process would hold."""
+        for name in sorted(n for n in self._importance if n.startswith(prefix + ".")):
+            self._importance[name] = reduce_sum_pair(group, self._importance[name], f"{name} E[x^2]")
+        for name in sorted(n for n in self._input_ranges if n.startswith(prefix + ".")):
+            self._input_ranges[name].reduce(group)
+        for name in sorted(n for n in self._kv_ranges if n.startswith(prefix + ".")):
+            self._kv_ranges[name] = [group.max_(r.clone(), f"{name} KV-cache range") for r in self._kv_ranges[name]]
 
     def observes_input(self, name: str) -> bool:
         """True when module `name` needs statistics of its input (imatrix_mse, static activations)."""

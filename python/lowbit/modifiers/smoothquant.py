@@ -176,6 +176,16 @@ class SmoothQuantModifier(Modifier):
             handles.append(m.smooth.register_forward_hook(observe))
         return handles
 
+    def reduce_statistics(self, group, prefix: str) -> None:
+        """Each smooth layer's per-channel range over every rank's tokens."""
+        if self.num_calibration_steps is not None:
+            raise ValueError("SmoothQuantModifier(num_calibration_steps=...) counts the first samples of one process; "
+                             "across processes leave it unset (every sample is used)")
+        for m in self._layer.get(prefix, []):
+            if m.mins is not None:
+                m.mins = group.min_(m.mins, f"SmoothQuant {m.smooth_name} range")
+                m.maxs = group.max_(m.maxs, f"SmoothQuant {m.smooth_name} range")
+
     def smoothing_scales(self, m: _Resolved) -> torch.Tensor:
         act = (m.maxs - m.mins).float()
         if self.algorithm == "log_equalization":

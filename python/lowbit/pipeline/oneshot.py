@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import checkpoint
+from ..formats.files import MAX_SHARD_SIZE, read_headers, write_directory
 from ..modifiers import Modifier
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml
@@ -21,8 +22,11 @@ from ..schemes import QuantizationScheme
 from ..targets import in_features
 from .activations import ActivationStore, check_activations, resolve_mode
 from .arguments import parse_recipe_args, pipeline_mode, warn_no_effect
+from . import distributed as dist_calibration
 from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
+from .streaming import (LayerSpill, StreamedCheckpoint, estimated_output_bytes, float_model_bytes, module_state,
+                        should_stream)
 
 logger = logging.getLogger("lowbit")
 if not logger.handlers:
@@ -45,40 +49,98 @@ ERROR_LOG_TOKENS = 128
 
 def _load(model, tokenizer, *, config_name=None, precision="auto", trust_remote_code=False,
           model_revision="main", tie_word_embeddings=True):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+    from transformers import AutoModelForCausalLM
 
-    if model_revision != "main":
-        raise ValueError(f"model_revision={model_revision!r}: lowbit loads local directories only; check out that "
-                         "revision into a directory and pass its path")
+    _check_revision(model_revision)
     dtype = _precision(precision)
     if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isdir(path):
-            raise ValueError(f"model {path!r} is not a local directory: lowbit works offline and loads local models "
-                             "only (download it once, e.g. with huggingface-cli download, and pass the directory)")
-        config = AutoConfig.from_pretrained(os.fspath(config_name) if config_name else path,
-                                            trust_remote_code=trust_remote_code)
+        path, config = _local_config(model, config_name, model_revision, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, config=config, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code,
                                                      **({"dtype": dtype} if dtype is not None else {}))
     elif dtype is not None:
         model = model.to(dtype)
+    model, tokenizer = _checked(model, _tokenizer(tokenizer, checkpoint.model_directories(model)))
+    if not tie_word_embeddings:
+        _untie_word_embeddings(model)
+    return model.eval(), tokenizer
+
+
+def _check_revision(model_revision) -> None:
+    if model_revision != "main":
+        raise ValueError(f"model_revision={model_revision!r}: lowbit loads local directories only; check out that "
+                         "revision into a directory and pass its path")
+
+
+def _local_config(model, config_name, model_revision, trust_remote_code):
+    """(the model directory's path, its transformers config, or config_name's)."""
+    from transformers import AutoConfig
+
+    _check_revision(model_revision)
+    path = os.fspath(model)
+    if not os.path.isdir(path):
+        raise ValueError(f"model {path!r} is not a local directory: lowbit works offline and loads local models "
+                         "only (download it once, e.g. with huggingface-cli download, and pass the directory)")
+    return path, AutoConfig.from_pretrained(os.fspath(config_name) if config_name else path,
+                                            trust_remote_code=trust_remote_code)
+
+
+def _tokenizer(tokenizer, directories):
+    """The tokenizer given (or its path), else, as llmcompressor, the one saved beside the model."""
+    from transformers import AutoTokenizer
+
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
-    if tokenizer is None:  # as llmcompressor: the tokenizer saved beside the model
-        for directory in checkpoint.model_directories(model):
+        return AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+    if tokenizer is None:
+        for directory in directories:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(directory)
-                break
+                return AutoTokenizer.from_pretrained(directory)
             except (OSError, ValueError, TypeError):
                 continue
+    return tokenizer
+
+
+def _checked(model, tokenizer):
+    from transformers import PreTrainedModel
+
     if not isinstance(model, PreTrainedModel) or not hasattr(model, "get_output_embeddings") \
             or model.get_output_embeddings() is None:
         raise ValueError(f"oneshot needs a causal language model (a PreTrainedModel with an LM head), "
                          f"got {type(model).__name__}")
+    return model, tokenizer
+
+
+def _open_streamed(model, tokenizer, *, config_name=None, precision="auto", trust_remote_code=False,
+                   model_revision="main", tie_word_embeddings=True):
+    """_load for a streamed oneshot: the checkpoint directory's model as a skeleton whose weights
+    stay in the files (StreamedCheckpoint), in the dtype from_pretrained would give it."""
+    path, config = _local_config(model, config_name, model_revision, trust_remote_code)
+    if getattr(config, "quantization_config", None) is not None:
+        raise ValueError(f"{path!r} is already quantized (config.json has a quantization_config); oneshot quantizes a "
+                         "float checkpoint")
     if not tie_word_embeddings:
-        _untie_word_embeddings(model)
-    return model.eval(), tokenizer
+        raise ValueError("tie_word_embeddings=False copies the embedding into the LM head in memory; a streamed "
+                         "oneshot reads each weight from the checkpoint: pass stream_weights=False")
+    dtype = _precision(precision) or _stored_dtype(config)
+    source = StreamedCheckpoint(path, config, dtype)
+    model, tokenizer = _checked(source.model, _tokenizer(tokenizer, [path]))
+    return model.eval(), tokenizer, source
+
+
+def _stored_dtype(config) -> torch.dtype:
+    """The dtype from_pretrained gives a model by default: config.json's."""
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _float_bytes(model, config_name, precision, model_revision, trust_remote_code) -> int:
+    """Bytes the checkpoint directory's model takes in memory, from its files' headers."""
+    path, config = _local_config(model, config_name, model_revision, trust_remote_code)
+    dtype = _precision(precision) or _stored_dtype(config)
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+               for t in read_headers(path).values())
 
 
 def _precision(precision):
@@ -162,7 +224,7 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
             tie_word_embeddings: bool = True, trust_remote_code_model: bool = False, model_revision: str = "main",
             sequential_targets=None, log_dir: Optional[str] = None, shuffle: Optional[bool] = None,
             save_format: Optional[str] = None, gguf_type: Optional[str] = None, activations: str = "auto",
-            spill_dir: Optional[str] = None, **kwargs):
+            spill_dir: Optional[str] = None, stream_weights="auto", distributed="auto", **kwargs):
     """Quantize `model` (a PreTrainedModel or a local path) in place with `recipe` and return it.
 
     recipe: a preset name ("W4A16", "W4A16_ASYM", "W8A16", "W8A8", "NF4", "INT8_OUTLIER", ...), a
@@ -187,6 +249,19 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     (a file in spill_dir, default the temporary directory, read back a sample at a time; same
     results as memory, free space checked up front) or "auto" (disk when they would take over
     half the available memory).
+    stream_weights: quantize a checkpoint directory with one decoder layer's weights in memory at a
+    time (models bigger than memory): the skeleton is built on the meta device, each layer is
+    read from the safetensors shards (in the dtype from_pretrained would give it), calibrated,
+    quantized, spilled to disk beside output_dir and freed; the checkpoint written is byte for
+    byte the in-memory one. True needs a model directory and output_dir (a safetensors
+    checkpoint); "auto" streams when the float model would take over half the available memory.
+    A streamed oneshot returns the model's skeleton (its weights are on the meta device, not
+    in memory): load the result with lowbit.load(output_dir) or transformers.
+    distributed: data-parallel calibration over torch.distributed ("auto": when a process
+    group is initialised, or torchrun started several processes; True: required). Each rank
+    calibrates on every N-th sample, the modifiers' statistics are reduced across the ranks
+    after each pass over a decoder layer (so every rank holds the same quantized weights, equal
+    to a single process's up to float summation order), and rank 0 writes output_dir.
 
     Every other argument of llmcompressor 0.14's oneshot is accepted: pipeline ("sequential" =
     "independent", "basic": every layer calibrated on float activations, "datafree"),
@@ -202,6 +277,7 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     if shuffle is not None:  # lowbit's earlier name of shuffle_calibration_samples
         shuffle_calibration_samples = shuffle
     mode = pipeline_mode(pipeline)
+    group = dist_calibration.resolve(distributed)
     check_activations(activations, spill_dir)
     check_calibration_args(num_calibration_samples, max_seq_length)
     modifiers = parse_recipe(recipe, stage=stage)
@@ -210,12 +286,23 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
         if dataset is not None:
             raise ValueError("pass the calibration data as dataset= or dataset_path=, not both")
         dataset = dataset_path
+    protected = [model] if isinstance(model, (str, os.PathLike)) else checkpoint.model_directories(model)
     if output_dir is not None:  # refused before any work; checked again when the checkpoint is written
-        checkpoint.check_output_dir(output_dir, overwrite, [model] if isinstance(model, (str, os.PathLike))
-                                    else checkpoint.model_directories(model))
-    model, tokenizer = _load(model, _tokenizer_of(tokenizer if tokenizer is not None else processor),
-                             config_name=config_name, precision=precision, trust_remote_code=trust_remote_code_model,
-                             model_revision=model_revision, tie_word_embeddings=tie_word_embeddings)
+        checkpoint.check_output_dir(output_dir, overwrite, protected)
+    load_options = dict(config_name=config_name, precision=precision, trust_remote_code=trust_remote_code_model,
+                        model_revision=model_revision, tie_word_embeddings=tie_word_embeddings)
+    tokenizer = _tokenizer_of(tokenizer if tokenizer is not None else processor)
+    source = None
+    if should_stream(stream_weights, model, output_dir, save_format,
+                     lambda: _float_bytes(model, config_name, precision, model_revision, trust_remote_code_model)):
+        model, tokenizer, source = _open_streamed(model, tokenizer, **load_options)
+        _check_whole_model_modifiers(modifiers, "a streamed oneshot never holds in memory", "stream_weights=False")
+        logger.info("streaming %s one decoder layer at a time (the float model would take %.2f GiB)",
+                    source.path, float_model_bytes(model) / 2**30)
+    else:
+        model, tokenizer = _load(model, tokenizer, **load_options)
+    if group is not None:
+        _check_whole_model_modifiers(modifiers, "one process holds", "distributed=False")
     needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
     if mode == "datafree":
         if needs_data:
@@ -235,11 +322,104 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
         check_token_ids(samples, model.get_input_embeddings().num_embeddings)
         if not needs_data and not any(m.collects_statistics for m in modifiers):
             samples = [{k: v[:, :ERROR_LOG_TOKENS] for k, v in s.items()} for s in samples[:ERROR_LOG_SAMPLES]]
+        if group is not None:
+            samples = group.shard(samples)
 
     output_embeddings = model.get_output_embeddings()
     layers_name, layers = decoder_layers(model)
     _check_sequential_targets(sequential_targets, layers)
     per_layer, outside = _by_layer(plan, layers_name, len(layers))
+    writer = group is None or group.rank == 0  # the process that writes output_dir
+    stream = None if source is None else _LayerStream(source, output_dir, layers_name, layers, plan, save_compressed,
+                                                      writer)
+    try:
+        modifiers, plan = _calibrate_and_quantize(model, modifiers, plan, owners, samples, layers_name, layers,
+                                                  per_layer, outside, stream, group, mode=mode,
+                                                  activations=activations, spill_dir=spill_dir, log_dir=log_dir)
+        kv_schemes = [m.kv_cache_scheme for m in modifiers if getattr(m, "kv_cache_scheme", None) is not None]
+        _finish_config(model, plan, output_embeddings, kv_schemes[0] if kv_schemes else None)
+        recipe_yaml = recipe_to_yaml(modifiers, args)
+        if stream is not None:
+            stream.write(model, output_dir, tokenizer, recipe_yaml, overwrite, protected)
+            if writer:
+                logger.info("oneshot: the quantized checkpoint is in %s; load it with lowbit.load(%r)", output_dir,
+                            os.fspath(output_dir))
+    finally:
+        if stream is not None:
+            stream.close()
+    if stream is None:
+        checkpoint.attach_save_pretrained(model, recipe_yaml)
+        if output_dir is not None and writer:
+            checkpoint.save(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_yaml, overwrite=overwrite,
+                            compressed=save_compressed, **save_options)
+    if group is not None:
+        logger.info("distributed calibration: rank %d of %d, %d samples, %.1f MiB of statistics all-reduced",
+                    group.rank, group.size, len(samples or []), group.reduced_bytes / 2**20)
+        if output_dir is not None:
+            group.barrier(f"waiting for rank 0 to write {os.fspath(output_dir)}")
+    return model
+
+
+def _check_whole_model_modifiers(modifiers, where: str, fix: str) -> None:
+    whole_model = [type(m).__name__ for m in modifiers
+                   if hasattr(m, "choose") or type(m).prepare_model is not Modifier.prepare_model]
+    if whole_model:
+        raise ValueError(f"{', '.join(whole_model)} measures the whole float model at once, which only {where}: "
+                         f"pass {fix}")
+
+
+class _LayerStream:
+    """A streamed oneshot's weights: the embedding and everything outside the decoder layers
+    but an untied LM head read at the start, each decoder layer read before its turn and
+    spilled (its checkpoint tensors) and freed after it, the LM head read last."""
+
+    def __init__(self, source: StreamedCheckpoint, output_dir, layers_name: str, layers, plan: Plan,
+                 compressed: bool, writer: bool = True):
+        self.source, self.layers_name, self.layers, self.plan, self.compressed = (source, layers_name, layers, plan,
+                                                                                   compressed)
+        model = source.model
+        self.head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+        # writer: this process writes the checkpoint (rank 0 of a distributed run)
+        self.spill = LayerSpill(output_dir, estimated_output_bytes(model, plan)) if writer else None
+        source.load([""], exclude=[layers_name, self.head])
+
+    def begin(self, i: int) -> None:
+        self.source.load([f"{self.layers_name}.{i}"])
+
+    def end(self, i: int, names) -> None:
+        """Spill decoder layer i's checkpoint tensors (its modules `names` quantized) and free it."""
+        model = self.source.model
+        if self.spill is not None:
+            self.spill.put(f"{self.layers_name}.{i}", module_state(model, self.layers[i], self.compressed))
+        self.source.release(self.layers[i], *(self.plan[n][0] for n in names))
+
+    def begin_outside(self) -> None:
+        self.source.load([self.head])
+
+    def write(self, model, output_dir, tokenizer, recipe_yaml, overwrite, protected) -> None:
+        """The checkpoint: what is outside the decoder layers spilled, then the shards assembled
+        from the spill and the metadata written, as checkpoint.save writes them (by the writer
+        only)."""
+        if self.spill is not None:
+            self.spill.put("", module_state(model, model, self.compressed, skip=self.layers_name))
+
+            def write(tmp: str) -> None:
+                self.spill.tensors.write_safetensors(tmp, MAX_SHARD_SIZE)
+                checkpoint.write_metadata(model, tmp, tokenizer, recipe_yaml, self.compressed)
+
+            write_directory(output_dir, write, overwrite, protected=protected)
+        self.source.release(model)
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+
+
+def _calibrate_and_quantize(model, modifiers, plan, owners, samples, layers_name, layers, per_layer, outside, stream,
+                            group, *, mode, activations, spill_dir, log_dir):
+    """oneshot's work between the plan and the save: every decoder layer, then the modules
+    outside them (the LM head). -> (the modifiers, the plan), a mixed-precision recipe's as
+    chosen."""
     start = time.perf_counter()
     with _log_to(log_dir):
         if any(hasattr(m, "choose") for m in modifiers):  # mixed precision: measure, allocate, then plan again
@@ -253,23 +433,22 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
         if samples is None:
             for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
                 t0 = time.perf_counter()
+                if stream is not None:
+                    stream.begin(i)
                 _quantize(model, plan, owners, names)
+                if stream is not None:
+                    stream.end(i, names)
                 logger.info("layer %d: %d modules in %.2f s (no calibration data: output error not measured)",
                             i, len(names), time.perf_counter() - t0)
         else:
             _run_layer_sequential(model, layers_name, layers, per_layer, plan, owners, modifiers, samples,
-                                  float_inputs=mode == "basic", activations=activations, spill_dir=spill_dir)
+                                  float_inputs=mode == "basic", activations=activations, spill_dir=spill_dir,
+                                  stream=stream, group=group)
+        if stream is not None:
+            stream.begin_outside()
         _quantize(model, plan, owners, outside)
         logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
-
-    kv_schemes = [m.kv_cache_scheme for m in modifiers if getattr(m, "kv_cache_scheme", None) is not None]
-    _finish_config(model, plan, output_embeddings, kv_schemes[0] if kv_schemes else None)
-    recipe_yaml = recipe_to_yaml(modifiers, args)
-    checkpoint.attach_save_pretrained(model, recipe_yaml)
-    if output_dir is not None:
-        checkpoint.save(model, output_dir, tokenizer=tokenizer, recipe_yaml=recipe_yaml, overwrite=overwrite,
-                        compressed=save_compressed, **save_options)
-    return model
+    return modifiers, plan
 
 
 def dispatch_for_generation(model):
@@ -312,7 +491,8 @@ def _finish_config(model, plan: Plan, output_embeddings: nn.Module, kv_cache_sch
 
 
 def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, owners, modifiers, samples,
-                          float_inputs: bool = False, activations: str = "memory", spill_dir=None) -> None:
+                          float_inputs: bool = False, activations: str = "memory", spill_dir=None,
+                          stream=None, group=None) -> None:
     """Calibrate and quantize one decoder layer at a time: a float pass feeds the modifiers'
     statistics, transforming modifiers (AWQ, SmoothQuant) change the layer (a second float pass
     then feeds the quantizers' statistics), quantizing ones replace its Linears, and the
@@ -320,7 +500,9 @@ def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, own
     logged. The next layer's inputs are the quantized outputs (so GPTQ corrects earlier layers'
     errors) unless a modifier asks for the float ones (AWQ) or the caller does (float_inputs:
     llmcompressor's "basic" pipeline). The hidden states between layers live where
-    `activations` says (see ActivationStore)."""
+    `activations` says (see ActivationStore). stream: a streamed oneshot's weights, read
+    before each layer and spilled after it (_LayerStream). group: the ranks of a distributed
+    calibration (each runs its own samples; the statistics are reduced after each pass)."""
     names = [f"{layers_name}.{i}" for i in range(len(layers))]
     for modifier in modifiers:
         modifier.prepare_model(model, samples)
@@ -341,15 +523,19 @@ def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, own
         del first
         bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
         for i in bar:
+            if stream is not None:
+                stream.begin(i)
             hidden, err = _calibrate_layer(i, names[i], layers[i], hidden, contexts, per_layer[i], plan, owners,
-                                           modifiers, model, float_inputs)
+                                           modifiers, model, float_inputs, group)
+            if stream is not None:
+                stream.end(i, per_layer[i])
             bar.set_postfix(err=f"{err:.4f}")
     finally:
         hidden.close()
 
 
 def _calibrate_layer(i, name, layer, inputs: ActivationStore, contexts, names, plan: Plan, owners, modifiers, model,
-                     float_inputs: bool):
+                     float_inputs: bool, group=None):
     """Decoder layer i of _run_layer_sequential, on `inputs` (closed once used). -> (the next
     layer's inputs, the layer's relative output error)"""
     t0 = time.perf_counter()
@@ -378,6 +564,7 @@ def _calibrate_layer(i, name, layer, inputs: ActivationStore, contexts, names, p
             finally:
                 for h in hooks:
                     h.remove()
+            _reduce_statistics(group, modifiers, name)
             for modifier in modifiers:
                 modifier.transform_layer(name, layer, plan)
             hooks = calibration_hooks() if transforming else []
@@ -387,6 +574,8 @@ def _calibrate_layer(i, name, layer, inputs: ActivationStore, contexts, names, p
             finally:
                 for h in hooks:
                     h.remove()
+            if hooks:
+                _reduce_statistics(group, modifiers, name)
             _quantize(model, plan, owners, names)
             # With float propagation the quantized pass only measures the error: a few samples do.
             measured = samples[:ERROR_LOG_SAMPLES] if float_inputs else samples
@@ -398,6 +587,9 @@ def _calibrate_layer(i, name, layer, inputs: ActivationStore, contexts, names, p
             for s in measured:  # each reference read once (on disk, a read of the spill file)
                 r = reference.get(s).float()
                 diff, norm = diff + (outputs.get(s).float() - r).pow(2).sum().item(), norm + r.pow(2).sum().item()
+            if group is not None:  # every rank logs (and checks) the error over all the samples
+                diff, norm = group.sum_(torch.tensor([diff, norm], dtype=torch.float64), f"{name} output error")
+                diff, norm = diff.item(), norm.item()
         err = math.sqrt(diff / max(norm, 1e-30))
         if not math.isfinite(err):
             raise ValueError(f"layer {i} produced NaN or Inf outputs on the calibration data")
@@ -412,6 +604,12 @@ def _calibrate_layer(i, name, layer, inputs: ActivationStore, contexts, names, p
     if dropped is not following:
         dropped.close()
     return following, err
+
+
+def _reduce_statistics(group, modifiers, name: str) -> None:
+    if group is not None:
+        for modifier in modifiers:
+            modifier.reduce_statistics(group, name)
 
 
 def _with_hidden_states(args, kwargs, hidden):
