@@ -45,12 +45,35 @@ if int(os.environ.get("RANK", "0")) == 0:
 """
 
 
+# Llama-architecture shapes: (hidden, intermediate, layers)
+PLAN_MODELS = {"SmolLM2-135M": (576, 1536, 30), "8B": (4096, 14336, 32), "70B": (8192, 28672, 80)}
+
+
+def hessian_bytes(hidden: int, intermediate: int) -> int:
+    """fp32 GPTQ Hessians all-reduced per decoder layer: q/k/v's input, o_proj's, gate/up's
+    (hidden^2 each) and down_proj's (intermediate^2)."""
+    return 4 * (3 * hidden * hidden + intermediate * intermediate)
+
+
+def print_plan(gbit: float) -> None:
+    """The multi-node plan: what crosses the network per layer, and its time on a ring all-reduce
+    (each rank sends and receives about twice the tensor)."""
+    rows = []
+    for name, (h, i, layers) in PLAN_MODELS.items():
+        per_layer = hessian_bytes(h, i)
+        rows.append([name, f"{per_layer / 1e9:.3f} GB", f"{per_layer * layers / 1e9:.1f} GB",
+                     f"{2 * per_layer / (gbit * 1e9 / 8):.2f} s"])
+    print(f"multi-node plan: GPTQ Hessians all-reduced per decoder layer, ring all-reduce at {gbit:g} Gbit/s")
+    print_table(["model", "per layer", "whole model", "network time per layer"], rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--procs", default="1,2,3")
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--gbit", type=float, default=10.0, help="network speed for the multi-node plan")
     args = parser.parse_args()
     import torch
     from safetensors.torch import load_file
@@ -91,6 +114,9 @@ def main():
     print(f"GPTQ W4A16 g64, SmolLM2-135M, {args.samples} x {args.seq_len} tokens; torch {torch.__version__}")
     print_table(["processes", "threads each", "oneshot (s)", "all-reduced per rank", "max scale diff vs 1",
                  "packed words differing vs 1"], rows)
+    h, i, layers = PLAN_MODELS["SmolLM2-135M"]
+    print(f"expected Hessian traffic for SmolLM2-135M: {hessian_bytes(h, i) * layers / 2**20:.1f} MiB")
+    print_plan(args.gbit)
 
 
 if __name__ == "__main__":

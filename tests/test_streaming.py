@@ -208,12 +208,17 @@ def test_bad_checkpoints_are_refused_with_nothing_written(tmp_path, change, matc
     assert [n for n in os.listdir(tmp_path) if n.startswith(files.TEMP_PREFIX)] == []
 
 
-def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch):
+@pytest.mark.parametrize("streamed", [True, False])
+def test_not_enough_disk_is_refused_up_front(tmp_path, monkeypatch, streamed):
     src = _source(tmp_path)
     real = streaming.shutil.disk_usage
     monkeypatch.setattr(streaming.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    called = []
+    monkeypatch.setattr(importlib.import_module("lowbit.pipeline.oneshot"), "_calibrate_and_quantize",
+                        lambda *a, **k: called.append(1))
     with pytest.raises(ValueError, match=r"needs about .* GiB free beside output_dir"):
-        lowbit.oneshot(src, "W4A16", dataset=TEXTS, output_dir=str(tmp_path / "out"), stream_weights=True)
+        lowbit.oneshot(src, "W4A16", dataset=TEXTS, output_dir=str(tmp_path / "out"), stream_weights=streamed)
+    assert not called  # refused before any layer was calibrated
     assert not os.path.exists(tmp_path / "out")
     assert [n for n in os.listdir(tmp_path) if n.startswith(files.TEMP_PREFIX)] == []
 
@@ -287,4 +292,43 @@ def test_generation_config_made_as_from_pretrained_makes_it(tmp_path):
     for streamed in (False, True):
         outs.append(str(tmp_path / f"out-{streamed}"))
         lowbit.oneshot(src, "W4A16", pipeline="datafree", output_dir=outs[-1], stream_weights=streamed)
+    _same_directories(*outs)
+
+
+def test_cli_streams_on_request(tmp_path):
+    from lowbit import cli
+
+    src = _source(tmp_path)
+    cli.main(["quantize", "--model", src, "--recipe", "W4A16", "--output", str(tmp_path / "streamed"),
+              "--stream-weights", "on"])
+    cli.main(["quantize", "--model", src, "--recipe", "W4A16", "--output", str(tmp_path / "memory"),
+              "--stream-weights", "off"])
+    _same_directories(tmp_path / "streamed", tmp_path / "memory")
+
+
+@settings(max_examples=12, deadline=None)
+@given(hidden=st.sampled_from([32, 64, 96]), layers=st.integers(1, 3), tie=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), shard=st.sampled_from([None, "24KB"]),
+       recipe=st.sampled_from(["rtn_g32", "gptq_g32", "NF4", "W8A8", "INT8_OUTLIER"]))
+def test_property_streamed_equals_in_memory(tmp_path_factory, hidden, layers, tie, dtype, shard, recipe):
+    """Any small Llama (width, depth, tied or not, dtype, sharded or not) and recipe: the streamed
+    checkpoint is the in-memory one, byte for byte."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tmp = tmp_path_factory.mktemp("prop")
+    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 32, num_key_value_heads=1, tie_word_embeddings=tie,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(hidden * 10 + layers)
+    LlamaForCausalLM(config).to(dtype).save_pretrained(tmp / "src", **({"max_shard_size": shard} if shard else {}))
+    make_tokenizer().save_pretrained(tmp / "src")
+    groups = {"g": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True,
+                                                        "strategy": "group", "group_size": 32}}}
+    recipes = {"rtn_g32": lambda: lowbit.QuantizationModifier(config_groups=groups),
+               "gptq_g32": lambda: lowbit.GPTQModifier(config_groups=groups, ignore=["lm_head"])}
+    outs = []
+    for streamed in (False, True):
+        outs.append(tmp / f"out-{streamed}")
+        lowbit.oneshot(str(tmp / "src"), recipes.get(recipe, lambda: recipe)(), dataset=TEXTS, max_seq_length=32,
+                       num_calibration_samples=4, output_dir=str(outs[-1]), stream_weights=streamed)
     _same_directories(*outs)

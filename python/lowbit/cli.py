@@ -82,8 +82,10 @@ def quantize(args: argparse.Namespace) -> None:
     if args.recipe is None and lowbit.ggml.file_type(args.type) in lowbit.ggml.FLOAT_TYPES:
         _save_float_gguf(args, options)
         return
+    stream_weights = {"auto": "auto", "on": True, "off": False}[args.stream_weights]
     lowbit.oneshot(args.model, recipe, dataset=args.dataset, num_calibration_samples=args.samples,
-                   max_seq_length=args.seq_len, output_dir=args.output, overwrite=args.overwrite, **options)
+                   max_seq_length=args.seq_len, output_dir=args.output, overwrite=args.overwrite,
+                   stream_weights=stream_weights, **options)
     print(f"saved to {args.output}")
 
 
@@ -173,6 +175,9 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=512, help="number of calibration samples")
     p.add_argument("--seq-len", type=int, default=None, help="maximum calibration sequence length")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--stream-weights", choices=["auto", "on", "off"], default="auto",
+                   help="read one decoder layer at a time from the checkpoint (models bigger than memory); auto: when "
+                        "the float model would take over half the available memory")
     p.set_defaults(func=quantize)
 
     p = sub.add_parser("sensitivity", help="each Linear's output error under each weight scheme (for mixed precision)")

@@ -25,8 +25,8 @@ from .arguments import parse_recipe_args, pipeline_mode, warn_no_effect
 from . import distributed as dist_calibration
 from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
-from .streaming import (LayerSpill, StreamedCheckpoint, estimated_output_bytes, float_model_bytes, module_state,
-                        should_stream)
+from .streaming import (LayerSpill, StreamedCheckpoint, check_free_space, estimated_output_bytes, float_model_bytes,
+                        module_state, should_stream)
 
 logger = logging.getLogger("lowbit")
 if not logger.handlers:
@@ -330,6 +330,8 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     _check_sequential_targets(sequential_targets, layers)
     per_layer, outside = _by_layer(plan, layers_name, len(layers))
     writer = group is None or group.rank == 0  # the process that writes output_dir
+    if output_dir is not None and writer and source is None:  # before the work, not after it
+        check_free_space(output_dir, estimated_output_bytes(model, plan, save_compressed), "the checkpoint")
     stream = None if source is None else _LayerStream(source, output_dir, layers_name, layers, plan, save_compressed,
                                                       writer)
     try:
@@ -380,7 +382,7 @@ class _LayerStream:
         model = source.model
         self.head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
         # writer: this process writes the checkpoint (rank 0 of a distributed run)
-        self.spill = LayerSpill(output_dir, estimated_output_bytes(model, plan)) if writer else None
+        self.spill = LayerSpill(output_dir, estimated_output_bytes(model, plan, compressed)) if writer else None
         source.load([""], exclude=[layers_name, self.head])
 
     def begin(self, i: int) -> None:

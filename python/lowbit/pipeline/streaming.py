@@ -31,27 +31,28 @@ def float_model_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def should_stream(stream_weights, model, output_dir, save_format, skeleton_bytes) -> bool:
+def should_stream(stream_weights, model, output_dir, save_format, float_bytes) -> bool:
     """oneshot's stream_weights argument resolved: True / False as given (True needs a local
     checkpoint directory and an output_dir), "auto" streams a checkpoint directory saved to a
-    Hugging Face checkpoint whose float weights would take over MEMORY_FRACTION of the memory
-    available."""
+    Hugging Face checkpoint whose float weights (float_bytes()) would take over MEMORY_FRACTION
+    of the memory available."""
     if stream_weights not in (True, False, "auto"):
         raise ValueError(f"stream_weights must be True, False or 'auto', got {stream_weights!r}")
     from_directory = isinstance(model, (str, os.PathLike))
     if stream_weights is True:
         if not from_directory:
-            raise ValueError("stream_weights=True reads the model's weights one decoder layer at a time from its checkpoint "
-                             "directory: pass the directory's path as model, not a loaded model")
+            raise ValueError("stream_weights=True reads the model's weights one decoder layer at a time from its "
+                             "checkpoint directory: pass the directory's path as model, not a loaded model")
         if output_dir is None:
-            raise ValueError("stream_weights=True writes each quantized layer to the checkpoint as it goes: pass output_dir=")
+            raise ValueError("stream_weights=True writes each quantized layer to the checkpoint as it goes: pass "
+                             "output_dir=")
         if save_format not in (None, "safetensors"):
-            raise ValueError(f"stream_weights=True writes a safetensors checkpoint; save_format={save_format!r} needs the "
-                             "whole model in memory (stream_weights=False)")
+            raise ValueError(f"stream_weights=True writes a safetensors checkpoint; save_format={save_format!r} needs "
+                             "the whole model in memory (stream_weights=False)")
         return True
     if stream_weights is False or not from_directory or output_dir is None or save_format not in (None, "safetensors"):
         return False
-    return skeleton_bytes() > MEMORY_FRACTION * available_memory()
+    return float_bytes() > MEMORY_FRACTION * available_memory()
 
 
 def _real_non_persistent_buffers(model: nn.Module) -> None:
@@ -147,10 +148,11 @@ def _generation_config(model: nn.Module, path: str) -> None:
                                                                    _from_model_config=True)
 
 
-def estimated_output_bytes(model: nn.Module, plan) -> int:
+def estimated_output_bytes(model: nn.Module, plan, compressed: bool = True) -> int:
     """An upper estimate of the checkpoint's size: each planned Linear's weight at its scheme's
-    bits, everything else as stored in the model's dtypes, times OUTPUT_SIZE_MARGIN."""
-    planned = {id(module.weight): _weight_bits(scheme) for module, scheme in plan.values()}
+    bits (compressed) or its dtype's (a decompressed checkpoint), everything else as stored in
+    the model's dtypes, times OUTPUT_SIZE_MARGIN."""
+    planned = {id(module.weight): _weight_bits(scheme) for module, scheme in plan.values()} if compressed else {}
     total = 0
     for t in model.state_dict(keep_vars=True).values():
         bits = planned.get(id(t), t.element_size() * 8)
@@ -165,6 +167,18 @@ def _weight_bits(scheme) -> int:
     return 8 if hasattr(scheme, "threshold") else 4  # LLM.int8(): int8 codes; NF4 / FP4: 4-bit codes
 
 
+def check_free_space(output_dir, need: int, what: str) -> str:
+    """The directory output_dir will be written in (created), with `need` bytes free there, or a
+    ValueError naming the estimate."""
+    parent = os.path.dirname(os.path.realpath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise ValueError(f"{what} needs about {need / 2**30:.2f} GiB free beside output_dir, but {parent!r} has "
+                         f"{free / 2**30:.2f} GiB: free space there or choose an output_dir on a larger disk")
+    return parent
+
+
 class LayerSpill:
     """Where a streamed oneshot puts each quantized layer's checkpoint tensors until the
     checkpoint is written: a spill file in a temporary directory beside output_dir (on its disk,
@@ -172,15 +186,10 @@ class LayerSpill:
     there). Free space for the spill and the checkpoint is checked up front."""
 
     def __init__(self, output_dir: str, estimate: int):
-        parent = os.path.dirname(os.path.realpath(output_dir))
-        os.makedirs(parent, exist_ok=True)
+        parent = check_free_space(output_dir, 2 * estimate, f"a streamed oneshot ({estimate / 2**30:.2f} GiB of "
+                                  "quantized layers spilled as they are done, as much for the checkpoint assembled "
+                                  "from them)")
         remove_stale_temp_dirs(parent)
-        free = shutil.disk_usage(parent).free
-        if free < 2 * estimate:
-            raise ValueError(f"a streamed oneshot needs about {2 * estimate / 2**30:.2f} GiB free beside output_dir "
-                             f"({estimate / 2**30:.2f} GiB for the quantized layers spilled as they are done, as much "
-                             f"for the checkpoint assembled from them), but {parent!r} has {free / 2**30:.2f} GiB: "
-                             "free space there or choose an output_dir on a larger disk")
         self.directory = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent)
         self.tensors = TensorSpill(self.directory)
 
