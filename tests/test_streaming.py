@@ -41,11 +41,15 @@ def _source(tmp_path, arch="llama_h128", dtype=torch.bfloat16, shard=None):
     return str(path)
 
 
-def _same_directories(a, b):
+def _same_directories(a, b, modes: bool = True):
+    """The same files, byte for byte (and, for checkpoints lowbit wrote, the same permissions)."""
     names = sorted(os.listdir(a))
     assert names == sorted(os.listdir(b))
     differ = [n for n in names if not filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False)]
     assert not differ, differ
+    if modes:
+        found = {n: (os.stat(os.path.join(a, n)).st_mode, os.stat(os.path.join(b, n)).st_mode) for n in names}
+        assert all(x == y for x, y in found.values()), found
 
 
 def _both(src, tmp_path, recipe, **kwargs):
@@ -277,7 +281,7 @@ def test_spill_writes_write_safetensors_bytes(tmp_path, max_shard_size):
     spill.write_safetensors(str(spilled), max_shard_size)
     spill.close()
     assert not os.path.exists(spill.path)
-    _same_directories(direct, spilled)
+    _same_directories(direct, spilled, modes=False)  # written here, not by a lowbit save
     assert (files.INDEX_FILE in os.listdir(direct)) == (max_shard_size == "2KB")
     save_file(state, str(tmp_path / "one.safetensors"), metadata=files.SAFETENSORS_METADATA)
     if max_shard_size == "5GB":
@@ -304,6 +308,10 @@ def test_cli_streams_on_request(tmp_path):
     cli.main(["quantize", "--model", src, "--recipe", "W4A16", "--output", str(tmp_path / "memory"),
               "--stream-weights", "off"])
     _same_directories(tmp_path / "streamed", tmp_path / "memory")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path / "streamed"):  # ordinary files, not safetensors' private 0600
+        assert os.stat(tmp_path / "streamed" / name).st_mode & 0o777 == 0o666 & ~umask, name
 
 
 @settings(max_examples=12, deadline=None)

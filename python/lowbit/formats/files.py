@@ -173,6 +173,9 @@ def write_directory(output_dir, write: Callable[[str], None], overwrite: bool = 
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
     try:
         write(tmp)
+        for directory, _, names in os.walk(tmp):  # safetensors creates its files private (0600): make them ordinary
+            for name in names:
+                os.chmod(os.path.join(directory, name), 0o666 & ~umask)
         _fsync_tree(tmp)
         check_output_dir(target, overwrite, protected, lowbit_output)  # nothing changed under us while writing
         if not os.path.isdir(target):
