@@ -19,6 +19,7 @@ import argparse
 import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,15 +118,19 @@ def run(path: Path, out: Path, recipe: str, samples: int, seq_len: int, streamin
     spill.mkdir(exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(out), recipe, str(samples), str(seq_len),
                              "stream" if streaming else "memory", str(spill)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+                            stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
     t0 = time.perf_counter()
-    stdout = proc.communicate()[0].decode()
+    stdout, stderr = (out.decode(errors="replace") for out in proc.communicate())
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"{recipe} on {path} failed (status {proc.returncode}): {stdout[-2000:]}")
+        raise RuntimeError(f"{recipe} on {path} failed (status {proc.returncode}): {(stdout + stderr)[-2000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
+    # oneshot logs "layer i: n modules in t s": flat per-layer times mean time linear in layers
+    layer_seconds = sorted(float(m.group(1)) for m in re.finditer(r"layer \d+: \d+ modules in ([\d.]+) s", stderr))
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
-    return dict(seconds=result["seconds"], wall=wall, peak_gib=result["peak_kib"] / 2**20, out_gib=size / 2**30)
+    return dict(seconds=result["seconds"], wall=wall, peak_gib=result["peak_kib"] / 2**20, out_gib=size / 2**30,
+                layer_median=layer_seconds[len(layer_seconds) // 2],
+                layer_spread=layer_seconds[-1] / max(layer_seconds[0], 1e-9))
 
 
 def same_directories(a: Path, b: Path) -> bool:
@@ -158,8 +163,9 @@ def main():
             for recipe in args.recipes.split(","):
                 r = run(path, work / f"out-{size}-{recipe}", recipe, args.samples, args.seq_len, True, work / "spill")
                 data = "-" if recipe == "rtn" else f"{args.samples}x{args.seq_len}"
-                rows.append([size, f"{params / 1e9:.2f}", f"{recipe} W4A16", data, f"{r['seconds']:.0f}",
-                             f"{r['seconds'] / layers:.2f}", f"{r['peak_gib']:.2f}", f"{r['out_gib']:.2f}"])
+                rows.append([size, f"{params / 1e9:.2f}", layers, f"{recipe} W4A16", data, f"{r['seconds']:.0f}",
+                             f"{r['layer_median']:.2f} ({r['layer_spread']:.2f}x)", f"{r['peak_gib']:.2f}",
+                             f"{r['out_gib']:.2f}"])
                 print(rows[-1], flush=True)
                 if args.equal_bytes and size == args.sizes.split(",")[0]:
                     m = run(path, work / f"out-{size}-{recipe}-memory", recipe, args.samples, args.seq_len, False,
@@ -174,8 +180,8 @@ def main():
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(["size", "params (B)", "recipe", "calibration", "time (s)", "s / layer", "peak RSS (GiB)",
-                 "output (GiB)"], rows)
+    print_table(["size", "params (B)", "layers", "recipe", "calibration", "time (s)",
+                 "s / layer: median (slowest / fastest)", "peak RSS (GiB)", "output (GiB)"], rows)
 
 
 if __name__ == "__main__":
