@@ -1,9 +1,10 @@
 """Data-parallel calibration: GPTQ W4A16 (group 64) on SmolLM2-135M over `--samples` x
 `--seq-len` tokens of Austen's Emma, in 1, 2 and 3 processes started by torchrun (gloo), each
 process with `--threads` / N threads (at least one). For every run: wall time of the oneshot,
-the statistics each rank all-reduced, and how far rank 0's weights are from the single
-process's: the largest relative difference of a weight_scale tensor and the share of packed
-codes that differ.
+the statistics each rank all-reduced, and how rank 0's model compares with the single
+process's: held-out perplexity (20,000 characters of Pride and Prejudice), the largest relative
+difference of a weight_scale tensor, and the share of packed int32 words (8 codes each) that
+differ.
 
     python benchmarks/bench_distributed.py [--procs 1,2,3] [--samples 32] [--seq-len 512] [--threads 2]
 
@@ -41,7 +42,9 @@ lowbit.oneshot(model, recipe, dataset=examples.austen_paragraphs("emma"), num_ca
 seconds = time.perf_counter() - t0
 if int(os.environ.get("RANK", "0")) == 0:
     save_file(compressed_state_dict(model), sys.argv[5])
-    print("RESULT " + json.dumps(dict(seconds=seconds)))
+    _, heldout = examples.calibration_and_heldout()
+    ppl = lowbit.eval.perplexity(model, heldout[:20000], seq_len=512, tokenizer=examples.load_smollm2()[1])
+    print("RESULT " + json.dumps(dict(seconds=seconds, ppl=ppl)))
 """
 
 
@@ -97,8 +100,9 @@ def main():
                               env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(threads)})
         if proc.returncode != 0:
             raise RuntimeError(f"{n} processes failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-        seconds = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])["seconds"]
-        reduced = [line.split("statistics")[0].rsplit(",", 1)[-1].strip() for line in proc.stderr.splitlines()
+        result_line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+        seconds, ppl = (json.loads(result_line[7:])[k] for k in ("seconds", "ppl"))
+        reduced = [line.split(" of statistics")[0].rsplit(",", 1)[-1].strip() for line in proc.stderr.splitlines()
                    if "of statistics all-reduced" in line]
         state = load_file(str(result))
         if single is None:
@@ -108,12 +112,12 @@ def main():
         scale_diff = max(float((state[k].float() - single[k].float()).abs().max() / single[k].float().abs().max())
                          for k in scales)
         code_diff = sum(int((state[k] != single[k]).sum()) for k in codes) / sum(state[k].numel() for k in codes)
-        rows.append([n, threads, f"{seconds:.1f}", reduced[0] if reduced else "-", f"{scale_diff:.2e}",
+        rows.append([n, threads, f"{seconds:.1f}", reduced[0] if reduced else "-", f"{ppl:.3f}", f"{scale_diff:.2e}",
                      f"{100 * code_diff:.3f}%"])
         print(rows[-1], flush=True)
     print(f"GPTQ W4A16 g64, SmolLM2-135M, {args.samples} x {args.seq_len} tokens; torch {torch.__version__}")
-    print_table(["processes", "threads each", "oneshot (s)", "all-reduced per rank", "max scale diff vs 1",
-                 "packed words differing vs 1"], rows)
+    print_table(["processes", "threads each", "oneshot (s)", "all-reduced per rank", "held-out perplexity",
+                 "max scale diff vs 1", "packed words differing vs 1"], rows)
     h, i, layers = PLAN_MODELS["SmolLM2-135M"]
     print(f"expected Hessian traffic for SmolLM2-135M: {hessian_bytes(h, i) * layers / 2**20:.1f} MiB")
     print_plan(args.gbit)
