@@ -82,6 +82,10 @@ def test_disk_too_small_is_refused_before_calibration(tmp_path, monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"needs 0\.\d+ GiB on disk, but .* has 0\.00 GiB free: pass spill_dir="):
         lowbit.oneshot(model, RECIPES["gptq"](), dataset=TEXTS, tokenizer=make_tokenizer(), activations="disk",
+                       spill_dir=str(tmp_path))
+    # with an output_dir the checkpoint's own room is checked first, also before any calibration
+    with pytest.raises(ValueError, match=r"the checkpoint needs about 0\.\d+ GiB free beside output_dir"):
+        lowbit.oneshot(model, RECIPES["gptq"](), dataset=TEXTS, tokenizer=make_tokenizer(), activations="disk",
                        spill_dir=str(tmp_path), output_dir=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and _spill_files(tmp_path) == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

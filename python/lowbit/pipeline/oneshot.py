@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats import checkpoint
-from ..formats.files import MAX_SHARD_SIZE, read_headers, write_directory
+from ..formats.checkpoint import MAX_SHARD_SIZE, read_headers, write_directory
 from ..modifiers import Modifier
 from ..nn.convert import replace_module
 from ..recipe import Recipe, parse_recipe, recipe_to_yaml

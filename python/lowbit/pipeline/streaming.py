@@ -18,8 +18,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ..formats import checkpoint
-from ..formats.files import (TEMP_PREFIX, TensorSpill, check_against_skeleton, check_layer_count, read_headers,
-                             remove_stale_temp_dirs, tensor_files)
+from ..formats.checkpoint import (TEMP_PREFIX, TensorSpill, check_against_skeleton, check_layer_count, read_headers,
+                                  remove_stale_temp_dirs, tensor_files)
 from .activations import MEMORY_FRACTION, available_memory
 
 # Headroom on the output estimate: scales, zero points and format metadata beside the codes.
