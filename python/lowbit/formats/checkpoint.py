@@ -17,10 +17,10 @@ from . import bitsandbytes, compressed_tensors, gguf
 from . import files
 # model_directories is also this entry's: oneshot checks output_dir before any work.
 # The pipeline's streamed oneshot reaches these through this entry as well.
-from .files import (MAX_SHARD_SIZE, TEMP_PREFIX, TensorSpill, check_against_skeleton, check_layer_count,  # noqa: F401
+from .files import (MAX_SHARD_SIZE, TensorSpill, check_against_skeleton, check_layer_count,  # noqa: F401
                     check_loading_info, check_quantized_values, model_directories, read_config, read_headers,
-                    read_safetensors, remove_stale_temp_dirs, resolve_dtype, state_with, tensor_files,
-                    write_directory, write_safetensors)
+                    read_safetensors, resolve_dtype, state_with, temp_directory, tensor_files, write_directory,
+                    write_safetensors)
 
 # The Hugging Face checkpoint directory formats: quant_method -> the module that writes and reads it.
 DIRECTORY_FORMATS = {f.QUANT_METHOD: f for f in (compressed_tensors, bitsandbytes)}

@@ -140,6 +140,13 @@ def remove_stale_temp_dirs(parent: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def temp_directory(parent: str) -> str:
+    """A new private directory .lowbit-<pid>-* in `parent` (a checkpoint being written, or a
+    streamed oneshot's spill), after removing what killed saves left there."""
+    remove_stale_temp_dirs(parent)
+    return tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent)
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -166,8 +173,7 @@ def write_directory(output_dir, write: Callable[[str], None], overwrite: bool = 
     target = check_output_dir(output_dir, overwrite, protected, lowbit_output)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    remove_stale_temp_dirs(parent)
-    tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent)
+    tmp = temp_directory(parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory

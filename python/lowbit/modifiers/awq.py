@@ -15,7 +15,7 @@ from .. import functional as F
 from ..schemes import GGUFScheme, QuantizationArgs
 from ..targets import matches
 from .base import Modifier
-from .observers import reduce_average_pair, reduce_sum_pair
+from .observers import reduce_average_pair
 from .quantization import QuantizationModifier
 from .scaling import architecture_mappings, fold_scales, nearest_balance_layers, output_width
 
@@ -208,8 +208,8 @@ class AWQModifier(Modifier):
         for m in self._layer.get(prefix, []):
             if m.gram is None:
                 continue
-            m.stats, _ = reduce_sum_pair(group, (m.stats, m.tokens), f"AWQ {m.smooth_name} |x|")
             m.gram, m.tokens = reduce_average_pair(group, (m.gram, m.tokens), f"AWQ {m.smooth_name} Gram matrix")
+            m.stats = group.sum_(m.stats, f"AWQ {m.smooth_name} |x|")  # a plain sum: the count is reduced above
         for name in sorted(n for n in self._clip_grams if n.startswith(prefix + ".")):
             self._clip_grams[name] = reduce_average_pair(group, self._clip_grams[name], f"AWQ {name} Gram matrix")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -25,7 +26,7 @@ from .arguments import parse_recipe_args, pipeline_mode, warn_no_effect
 from . import distributed as dist_calibration
 from .data import DEFAULT_MAX_SEQ_LENGTH, check_calibration_args, check_token_ids, prepare_calibration
 from .layers import capture_first_layer_inputs, decoder_layers, layer_output
-from .streaming import (LayerSpill, StreamedCheckpoint, check_free_space, estimated_output_bytes, float_model_bytes,
+from .streaming import (LayerSpill, StreamedCheckpoint, check_free_space, estimated_output_bytes,
                         module_state, should_stream)
 
 logger = logging.getLogger("lowbit")
@@ -293,12 +294,13 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
                         model_revision=model_revision, tie_word_embeddings=tie_word_embeddings)
     tokenizer = _tokenizer_of(tokenizer if tokenizer is not None else processor)
     source = None
-    if should_stream(stream_weights, model, output_dir, save_format,
-                     lambda: _float_bytes(model, config_name, precision, model_revision, trust_remote_code_model)):
+    float_bytes = functools.cache(functools.partial(_float_bytes, model, config_name, precision, model_revision,
+                                                    trust_remote_code_model))
+    if should_stream(stream_weights, model, output_dir, save_format, float_bytes):
         model, tokenizer, source = _open_streamed(model, tokenizer, **load_options)
         _check_whole_model_modifiers(modifiers, "a streamed oneshot never holds in memory", "stream_weights=False")
         logger.info("streaming %s one decoder layer at a time (the float model would take %.2f GiB)",
-                    source.path, float_model_bytes(model) / 2**30)
+                    source.path, float_bytes() / 2**30)
     else:
         model, tokenizer = _load(model, tokenizer, **load_options)
     if group is not None:

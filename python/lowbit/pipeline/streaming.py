@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import tempfile
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -18,17 +17,12 @@ from safetensors import safe_open
 from torch import nn
 
 from ..formats import checkpoint
-from ..formats.checkpoint import (TEMP_PREFIX, TensorSpill, check_against_skeleton, check_layer_count, read_headers,
-                                  remove_stale_temp_dirs, tensor_files)
+from ..formats.checkpoint import (TensorSpill, check_against_skeleton, check_layer_count, read_headers,
+                                  temp_directory, tensor_files)
 from .activations import MEMORY_FRACTION, available_memory
 
 # Headroom on the output estimate: scales, zero points and format metadata beside the codes.
 OUTPUT_SIZE_MARGIN = 1.25
-
-
-def float_model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers in its dtypes (a skeleton's cost no memory)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def should_stream(stream_weights, model, output_dir, save_format, float_bytes) -> bool:
@@ -189,8 +183,7 @@ class LayerSpill:
         parent = check_free_space(output_dir, 2 * estimate, f"a streamed oneshot ({estimate / 2**30:.2f} GiB of "
                                   "quantized layers spilled as they are done, as much for the checkpoint assembled "
                                   "from them)")
-        remove_stale_temp_dirs(parent)
-        self.directory = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=parent)
+        self.directory = temp_directory(parent)
         self.tensors = TensorSpill(self.directory)
 
     def put(self, prefix: str, state: Dict[str, torch.Tensor]) -> None:
