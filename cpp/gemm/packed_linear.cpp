@@ -28,9 +28,9 @@ constexpr int64_t kMaxDecodeTokens = 24;
 constexpr int64_t kMaxFusedTokensPortable = 4;
 constexpr int kTokenBlock = 8;
 // Multiply-adds per thread below which a call stays on fewer threads: waking a second thread
-// and joining it costs more than it saves on a small layer at one token (SmolLM2's 576x576 and
-// 192x576), not with several tokens.
-constexpr int64_t kParallelMacs = 1 << 19;
+// and joining it costs more than it saves on a 64x64 or SmolLM2's 192x576 layer at one token; its
+// 576x576 runs faster on two (weights in L3: AVX2 W4A16 34 us on one thread, 23 us dense).
+constexpr int64_t kParallelMacs = 1 << 17;
 
 struct LinearArgs {
   int64_t M, N, K, ngroups, group_size, words, bits;
@@ -323,9 +323,21 @@ bool vector_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& o
 // x is reordered per chunk into [16 even columns, 16 odd columns] so both halves of a
 // decoded byte vector meet contiguous x (a dot product does not care about the order, as
 // long as x and the weights agree). For 8 bits the byte order is the column order.
+// A plain loop over x (contiguous fp32, K a multiple of 32): the view-transpose-copy it replaces
+// cost four ATen calls, a few microseconds on every small layer's call.
 at::Tensor prepare_x(const LinearArgs& a, const at::Tensor& x) {
   if (a.bits != 4) return x;
-  return x.reshape({a.M, a.K / 32, 16, 2}).transpose(2, 3).contiguous().reshape({a.M, a.K});
+  at::Tensor xp = at::empty({a.M, a.K}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = xp.data_ptr<float>();
+  at::parallel_for(0, a.M * a.K / 32, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      for (int j = 0; j < 16; ++j) {
+        dst[c * 32 + j] = src[c * 32 + 2 * j];
+        dst[c * 32 + 16 + j] = src[c * 32 + 2 * j + 1];
+      }
+  });
+  return xp;
 }
 
 inline LOWBIT_TARGET_AVX512 __m512i load16_u8(const uint8_t* p) {
@@ -447,15 +459,16 @@ void decode_rows(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0, i
 template <int BITS>
 void decode_linear(const LinearArgs& a, const float* xp) {
   constexpr int64_t kRowBlock = 16;
-  at::parallel_for(0, a.N, kRowBlock, [&](int64_t b, int64_t e) {
-    std::vector<float> acc_buf(kRowBlock * kTokenBlock * 32);
+  const int64_t grain = ceil_div(std::max<int64_t>(1, kParallelMacs / (a.K * a.M)), kRowBlock) * kRowBlock;
+  at::parallel_for(0, a.N, grain, [&](int64_t b, int64_t e) {
+    alignas(64) float acc_buf[kRowBlock * kTokenBlock * 32];  // on the stack: no allocation per call
     for (int64_t r0 = b; r0 < e; r0 += kRowBlock) {
       const int64_t r1 = std::min(e, r0 + kRowBlock);
       int64_t m0 = 0;
-      for (; m0 + 8 <= a.M; m0 += 8) decode_rows<BITS, 8>(a, xp, m0, r0, r1, acc_buf.data());
-      if (m0 + 4 <= a.M) { decode_rows<BITS, 4>(a, xp, m0, r0, r1, acc_buf.data()); m0 += 4; }
-      if (m0 + 2 <= a.M) { decode_rows<BITS, 2>(a, xp, m0, r0, r1, acc_buf.data()); m0 += 2; }
-      if (m0 < a.M) decode_rows<BITS, 1>(a, xp, m0, r0, r1, acc_buf.data());
+      for (; m0 + 8 <= a.M; m0 += 8) decode_rows<BITS, 8>(a, xp, m0, r0, r1, acc_buf);
+      if (m0 + 4 <= a.M) { decode_rows<BITS, 4>(a, xp, m0, r0, r1, acc_buf); m0 += 4; }
+      if (m0 + 2 <= a.M) { decode_rows<BITS, 2>(a, xp, m0, r0, r1, acc_buf); m0 += 2; }
+      if (m0 < a.M) decode_rows<BITS, 1>(a, xp, m0, r0, r1, acc_buf);
     }
   });
 }

@@ -66,19 +66,24 @@ def checked_call(module: nn.Module, x: Tensor, fn, *args):
 def frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """module's x @ W^T + bias: the fused kernel (bias inside) when no gradient is wanted, else
     through _FrozenWeightMatmul so gradients reach x (and a bias that requires them). With a
-    compute_dtype, x is cast to it for the kernel and the result back to x's dtype."""
-    return checked_call(module, x, _frozen_linear, module, x, compute_dtype)
-
-
-def _frozen_linear(module: nn.Module, x: Tensor, compute_dtype: Optional[torch.dtype]) -> Tensor:
-    xc = x if compute_dtype is None else x.to(compute_dtype)
-    bias = module.bias
-    if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
-        y = _FrozenWeightMatmul.apply(xc, module)
-        y = y if bias is None else y + bias.to(y.dtype)
-    else:
-        y = module.quantized_matmul(xc, bias)
-    return y if compute_dtype is None else y.to(x.dtype)
+    compute_dtype, x is cast to it for the kernel and the result back to x's dtype. Written as
+    checked_call inlined, the bias read from _parameters: a decode step calls this for every
+    Linear, and each Python frame or Module.__getattr__ costs about as much as a small layer's
+    kernel launch."""
+    if not plausible_input(x, module.in_features):
+        check_input(x, module.in_features, module)
+    try:
+        xc = x if compute_dtype is None else x.to(compute_dtype)
+        bias = module._parameters.get("bias")
+        if torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _FrozenWeightMatmul.apply(xc, module)
+            y = y if bias is None else y + bias.to(y.dtype)
+        else:
+            y = module.quantized_matmul(xc, bias)
+        return y if compute_dtype is None else y.to(x.dtype)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        check_input(x, module.in_features, module)
+        raise
 
 
 class KeepsScalesFp32:
