@@ -28,9 +28,9 @@ constexpr int64_t kMaxDecodeTokens = 24;
 constexpr int64_t kMaxFusedTokensPortable = 4;
 constexpr int kTokenBlock = 8;
 // Multiply-adds per thread below which a call stays on fewer threads: waking a second thread
-// and joining it costs more than it saves on a 64x64 or SmolLM2's 192x576 layer at one token; its
-// 576x576 runs faster on two (weights in L3: AVX2 W4A16 34 us on one thread, 23 us dense).
-constexpr int64_t kParallelMacs = 1 << 17;
+// and joining it costs more than it saves on a 64x64 layer at one token, not on SmolLM2's (weights
+// in L3, AVX2, one token: 576x576 34 us on one thread, 22 us on two; 192x576 17 and 14 us).
+constexpr int64_t kParallelMacs = 1 << 16;
 
 struct LinearArgs {
   int64_t M, N, K, ngroups, group_size, words, bits;
