@@ -120,6 +120,7 @@ template <int BITS>
 struct ShiftDecoder {
   using V = F8;
   static constexpr int W = 8, kBits = BITS;
+  static constexpr bool kSplit = false;
   // The 8 codes starting at byte p: one word (4 bits) or two (8 bits).
   LOWBIT_VECTOR_LOOP static V decode(const uint8_t* p) {
     uint32_t w[2];
@@ -135,8 +136,8 @@ struct ShiftDecoder {
 };
 
 // AVX2, 4 bits, the fused kernel's decoder: 16 codes from 8 bytes, each byte widened to a lane
-// (vpmovzxbd), its low nibbles (even columns) and high nibbles (odd columns) converted: four
-// vector-ALU instructions per 16 weights besides the multiply-adds, against eight for two
+// (vpmovzxbd), its low nibbles (even columns) and high nibbles (odd columns) converted: five
+// vector instructions per 16 weights besides the multiply-adds, against eight for two
 // ShiftDecoder calls. The lanes come out as [8 even, 8 odd] columns of each 16, so x is
 // reordered to match (split_x); a dot product does not care about the order.
 #ifdef LOWBIT_X86
@@ -154,7 +155,6 @@ struct SplitNibbleDecoder {
   }
   LOWBIT_VECTOR_LOOP static float hsum(V v) { return ShiftDecoder<4>::hsum(v); }
 };
-#endif
 
 // x with each 16 columns reordered to [8 even, 8 odd], SplitNibbleDecoder's order (K % 16 == 0).
 void split_x(const float* x, int64_t n, float* out) {
@@ -164,6 +164,7 @@ void split_x(const float* x, int64_t n, float* out) {
       out[c + 8 + j] = x[c + 2 * j + 1];
     }
 }
+#endif
 
 // Baseline x86-64 (SSE2, no variable shifts): 4 bits through a table of the two values in each
 // byte (2 KB, in L1), 8 bits by unpacking bytes against zero.
@@ -182,6 +183,7 @@ template <int BITS>
 struct TableDecoder {
   using V = F4;
   static constexpr int W = 4, kBits = BITS;
+  static constexpr bool kSplit = false;
 #ifdef LOWBIT_X86
   LOWBIT_VECTOR_LOOP static V decode(const uint8_t* p) {  // the 4 codes starting at byte p
     if (BITS == 4) {
@@ -218,12 +220,6 @@ LOWBIT_VECTOR_LOOP void dequantize_rows_vec(const LinearArgs& a, int64_t r0, int
   }
 }
 
-// Whether decoder D decodes 16 codes at a time in split order (D::kSplit).
-template <class D>
-constexpr bool has_split(decltype(D::kSplit)) { return D::kSplit; }
-template <class D>
-constexpr bool has_split(...) { return false; }
-
 // Per-row running state of the fused kernel across K blocks: partial sums and the zero-point
 // correction per token.
 template <class D>
@@ -257,7 +253,7 @@ LOWBIT_VECTOR_LOOP void fused_tile(const LinearArgs& a, const float* xp, const f
       V acc[MB][A] = {};
       for (int64_t line = 0; line < chunks * kChunkBytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
       for (int64_t c = 0; c < chunks; ++c, wp += kChunkBytes, xg += 32) {
-        if constexpr (has_split<D>(0)) {
+        if constexpr (D::kSplit) {  // 16 codes per decode, in split order
           for (int i = 0; i < kSteps; i += 2) {
             V even, odd;
             D::decode16(wp + i * D::W * D::kBits / 8, even, odd);
