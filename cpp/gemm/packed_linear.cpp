@@ -339,7 +339,8 @@ void fused_linear(const LinearArgs& a, const float* xp, Isa isa) {
   at::parallel_for(0, a.N, fused_grain(a), [&](int64_t b, int64_t e) {
 #ifdef LOWBIT_X86
     if (BITS == 4 && isa != Isa::generic)
-      return run_avx2([&] { fused_rows_all_tokens<SplitNibbleDecoder>(a, xs.data_ptr<float>(), xsum.data(), b, e); });
+      return run_avx2(
+          [&] { fused_rows_all_tokens<SplitNibbleDecoder>(a, xs.data_ptr<float>(), xsum.data(), b, e); });
     if (isa != Isa::generic)
       return run_avx2([&] { fused_rows_all_tokens<ShiftDecoder<BITS>>(a, xp, xsum.data(), b, e); });
 #endif
@@ -513,7 +514,8 @@ void decode_rows(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0, i
 template <int BITS>
 void decode_linear(const LinearArgs& a, const float* xp) {
   constexpr int64_t kRowBlock = 16;
-  const int64_t grain = ceil_div(std::max<int64_t>(1, kParallelMacs / (a.K * a.M)), kRowBlock) * kRowBlock;
+  const int64_t grain =
+      ceil_div(std::max<int64_t>(1, kParallelMacs / (a.K * a.M)), kRowBlock) * kRowBlock;
   at::parallel_for(0, a.N, grain, [&](int64_t b, int64_t e) {
     alignas(64) float acc_buf[kRowBlock * kTokenBlock * 32];  // on the stack: no allocation per call
     for (int64_t r0 = b; r0 < e; r0 += kRowBlock) {
