@@ -139,7 +139,7 @@ struct ShiftDecoder {
 // (vpmovzxbd), its low nibbles (even columns) and high nibbles (odd columns) converted: five
 // vector instructions per 16 weights besides the multiply-adds, against eight for two
 // ShiftDecoder calls. The lanes come out as [8 even, 8 odd] columns of each 16, so x is
-// reordered to match (split_x); a dot product does not care about the order.
+// reordered to match (split_even_odd<16>); a dot product does not care about the order.
 #ifdef LOWBIT_X86
 struct SplitNibbleDecoder {
   using V = F8;
@@ -156,12 +156,14 @@ struct SplitNibbleDecoder {
   LOWBIT_VECTOR_LOOP static float hsum(V v) { return ShiftDecoder<4>::hsum(v); }
 };
 
-// x with each 16 columns reordered to [8 even, 8 odd], SplitNibbleDecoder's order (K % 16 == 0).
-void split_x(const float* x, int64_t n, float* out) {
-  for (int64_t c = 0; c < n; c += 16)
-    for (int j = 0; j < 8; ++j) {
+// x with each CHUNK columns reordered to [CHUNK / 2 even, CHUNK / 2 odd] (n a multiple of CHUNK):
+// the order in which the nibble decoders' lanes come out (SplitNibbleDecoder: 16, AVX-512: 32).
+template <int CHUNK>
+void split_even_odd(const float* x, int64_t n, float* out) {
+  for (int64_t c = 0; c < n; c += CHUNK)
+    for (int j = 0; j < CHUNK / 2; ++j) {
       out[c + j] = x[c + 2 * j];
-      out[c + 8 + j] = x[c + 2 * j + 1];
+      out[c + CHUNK / 2 + j] = x[c + 2 * j + 1];
     }
 }
 #endif
@@ -332,7 +334,7 @@ void fused_linear(const LinearArgs& a, const float* xp, Isa isa) {
 #ifdef LOWBIT_X86
   if (BITS == 4 && isa != Isa::generic) {
     xs = at::empty({a.M * a.K}, at::TensorOptions().dtype(at::kFloat));
-    split_x(xp, a.M * a.K, xs.data_ptr<float>());
+    split_even_odd<16>(xp, a.M * a.K, xs.data_ptr<float>());
   }
 #endif
   // Small layers stay on fewer threads: a thread's share must outweigh waking it.
@@ -386,11 +388,7 @@ at::Tensor prepare_x(const LinearArgs& a, const at::Tensor& x) {
   const float* src = x.data_ptr<float>();
   float* dst = xp.data_ptr<float>();
   at::parallel_for(0, a.M * a.K / 32, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c)
-      for (int j = 0; j < 16; ++j) {
-        dst[c * 32 + j] = src[c * 32 + 2 * j];
-        dst[c * 32 + 16 + j] = src[c * 32 + 2 * j + 1];
-      }
+    split_even_odd<32>(src + begin * 32, (end - begin) * 32, dst + begin * 32);
   });
   return xp;
 }
@@ -514,9 +512,7 @@ void decode_rows(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0, i
 template <int BITS>
 void decode_linear(const LinearArgs& a, const float* xp) {
   constexpr int64_t kRowBlock = 16;
-  const int64_t grain =
-      ceil_div(std::max<int64_t>(1, kParallelMacs / (a.K * a.M)), kRowBlock) * kRowBlock;
-  at::parallel_for(0, a.N, grain, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, a.N, fused_grain(a), [&](int64_t b, int64_t e) {
     alignas(64) float acc_buf[kRowBlock * kTokenBlock * 32];  // on the stack: no allocation per call
     for (int64_t r0 = b; r0 < e; r0 += kRowBlock) {
       const int64_t r1 = std::min(e, r0 + kRowBlock);
