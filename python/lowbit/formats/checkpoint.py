@@ -19,7 +19,7 @@ from . import files
 # The pipeline's streamed oneshot reaches these through this entry as well.
 from .files import (MAX_SHARD_SIZE, TensorSpill, check_against_skeleton, check_layer_count,  # noqa: F401
                     check_loading_info, check_quantized_values, model_directories, read_config, read_headers,
-                    read_safetensors, resolve_dtype, state_with, temp_directory, tensor_files, write_directory,
+                    read_safetensors, resolve_dtype, state_with, stored_tensors, temp_directory, write_directory,
                     write_safetensors)
 
 # The Hugging Face checkpoint directory formats: quant_method -> the module that writes and reads it.

@@ -416,7 +416,14 @@ _SAFETENSORS_DTYPES = {
 def read_headers(path: str) -> Dict[str, torch.Tensor]:
     """Every stored tensor as an empty meta tensor of its stored dtype and shape: what the
     files declare, read from their headers without loading any data."""
-    out: Dict[str, torch.Tensor] = {}
+    return stored_tensors(path)[0]
+
+
+def stored_tensors(path: str):
+    """(read_headers(path), every stored tensor's name -> the safetensors file that holds it),
+    from one pass over the files."""
+    headers: Dict[str, torch.Tensor] = {}
+    where: Dict[str, str] = {}
 
     def read(file, f, keys):
         for key in keys:
@@ -424,22 +431,11 @@ def read_headers(path: str) -> Dict[str, torch.Tensor]:
             dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
             if dtype is None:
                 raise ValueError(f"tensor {key!r} in {file} has dtype {view.get_dtype()}, which lowbit does not read")
-            out[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+            headers[key] = torch.empty(view.get_shape(), dtype=dtype, device="meta")
+            where[key] = file
 
     _for_each_file(path, read)
-    return out
-
-
-def tensor_files(path: str) -> Dict[str, str]:
-    """Every stored tensor's name -> the safetensors file that holds it (checked as read_headers
-    checks them)."""
-    out: Dict[str, str] = {}
-
-    def read(file, f, keys):
-        out.update(dict.fromkeys(keys, file))
-
-    _for_each_file(path, read)
-    return out
+    return headers, where
 
 
 def read_safetensors(path: str) -> Dict[str, torch.Tensor]:

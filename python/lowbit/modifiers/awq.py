@@ -14,7 +14,7 @@ from torch import nn
 from .. import functional as F
 from ..schemes import GGUFScheme, QuantizationArgs
 from ..targets import matches
-from .base import Modifier
+from .base import Modifier, in_layer
 from .observers import reduce_average_pair
 from .quantization import QuantizationModifier
 from .scaling import architecture_mappings, fold_scales, nearest_balance_layers, output_width
@@ -210,7 +210,7 @@ class AWQModifier(Modifier):
                 continue
             m.gram, m.tokens = reduce_average_pair(group, (m.gram, m.tokens), f"AWQ {m.smooth_name} Gram matrix")
             m.stats = group.sum_(m.stats, f"AWQ {m.smooth_name} |x|")  # a plain sum: the count is reduced above
-        for name in sorted(n for n in self._clip_grams if n.startswith(prefix + ".")):
+        for name in in_layer(self._clip_grams, prefix):
             self._clip_grams[name] = reduce_average_pair(group, self._clip_grams[name], f"AWQ {name} Gram matrix")
 
     def transform_layer(self, prefix: str, layer: nn.Module, plan) -> None:

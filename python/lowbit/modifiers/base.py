@@ -114,6 +114,12 @@ class Modifier:
         return f"{type(self).__name__}({args})"
 
 
+def in_layer(names, prefix: str) -> list:
+    """The names under decoder layer `prefix`, sorted: reduce_statistics walks them in the same
+    order on every rank, as the collectives must."""
+    return sorted(n for n in names if n.startswith(prefix + "."))
+
+
 def input_hooks(prefix: str, layer: nn.Module, names, observe) -> list:
     """Forward pre-hooks on the modules of decoder layer `prefix` whose full names are in
     `names`, each calling observe(full name, its input)."""

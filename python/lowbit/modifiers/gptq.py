@@ -19,6 +19,7 @@ from ..nn.int8_dynamic import Int8DynamicLinear
 from ..nn.packed_linear import PackedLinear
 from .. import ggml
 from ..schemes import GGUFScheme, QuantizationScheme
+from .base import in_layer
 from .observers import reduce_average_pair
 from .quantization import QuantizationModifier, static_input
 
@@ -93,7 +94,7 @@ class GPTQModifier(QuantizationModifier):
         """The Hessians averaged over every rank's tokens (a Hessian that q/k/v share, once)."""
         super().reduce_statistics(group, prefix)
         reduced = {}
-        for name in sorted(n for n in self._hessians if n.startswith(prefix + ".")):
+        for name in in_layer(self._hessians, prefix):
             h, n = self._hessians[name]
             if id(h) not in reduced:
                 reduced[id(h)] = reduce_average_pair(group, (h, n), f"{name} GPTQ Hessian")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..ggml import IMatrix
-from .base import Modifier, input_hooks
+from .base import Modifier, in_layer, input_hooks
 from .observers import add_squares, reduce_sum_pair
 
 
@@ -38,7 +38,7 @@ class IMatrixGatherer(Modifier):
         return input_hooks(prefix, layer, self._selected, lambda name, x: add_squares(self._squares, name, x))
 
     def reduce_statistics(self, group, prefix: str) -> None:
-        for name in sorted(n for n in self._squares if n.startswith(prefix + ".")):
+        for name in in_layer(self._squares, prefix):
             self._squares[name] = reduce_sum_pair(group, self._squares[name], f"{name} E[x^2]")
 
     @property

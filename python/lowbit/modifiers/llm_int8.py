@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import functional as F
 from ..nn.int8_outlier import Int8OutlierLinear
-from .base import Modifier
+from .base import Modifier, in_layer
 
 logger = logging.getLogger("lowbit")
 
@@ -54,7 +54,7 @@ class LLMInt8Modifier(Modifier):
 
     def reduce_statistics(self, group, prefix: str) -> None:
         """The outlier dimensions seen on any rank."""
-        for name in sorted(n for n in self._seen if n.startswith(prefix + ".")):
+        for name in in_layer(self._seen, prefix):
             self._seen[name] = group.max_(self._seen[name].to(torch.uint8), f"{name} outliers").bool()
 
     def quantize_module(self, name: str, module: nn.Module, scheme: LLMInt8Scheme) -> nn.Module:

@@ -73,18 +73,23 @@ class ActivationRange:
         return torch.where(scale == 0, torch.finfo(dtype).eps, scale)
 
 
+def _total_count(group, n: int, what: str) -> int:
+    """A per-rank count summed over the ranks."""
+    return int(group.sum_(torch.tensor([float(n)], dtype=torch.float64), what).item())
+
+
 def reduce_sum_pair(group, pair: tuple, what: str) -> tuple:
-    """(sum tensor, count) summed over the ranks (E[x^2] and AWQ's |x| sums)."""
+    """(sum tensor, count) summed over the ranks (E[x^2] sums)."""
     total, n = pair
-    count = group.sum_(torch.tensor([float(n)], dtype=torch.float64), what)
-    return group.sum_(total, what), int(count.item())
+    count = _total_count(group, n, what)
+    return group.sum_(total, what), count
 
 
 def reduce_average_pair(group, pair: tuple, what: str) -> tuple:
     """(running average, count) -> the average over every rank's rows: sum_r avg_r * n_r / N
     (GPTQ's Hessians, AWQ's Gram matrices), updated in place."""
     average, n = pair
-    count = int(group.sum_(torch.tensor([float(n)], dtype=torch.float64), what).item())
+    count = _total_count(group, n, what)
     group.sum_(average.mul_(n), what).div_(max(count, 1))
     return average, count
 

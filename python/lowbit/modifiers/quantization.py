@@ -12,7 +12,7 @@ from ..nn.convert import check_scheme, quantize_module
 from .. import ggml
 from ..schemes import GGUFScheme, QuantizationScheme, args_from_dict, gguf_tensor_scheme, plain, resolve_scheme
 from ..targets import as_list
-from .base import Modifier
+from .base import Modifier, in_layer
 from .observers import ActivationRange, add_squares, reduce_sum_pair
 
 
@@ -145,11 +145,11 @@ class QuantizationModifier(Modifier):
     def reduce_statistics(self, group, prefix: str) -> None:
         """E[x^2] sums and counts added up, activation ranges' per-sample records gathered in
         sample order, KV-cache maxima maxed: what the single process would hold."""
-        for name in sorted(n for n in self._importance if n.startswith(prefix + ".")):
+        for name in in_layer(self._importance, prefix):
             self._importance[name] = reduce_sum_pair(group, self._importance[name], f"{name} E[x^2]")
-        for name in sorted(n for n in self._input_ranges if n.startswith(prefix + ".")):
+        for name in in_layer(self._input_ranges, prefix):
             self._input_ranges[name].reduce(group)
-        for name in sorted(n for n in self._kv_ranges if n.startswith(prefix + ".")):
+        for name in in_layer(self._kv_ranges, prefix):
             self._kv_ranges[name] = [group.max_(r.clone(), f"{name} KV-cache range") for r in self._kv_ranges[name]]
 
     def observes_input(self, name: str) -> bool:

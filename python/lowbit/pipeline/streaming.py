@@ -17,8 +17,8 @@ from safetensors import safe_open
 from torch import nn
 
 from ..formats import checkpoint
-from ..formats.checkpoint import (TensorSpill, check_against_skeleton, check_layer_count, read_headers,
-                                  temp_directory, tensor_files)
+from ..formats.checkpoint import (TensorSpill, check_against_skeleton, check_layer_count, stored_tensors,
+                                  temp_directory)
 from .activations import MEMORY_FRACTION, available_memory
 
 # Headroom on the output estimate: scales, zero points and format metadata beside the codes.
@@ -66,14 +66,13 @@ class StreamedCheckpoint:
     from the safetensors files when load() asks for them and dropped by release()."""
 
     def __init__(self, path: str, config, dtype: torch.dtype):
-        stored = read_headers(path)  # checks the index against the shards
+        stored, self._files = stored_tensors(path)  # checks the index against the shards
         check_layer_count(config, stored)
         self.path = path
         self.model = checkpoint.skeleton(config, dtype)
         _real_non_persistent_buffers(self.model)
         self.model.tie_weights()
         check_against_skeleton(self.model, stored, path, unquantized=True)
-        self._files = tensor_files(path)
         _generation_config(self.model, path)
 
     def load(self, prefixes: Iterable[str], exclude: Iterable[str] = ()) -> None:
