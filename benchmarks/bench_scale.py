@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _decode_models import smollm2_tokenizer  # noqa: E402
 from _timing import print_table  # noqa: E402
 
 # name -> Llama config (untied LM head; SmolLM2's vocabulary of 49152)
@@ -67,12 +68,7 @@ def make_checkpoint(path: Path, size: str) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from transformers import AutoTokenizer
-
-    from lowbit import examples
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(examples.smollm2_dir(), gguf_file=examples.SMOLLM2_GGUF)
+    _, tokenizer = smollm2_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, tie_word_embeddings=False,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          dtype="bfloat16", **SIZES[size])
