@@ -1,5 +1,6 @@
 """Models bigger than memory: a streamed oneshot (stream_weights=True) of synthetic Llama checkpoints
-of about 1B, 3B and 8B parameters, each quantized in a fresh process, with its wall time, peak
+of about 1B, 3B and 8B parameters, each quantized in a fresh process, with its wall time, its CPU
+time (all threads; unlike the wall time it leaves out time spent waiting for a busy CPU), peak
 RSS (the process's own high-water mark, VmHWM in /proc/self/status) and output size.
 
     python benchmarks/bench_scale.py [--sizes 1b,3b,8b] [--recipes rtn,gptq] [--samples 128]
@@ -53,12 +54,12 @@ else:
                   dataset=examples.austen_paragraphs("emma"), num_calibration_samples=int(samples),
                   max_seq_length=int(seq_len), concatenate_data=True, shuffle_calibration_samples=False,
                   activations="disk", spill_dir=sys.argv[7])
-t0 = time.perf_counter()
+t0, cpu0 = time.perf_counter(), time.process_time()
 lowbit.oneshot(path, output_dir=out, stream_weights=streaming == "stream", **kwargs)
-seconds = time.perf_counter() - t0
+seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 with open("/proc/self/status") as f:  # this process's own peak (ru_maxrss would include its parent's at fork)
     peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-print(json.dumps(dict(seconds=seconds, peak_kib=peak_kib)))
+print(json.dumps(dict(seconds=seconds, cpu_seconds=cpu_seconds, peak_kib=peak_kib)))
 """
 
 
@@ -115,16 +116,15 @@ def run(path: Path, out: Path, recipe: str, samples: int, seq_len: int, streamin
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(out), recipe, str(samples), str(seq_len),
                              "stream" if streaming else "memory", str(spill)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "TQDM_DISABLE": "1"})
-    t0 = time.perf_counter()
     stdout, stderr = (out.decode(errors="replace") for out in proc.communicate())
-    wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{recipe} on {path} failed (status {proc.returncode}): {(stdout + stderr)[-2000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
     # oneshot logs "layer i: n modules in t s": flat per-layer times mean time linear in layers
     layer_seconds = sorted(float(m.group(1)) for m in re.finditer(r"layer \d+: \d+ modules in ([\d.]+) s", stderr))
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.endswith(".safetensors"))
-    return dict(seconds=result["seconds"], wall=wall, peak_gib=result["peak_kib"] / 2**20, out_gib=size / 2**30,
+    return dict(seconds=result["seconds"], cpu_seconds=result["cpu_seconds"],
+                peak_gib=result["peak_kib"] / 2**20, out_gib=size / 2**30,
                 layer_median=layer_seconds[len(layer_seconds) // 2],
                 layer_spread=layer_seconds[-1] / max(layer_seconds[0], 1e-9))
 
@@ -160,8 +160,8 @@ def main():
                 r = run(path, work / f"out-{size}-{recipe}", recipe, args.samples, args.seq_len, True, work / "spill")
                 data = "-" if recipe == "rtn" else f"{args.samples}x{args.seq_len}"
                 rows.append([size, f"{params / 1e9:.2f}", layers, f"{recipe} W4A16", data, f"{r['seconds']:.0f}",
-                             f"{r['layer_median']:.2f} ({r['layer_spread']:.2f}x)", f"{r['peak_gib']:.2f}",
-                             f"{r['out_gib']:.2f}"])
+                             f"{r['cpu_seconds']:.0f}", f"{r['layer_median']:.2f} ({r['layer_spread']:.2f}x)",
+                             f"{r['peak_gib']:.2f}", f"{r['out_gib']:.2f}"])
                 print(rows[-1], flush=True)
                 if args.equal_bytes and size == args.sizes.split(",")[0]:
                     m = run(path, work / f"out-{size}-{recipe}-memory", recipe, args.samples, args.seq_len, False,
@@ -176,7 +176,7 @@ def main():
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
-    print_table(["size", "params (B)", "layers", "recipe", "calibration", "time (s)",
+    print_table(["size", "params (B)", "layers", "recipe", "calibration", "time (s)", "CPU time (s, both threads)",
                  "s / layer: median (slowest / fastest)", "peak RSS (GiB)", "output (GiB)"], rows)
 
 

@@ -228,3 +228,24 @@ def test_streamed_and_distributed(tmp_path):
     # the tokenizer files are transformers' re-serialisation in two different processes
     for n in [n for n in names if not n.startswith(("tokenizer", "chat_template", "special_tokens"))]:
         assert (tmp_path / "single" / n).read_bytes() == (tmp_path / "out" / n).read_bytes(), n
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ("lowbit.SmoothQuantModifier(num_calibration_steps=2)", "counts the first samples of one process"),
+    ('lowbit.MixedPrecision(budget=6, options=["W4A16", "W8A16"])', "pass distributed=False"),
+])
+def test_refused_across_processes_before_loading(tmp_path, monkeypatch, recipe, match):
+    """Settings that cannot calibrate across processes are refused before the model is read (a
+    model path that does not exist shows that nothing was loaded)."""
+    import datetime
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method="file://" + str(tmp_path / "store"), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        with pytest.raises(ValueError, match=match):
+            lowbit.oneshot(str(tmp_path / "no-such-model"), eval(recipe), dataset=TEXTS, distributed=True,
+                           output_dir=str(tmp_path / "out"))
+    finally:
+        dist.destroy_process_group()
+    assert not os.path.exists(tmp_path / "out")

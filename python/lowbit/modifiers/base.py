@@ -90,6 +90,10 @@ class Modifier:
     def transform_layer(self, prefix: str, layer: nn.Module, plan: Dict[str, tuple]) -> None:
         """Change decoder layer `prefix` after its float pass, before it is quantized."""
 
+    def check_distributed(self) -> None:
+        """Raises ValueError when this modifier's settings cannot calibrate across processes;
+        oneshot asks before it loads the model."""
+
     def reduce_statistics(self, group, prefix: str) -> None:
         """Distributed calibration: combine what this modifier gathered on decoder layer `prefix`
         in the pass that just ran with the other ranks' (group: pipeline.distributed.Group), so

@@ -176,11 +176,13 @@ class SmoothQuantModifier(Modifier):
             handles.append(m.smooth.register_forward_hook(observe))
         return handles
 
-    def reduce_statistics(self, group, prefix: str) -> None:
-        """Each smooth layer's per-channel range over every rank's tokens."""
+    def check_distributed(self) -> None:
         if self.num_calibration_steps is not None:
             raise ValueError("SmoothQuantModifier(num_calibration_steps=...) counts the first samples of one process; "
                              "across processes leave it unset (every sample is used)")
+
+    def reduce_statistics(self, group, prefix: str) -> None:
+        """Each smooth layer's per-channel range over every rank's tokens."""
         for m in self._layer.get(prefix, []):
             if m.mins is not None:
                 m.mins = group.min_(m.mins, f"SmoothQuant {m.smooth_name} range")

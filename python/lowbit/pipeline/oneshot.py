@@ -282,6 +282,10 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
     check_activations(activations, spill_dir)
     check_calibration_args(num_calibration_samples, max_seq_length)
     modifiers = parse_recipe(recipe, stage=stage)
+    if group is not None:  # refused before the model is loaded
+        _check_whole_model_modifiers(modifiers, "one process holds", "distributed=False")
+        for m in modifiers:
+            m.check_distributed()
     args = parse_recipe_args(recipe_args)
     if dataset_path is not None:
         if dataset is not None:
@@ -303,8 +307,6 @@ def oneshot(model=None, recipe: Recipe = None, dataset=None, *, num_calibration_
                     source.path, float_bytes() / 2**30)
     else:
         model, tokenizer = _load(model, tokenizer, **load_options)
-    if group is not None:
-        _check_whole_model_modifiers(modifiers, "one process holds", "distributed=False")
     needs_data = [type(m).__name__ for m in modifiers if m.requires_calibration]
     if mode == "datafree":
         if needs_data:
