@@ -439,11 +439,8 @@ def _calibrate_and_quantize(model, modifiers, plan, owners, samples, layers_name
         if samples is None:
             for i, names in enumerate(tqdm(per_layer, desc="lowbit: quantizing layers", unit="layer")):
                 t0 = time.perf_counter()
-                if stream is not None:
-                    stream.begin(i)
-                _quantize(model, plan, owners, names)
-                if stream is not None:
-                    stream.end(i, names)
+                with _layer_weights(stream, i, names):
+                    _quantize(model, plan, owners, names)
                 logger.info("layer %d: %d modules in %.2f s (no calibration data: output error not measured)",
                             i, len(names), time.perf_counter() - t0)
         else:
@@ -455,6 +452,18 @@ def _calibrate_and_quantize(model, modifiers, plan, owners, samples, layers_name
         _quantize(model, plan, owners, outside)
         logger.info("oneshot: %d modules quantized in %.1f s", len(plan), time.perf_counter() - start)
     return modifiers, plan
+
+
+@contextlib.contextmanager
+def _layer_weights(stream, i: int, names):
+    """Decoder layer i's weights in memory for the block: a streamed oneshot reads them from the
+    checkpoint first and writes the quantized modules `names` out after (_LayerStream); a model
+    already in memory has nothing to do."""
+    if stream is not None:
+        stream.begin(i)
+    yield
+    if stream is not None:
+        stream.end(i, names)
 
 
 def dispatch_for_generation(model):
@@ -529,12 +538,9 @@ def _run_layer_sequential(model, layers_name, layers, per_layer, plan: Plan, own
         del first
         bar = tqdm(range(len(layers)), desc="lowbit: calibrating layers", unit="layer")
         for i in bar:
-            if stream is not None:
-                stream.begin(i)
-            hidden, err = _calibrate_layer(i, names[i], layers[i], hidden, contexts, per_layer[i], plan, owners,
-                                           modifiers, model, float_inputs, group)
-            if stream is not None:
-                stream.end(i, per_layer[i])
+            with _layer_weights(stream, i, per_layer[i]):
+                hidden, err = _calibrate_layer(i, names[i], layers[i], hidden, contexts, per_layer[i], plan, owners,
+                                               modifiers, model, float_inputs, group)
             bar.set_postfix(err=f"{err:.4f}")
     finally:
         hidden.close()
