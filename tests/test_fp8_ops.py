@@ -286,6 +286,31 @@ def test_linear_nan_and_inf_codes(gen):
                                        R.dequantize(q, scale, *block, torch.float32), rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("flush_denormal", [False, True])
+@pytest.mark.parametrize("scale_value", [1.0, 3.0e-3, 300.0, 1e30])
+def test_every_e4m3_code_decodes_exactly(gen, scale_value, flush_denormal):
+    """All 256 E4M3 bytes (subnormals, -0, both NaNs) times the scale, bit for bit as the reference,
+    in fp8_dequantize and in fp8_linear with one-hot x. The portable path decodes by arithmetic
+    where that is exact and through its table where it is not: a scale of 300 or more (scale * 2^120
+    overflows), and a thread that treats subnormal inputs as zero (torch.set_flush_denormal)."""
+    q = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).reshape(4, 64)
+    scale = torch.full((4, 1), scale_value)
+    ref = R.dequantize(q, scale, 1, 64, torch.float32)
+    x = torch.eye(64)[:2]  # two tokens (the fused kernels): y[t, r] = w[r, t] exactly
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        got = ops.fp8_dequantize(q, scale, 1, 64, torch.float32)
+        y = ops.fp8_linear(x, q, scale, 1, 64, None)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got.isnan(), ref.isnan())
+    assert torch.equal(got.nan_to_num().view(torch.int32), ref.nan_to_num().view(torch.int32))  # -0 included
+    expected = R.linear(x, q, scale, 1, 64, None)  # the NaN codes' rows NaN, the others w[r, t]
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+
+
 def test_linear_on_real_weights(smollm2):
     names = ["model.layers.3.mlp.down_proj", "model.layers.7.self_attn.q_proj"]
     captured = capture_inputs(smollm2, ["It is a truth universally acknowledged, that a single man in possession of "

@@ -224,20 +224,66 @@ struct Fp8Weight {
   bool vector_ok() const { return (one_block() || bc % 32 == 0) && s.max <= kFloatMax / 256; }
 };
 
-bool has_nan_code(const uint8_t* p, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if ((p[i] & 0x7F) == 0x7F) return true;
-  return false;
+// Whether any code is E4M3's NaN (0x7F or 0xFF): a byte-wise maximum, which vectorises.
+LOWBIT_VECTOR_LOOP bool has_nan_code(const uint8_t* p, int64_t n) {
+  uint8_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m = std::max<uint8_t>(m, p[i] & 0x7F);
+  return m == 0x7F;
 }
 
-// Rows [begin, end) of float(code) * scale into dst (row stride K), any tiles, through the value table.
+inline void patch_nan_codes(const uint8_t* row, int64_t K, float* dst) {
+  for (int64_t j = 0; j < K; ++j)
+    if ((row[j] & 0x7F) == 0x7F) dst[j] = std::numeric_limits<float>::quiet_NaN();
+}
+
+// E4M3 without the table: the code sign-extended and shifted under fp32's fields ((int8) code << 20,
+// masked to the sign, 4 exponent and 3 mantissa bits) is the fp32 pattern of value / 2^120, normals
+// and subnormals alike. One multiply by scale * 2^120 then gives exactly the table's value * scale
+// (the same real product, rounded once). A plain loop that vectorises on SSE2, where the table is a
+// gather of scalar loads. It misreads E4M3's NaN (0x7F -> 480), which the caller patches.
+constexpr float kE4M3Unbias = 0x1p120f;
+
+LOWBIT_VECTOR_LOOP float e4m3_over_2_120(uint8_t code) {
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(static_cast<int8_t>(code))) << 20 & 0x87F00000u;
+  float v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+LOWBIT_VECTOR_LOOP void decode_e4m3_span(const uint8_t* q, float* out, int64_t n, float scale_unbiased) {
+  for (int64_t i = 0; i < n; ++i) out[i] = e4m3_over_2_120(q[i]) * scale_unbiased;
+}
+
+// The arithmetic decode needs E4M3, every scale * 2^120 finite, and subnormal inputs honoured: a
+// thread with DAZ set (torch.set_flush_denormal) would read the subnormal patterns as 0.
+bool e4m3_arithmetic_ok(const Fp8Weight& W) {
+#ifdef LOWBIT_X86
+  constexpr unsigned kDenormalsAreZero = 1u << 6;
+  return !W.f->e5m2 && W.s.max <= kFloatMax / kE4M3Unbias && !(_mm_getcsr() & kDenormalsAreZero);
+#else
+  return false;
+#endif
+}
+
+// Rows [begin, end) of float(code) * scale into dst (row stride K), any tiles: E4M3 by arithmetic
+// where it is exact, else through the value table.
 void decode_rows_portable(const Fp8Weight& W, int64_t begin, int64_t end, float* dst) {
   const float* values = fp8_values(*W.f).data();
+  const bool arithmetic = e4m3_arithmetic_ok(W);
   run_for_isa([&] {
     for (int64_t r = begin; r < end; ++r) {
       const float* srow = W.s.row(r, W.br);
-      for (int64_t c0 = 0, b = 0; c0 < W.K; c0 += W.bc, ++b)
-        dequantize_span(W.w + r * W.K + c0, values, dst + (r - begin) * W.K + c0, std::min(W.bc, W.K - c0), srow[b]);
+      for (int64_t c0 = 0, b = 0; c0 < W.K; c0 += W.bc, ++b) {
+        const uint8_t* q = W.w + r * W.K + c0;
+        float* out = dst + (r - begin) * W.K + c0;
+        const int64_t n = std::min(W.bc, W.K - c0);
+        if (!arithmetic) {
+          dequantize_span(q, values, out, n, srow[b]);
+          continue;
+        }
+        decode_e4m3_span(q, out, n, srow[b] * kE4M3Unbias);
+        if (has_nan_code(q, n)) patch_nan_codes(q, n, out);
+      }
     }
   });
 }
@@ -289,11 +335,6 @@ LOWBIT_TARGET_AVX2 inline void fp8x16_avx2(const uint8_t* p, __m256& lo, __m256&
   const __m256i h = fp16_bits<E5M2>(p);
   lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
   hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-}
-
-inline void patch_nan_codes(const uint8_t* row, int64_t K, float* dst) {
-  for (int64_t j = 0; j < K; ++j)
-    if ((row[j] & 0x7F) == 0x7F) dst[j] = std::numeric_limits<float>::quiet_NaN();
 }
 
 // Rows exactly as float(code) * scale (times 256, then the scale: both exact) into dst.
@@ -640,11 +681,49 @@ void fused_vec(const Fused& F, int64_t M, int64_t begin, int64_t end) {
 }
 #endif
 
-// Portable: each row decoded into fp32, then one dot product per token.
+// Row r of T tokens (T <= 2: their accumulators fit baseline x86-64's 16 registers), its E4M3
+// codes decoded by arithmetic (decode_e4m3_span) in registers rather than into a row buffer.
+template <int T>
+LOWBIT_VECTOR_LOOP void e4m3_row_tokens(const Fused& F, int64_t r, int64_t m0) {
+  constexpr int L = 16;
+  const Fp8Weight& W = *F.W;
+  const uint8_t* q = W.w + r * W.K;
+  const float* x = F.x + m0 * F.Kp;
+  const float* srow = W.s.row(r, W.br);
+  float acc[T][L] = {};
+  for (int64_t c0 = 0, b = 0; c0 < W.K; c0 += W.bc, ++b) {
+    const int64_t c1 = std::min(W.K, c0 + W.bc);
+    const float scale_unbiased = srow[b] * kE4M3Unbias;
+    int64_t k = c0;
+    for (; k + L <= c1; k += L)
+      for (int j = 0; j < L; ++j) {
+        const float w = e4m3_over_2_120(q[k + j]) * scale_unbiased;
+        for (int t = 0; t < T; ++t) acc[t][j] += w * x[t * F.Kp + k + j];
+      }
+    for (; k < c1; ++k) {
+      const float w = e4m3_over_2_120(q[k]) * scale_unbiased;
+      for (int t = 0; t < T; ++t) acc[t][0] += w * x[t * F.Kp + k];
+    }
+  }
+  for (int t = 0; t < T; ++t) {
+    float sum = 0.0f;
+    for (float a : acc[t]) sum += a;
+    F.out[(m0 + t) * W.N + r] = sum;
+  }
+}
+
+// Portable: one or two tokens meet each E4M3 row as it is decoded (where the arithmetic decode is
+// exact and the row holds no NaN code); otherwise each row is decoded into fp32, then one dot
+// product per token.
 void fused_portable(const Fused& F, int64_t M, int64_t begin, int64_t end) {
   const Fp8Weight& W = *F.W;
   std::vector<float> row(W.K);
+  const bool in_registers = M <= 2 && e4m3_arithmetic_ok(W);
   for (int64_t r = begin; r < end; ++r) {
+    if (in_registers && !has_nan_code(W.w + r * W.K, W.K)) {
+      run_for_isa([&] { M == 1 ? e4m3_row_tokens<1>(F, r, 0) : e4m3_row_tokens<2>(F, r, 0); });
+      continue;
+    }
     decode_rows_portable(W, r, r + 1, row.data());
     run_for_isa([&] {
       for (int64_t m = 0; m < M; ++m) {
