@@ -44,8 +44,9 @@ def check_input(x: Tensor, in_features: int, module: Optional[nn.Module] = None)
 def plausible_input(x, in_features: int) -> bool:
     """What the kernels cannot check, in a few attribute tests: x a float tensor on the CPU (a
     meta x would pass their fake implementations, a float64 one the dense fallbacks) with
-    in_features in its last dimension (a reshape to [-1, in_features] would hide a mismatch)."""
-    return (isinstance(x, Tensor) and x.device.type == "cpu" and x.dtype in FLOATS and x.dim() > 0
+    in_features in its last dimension (a reshape to [-1, in_features] would hide a mismatch).
+    x.is_cpu, not x.device.type: building the device object costs 0.3 us a call."""
+    return (isinstance(x, Tensor) and x.is_cpu and x.dtype in FLOATS and x.dim() > 0
             and x.shape[-1] == in_features)
 
 
