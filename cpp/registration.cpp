@@ -60,6 +60,9 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("int8_quantize_rowwise(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)");
   m.def("int8_matmul(Tensor a, Tensor b) -> Tensor");
   m.def("int8_outlier_matmul(Tensor x, Tensor w, Tensor w_scale, float threshold, Tensor? bias) -> Tensor");
+  // W8A8 (Int8DynamicLinear): x quantized symmetric int8 per token (or with the static input_scale),
+  // the int8 GEMM with w [out, in], rescaled by x_scale * w_scale [out] (+ bias), in x's dtype.
+  m.def("int8_dynamic_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? input_scale, Tensor? bias) -> Tensor");
   // GPTQ blocked solve on the weight's columns in processing order perm (the hessian in the
   // original order), onto the integer grid or E4M3's (grid 'e4m3': codes are the FP8 bytes)
   // -> (codes, updated weight, loss, damping used or -1).

@@ -1290,7 +1290,7 @@ def test_fuzz_modules(data):
 RAW_OPS = ["quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
            "gptq_hessian_", "hessian_mirror_", "awq_channel_stats_", "awq_gram_factor", "awq_scale_loss", "awq_clip",
            "nf4_quantize", "nf4_dequantize", "nf4_linear", "blockwise8_quantize", "blockwise8_dequantize",
-           "int8_quantize_rowwise", "int8_matmul", "int8_outlier_matmul", "gptq_solve", "fp8_scales", "fp8_quantize",
+           "int8_quantize_rowwise", "int8_matmul", "int8_outlier_matmul", "int8_dynamic_linear", "gptq_solve", "fp8_scales", "fp8_quantize",
            "fp8_dequantize", "fp8_fake_quantize", "fp8_linear", "channel_range_"]
 
 _LAST_CALL = {"path": None}
@@ -1568,6 +1568,18 @@ def raw_op_cases(data, op):
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(out.float(), ref.float(), rtol=tol,
                                        atol=tol * max(ref.float().abs().max().item(), 1.0))
+    elif op == "int8_dynamic_linear":
+        x = (torch.randn(draw(st.sampled_from([1, 3, 20])), cols, generator=g) * 2).to(dtype)
+        ws, _ = RQ.quant_params(w, 8, True, cols)
+        wc = RQ.quantize(w, ws, None, 8, cols)
+        input_scale = torch.tensor([0.02]).to(draw(DTYPES)) if draw(st.booleans()) else None
+        bias = torch.randn(rows, generator=g).to(dtype)
+        args = [x, wc, ws, input_scale, bias]
+        specs = [(FL, "batched"), (I8, "strict"), (F64, "flat"), None if input_scale is None else (F64, "flat"),
+                 (F64, "strict")]
+
+        def check(out):
+            assert torch.equal(out, RI.dynamic_linear(x, wc, ws, bias, input_scale))
     elif op == "gptq_solve":
         x = torch.randn(4 * cols, cols, generator=g)
         h = 2 * x.t() @ x / x.shape[0]
@@ -1679,7 +1691,7 @@ def test_fuzz_raw_ops(ops, request):
     """torch.ops.lowbit.* in a child process: a crash (a signal, a non-zero exit) fails the test
     and names the last call; a property failure names the op and the falsifying call."""
     profile = hypothesis.settings.default
-    examples = max(profile.max_examples // 2, 10)  # per op: 28 ops, cheap calls
+    examples = max(profile.max_examples // 2, 10)  # per op: cheap calls
     with tempfile.TemporaryDirectory() as tmp:
         counts_path, last_path = os.path.join(tmp, "counts.json"), os.path.join(tmp, "last_call")
         env = dict(os.environ, HYPOTHESIS_STORAGE_DIRECTORY=os.path.join(tmp, "hypothesis"))

@@ -26,7 +26,7 @@ from lowbit import ops
 from lowbit.nn import Int8DynamicLinear, Int8OutlierLinear
 from lowbit.reference import int8 as R
 
-from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig
+from conftest import DTYPE_IDS, FLOAT_DTYPES, capture_inputs, noncontig
 from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, read_with_stock_bitsandbytes, rel_err,
                          stock_quantized_layers, transformers_quantized)
 
@@ -164,6 +164,42 @@ def test_modules_match_reference(gen, dtype, tokens):
     expected = R.dynamic_linear(x, w8a8.weight, w8a8.weight_scale, w8a8.bias)
     assert got.dtype == dtype and got.shape == (tokens, 37)
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("tokens", [1, 2, 5, 17, 130])
+def test_dynamic_linear_op_is_the_reference(gen, static, dtype, tokens):
+    """lowbit::int8_dynamic_linear (W8A8 in one call) equals lowbit.reference.int8.dynamic_linear
+    bit for bit: per-token or static scales, 3-D and strided x, K = 203 (tails), codes of -128,
+    with and without a bias, on every ISA path."""
+    w = torch.randn(37, 203, generator=gen) * 0.05
+    w_scale, _ = ops.quant_params(w, 8, True, 203)
+    codes = ops.quantize(w, w_scale, None, 8, 203)
+    x = noncontig(activations(tokens, 203, gen, dtype))
+    with torch.no_grad():
+        x[:, 11] = -x.abs().amax(1) * 1.0001 - 1e-3  # each row's absmax negative: its code is -128
+    input_scale = torch.tensor([0.013]) if static else None
+    for bias in (None, torch.randn(37, generator=gen).to(dtype)):
+        got = ops.int8_dynamic_linear(x, codes, w_scale, input_scale, bias)
+        expected = R.dynamic_linear(x, codes, w_scale, bias, input_scale)
+        assert got.dtype == dtype and got.shape == (tokens, 37)
+        assert torch.equal(got, expected)
+        got3 = ops.int8_dynamic_linear(x.reshape(1, tokens, 203), codes, w_scale, input_scale, bias)
+        assert torch.equal(got3[0], got)
+
+
+def test_dynamic_linear_op_on_real_activations(smollm2):
+    names = ["model.layers.3.mlp.down_proj", "model.layers.7.self_attn.q_proj"]
+    captured = capture_inputs(smollm2, ["It is a truth universally acknowledged, that a single man in possession of "
+                                        "a good fortune, must be in want of a wife."], names)
+    for name in names:
+        w, x = captured[name]
+        w_scale, _ = ops.quant_params(w, 8, True, w.shape[1])
+        codes = ops.quantize(w, w_scale, None, 8, w.shape[1])
+        for rows in (x[:1], x[:4], x):
+            assert torch.equal(ops.int8_dynamic_linear(rows, codes, w_scale, None, None),
+                               R.dynamic_linear(rows, codes, w_scale))
 
 
 # ----------------------------------------------------------------- decomposed matmul

@@ -3,16 +3,19 @@
 // (input columns holding any |x| >= threshold run in floating point), and a real int8 x int8 ->
 // int32 matmul rescaled by the outer product of the row scales / 127^2.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <mutex>
 #include <vector>
 
 #include "lowbit/common.h"
+#include "lowbit/intquant.h"
 
 namespace lowbit {
 namespace {
@@ -56,6 +59,11 @@ LOWBIT_VECTOR_LOOP void quantize_row(const float* row, int64_t K, float am, cons
     codes[k] = outlier[k] ? 0 : static_cast<int8_t>(std::nearbyint(row[k] * inv));
 }
 
+// x rounded to float16 (to nearest even; Inf beyond its range) and back, exactly as ATen's casts.
+LOWBIT_VECTOR_LOOP void round_through_half(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(c10::Half(x[i]));
+}
+
 void check_threshold(double threshold) {
   TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0, "lowbit: threshold must be a finite number >= 0 "
                     "(0 disables the outlier decomposition), got ", threshold);
@@ -66,7 +74,12 @@ void check_threshold(double threshold) {
 constexpr int64_t kMaxInt8K = 65536;
 
 struct Int8Rows {
-  at::Tensor codes, absmax, outlier;  // int8 [M, K], float32 [M], uint8 [K]
+  at::Tensor codes, absmax;              // int8 [M, K], float32 [M]
+  std::vector<int64_t> outlier_columns;  // ascending
+
+  at::Tensor outlier_tensor() const {
+    return at::tensor(outlier_columns, codes.options().dtype(at::kLong));
+  }
 };
 
 // x's rows rounded to float16 (LLM.int8() quantizes from float16), checked, and quantized:
@@ -74,12 +87,18 @@ struct Int8Rows {
 // own copy, merged after), a second writes the codes.
 Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
   check_float(x, "x");
-  const at::Tensor rounded = x.reshape({-1, K}).to(at::kHalf).to(at::kFloat).contiguous();
-  const int64_t M = rounded.size(0);
-  Int8Rows out{at::empty({M, K}, rounded.options().dtype(at::kChar)), at::empty({M}, rounded.options()),
-               at::zeros({K}, rounded.options().dtype(at::kByte))};
+  const at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  // One pass instead of ATen's two conversions (x.to(half).to(float)): 2 us of a one-token call.
+  const at::Tensor rounded = at::empty_like(xf);
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t begin, int64_t end) {
+    run_for_isa([&] { round_through_half(xf.data_ptr<float>() + begin * K, (end - begin) * K,
+                                         rounded.data_ptr<float>() + begin * K); });
+  });
+  Int8Rows out{at::empty({M, K}, rounded.options().dtype(at::kChar)), at::empty({M}, rounded.options())};
   const float* xp = rounded.data_ptr<float>();
-  uint8_t* op = out.outlier.data_ptr<uint8_t>();
+  std::vector<uint8_t> outlier(K, 0);
+  uint8_t* op = outlier.data();
   int8_t* cp = out.codes.data_ptr<int8_t>();
   float* ap = out.absmax.data_ptr<float>();
   std::mutex merge;
@@ -105,6 +124,9 @@ Int8Rows quantize_rows(const at::Tensor& x, int64_t K, float threshold) {
       for (int64_t m = begin; m < end; ++m) quantize_row(xp + m * K, K, ap[m], op, cp + m * K);
     });
   });
+  if (threshold > 0.0f)
+    for (int64_t k = 0; k < K; ++k)
+      if (op[k]) out.outlier_columns.push_back(k);
   return out;
 }
 
@@ -114,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> int8_quantize_rowwise(const at::T
   check_threshold(threshold);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.numel() > 0, "lowbit: cannot quantize an empty tensor");
   Int8Rows q = quantize_rows(x, x.size(-1), static_cast<float>(threshold));
-  return {q.codes.view(x.sizes()), q.absmax, q.outlier.nonzero().view({-1})};
+  return {q.codes.view(x.sizes()), q.absmax, q.outlier_tensor()};
 }
 
 // ---------------------------------------------------------------- int8 x int8 -> int32 GEMM
@@ -294,6 +316,12 @@ struct Avx2Operand {
   std::vector<int64_t> extra_of{};       // the token of each extra row
 };
 
+LOWBIT_VECTOR_LOOP int32_t sum_codes(const int8_t* x, int64_t n) {  // |sum| <= 128 * kMaxInt8K
+  int32_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  return sum;
+}
+
 LOWBIT_VECTOR_LOOP int64_t count_min(const int8_t* x, int64_t n) {
   int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) count += x[i] == -128;
@@ -404,8 +432,10 @@ void int8_gemm_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int3
 // 13 ms of fp32 dense for 16x4096x4096), so no other path calls it.
 constexpr int64_t kOneDnnTokens = 12;
 
-// Below this many multiply-adds a call runs on the calling thread (waking the pool costs more).
-constexpr int64_t kParallelMacs = 1 << 20;
+// Below this many multiply-adds a GEMM runs on the calling thread (waking the pool costs more):
+// 576x576 at one token (331K) takes 9 us on two threads against 13 on one (AVX2).
+constexpr int64_t kParallelMacs = 1 << 16;
+constexpr int64_t kParallelRescale = 1 << 16;  // outputs rescaled to float
 
 // body(begin, end) over b's rows [0, N), split across the threads for large products.
 template <typename F>
@@ -427,8 +457,11 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   Gemm g{a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, K};
 #ifdef LOWBIT_X86
   if (use_vnni()) {
-    const at::Tensor a_sum = a.to(at::kInt).sum(1, false, at::kInt).contiguous();
-    const int32_t* sp = a_sum.data_ptr<int32_t>();
+    std::vector<int32_t> a_sum(M);
+    run_for_isa([&] {
+      for (int64_t m = 0; m < M; ++m) a_sum[m] = sum_codes(g.a + m * K, K);
+    });
+    const int32_t* sp = a_sum.data();
     over_rows(M, N, K, [&](int64_t begin, int64_t end) {
       int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end);
     });
@@ -513,14 +546,95 @@ at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const a
       for (int64_t m = begin; m < end; ++m) rescale_row(cp + m * N, rp[m], sp, N, op + m * N);
     });
   };
-  if (M * N < kParallelMacs / 16) rescale(0, M);
+  if (M * N < kParallelRescale) rescale(0, M);
   else at::parallel_for(0, M, 1, rescale);
-  const at::Tensor idx = q.outlier.nonzero().view({-1});
-  if (idx.numel() > 0) {  // the outlier columns in floating point, against the int8-dequantized weight
+  if (!q.outlier_columns.empty()) {  // the outlier columns in floating point, against the int8-dequantized weight
+    const at::Tensor idx = q.outlier_tensor();
     const at::Tensor sub_x = x.reshape({M, K}).index_select(1, idx).to(at::kFloat);
     const at::Tensor sub_w = wc.index_select(1, idx).to(at::kFloat) * scb.unsqueeze(1) * kInv127;
     out.addmm_(sub_x, sub_w.t());
   }
+  return finish_linear(out, bias, x);
+}
+
+LOWBIT_VECTOR_LOOP void rescale_w8a8_row(const int32_t* acc, float x_scale, const float* w_scale, int64_t N,
+                                          float* out) {
+  for (int64_t n = 0; n < N; ++n) out[n] = static_cast<float>(acc[n]) * x_scale * w_scale[n];
+}
+
+// W8A8 as Int8DynamicLinear computes it, in one call instead of its six ATen and lowbit ops (30 us
+// of fixed cost at one token): each token quantized symmetric int8 with compressed-tensors'
+// min-max scale (rounded to x's dtype, as quant_params stores it) or the static input_scale,
+// the int8 GEMM, then acc * x_scale * w_scale [out] in fp32 (+ bias), returned in x's dtype.
+at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                               const c10::optional<at::Tensor>& input_scale, const c10::optional<at::Tensor>& bias) {
+  check_cpu(x, "x");
+  check_cpu(w, "w");
+  check_cpu(w_scale, "w_scale");
+  check_cpu(input_scale, "input_scale");
+  check_cpu(bias, "bias");
+  check_float(x, "x");
+  check_dtype(w, at::kChar, "the weight w (int8 codes)");
+  check_floating(w_scale, "w_scale");
+  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: the weight must be 2-D [out, in], got shape ", w.sizes());
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "lowbit: x must have ", K, " features in its last dimension, got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(w_scale.numel() == N && w_scale.dim() <= 2, "lowbit: the weight scale must have shape [", N,
+                    ", 1], got ", w_scale.sizes());
+  TORCH_CHECK_VALUE(K > 0 && K <= kMaxInt8K, "lowbit: in_features ", K, " must be in 1..", kMaxInt8K,
+                    " (the int32 accumulator could overflow)");
+  const bool is_static = input_scale.has_value() && input_scale->defined();
+  if (is_static) {
+    check_floating(*input_scale, "input_scale");
+    TORCH_CHECK_VALUE(input_scale->numel() == 1, "lowbit: input_scale must hold one value, got shape ",
+                      input_scale->sizes());
+  }
+  check_bias(bias, N);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  const at::ScalarType sd = x2.scalar_type();
+  // the static scale as Int8DynamicLinear casts it to x's dtype
+  const float static_scale = is_static ? round_through(input_scale->to(at::kFloat).item<float>(), sd) : 0.0f;
+  TORCH_CHECK_VALUE(!is_static || (std::isfinite(static_scale) && static_scale > 0.0f),
+                    "lowbit: input_scale must be finite and > 0 in x's dtype, got ", static_scale);
+  const at::Tensor codes = at::empty({M, K}, x2.options().dtype(at::kChar));
+  std::vector<float> x_scale(M);
+  std::atomic<bool> finite{true};
+  const IntRange r(8);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sd, "lowbit_int8_dynamic_linear", [&] {
+    const scalar_t* xp = x2.data_ptr<scalar_t>();
+    int8_t* cp = codes.data_ptr<int8_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 16) / K), [&](int64_t begin, int64_t end) {
+      std::vector<float> row(K);
+      run_for_isa([&] {
+        for (int64_t m = begin; m < end; ++m) {
+          float lo, hi;
+          if (!to_float_minmax(xp + m * K, K, row.data(), &lo, &hi)) {
+            finite = false;
+            return;
+          }
+          const float s = is_static ? static_scale : params_for_range(lo, hi, r, true, sd).scale;
+          x_scale[m] = s;
+          quantize_span(row.data(), cp + m * K, K, s, 0.0f, r.qmin, r.qmax);
+        }
+      });
+    });
+  });
+  TORCH_CHECK_VALUE(finite, "lowbit: the input holds NaN or Inf: check the activations");
+  const at::Tensor acc = int8_matmul_impl(codes, w.contiguous());
+  const at::Tensor ws = w_scale.reshape(-1).to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({M, N}, x2.options().dtype(at::kFloat));
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* wp = ws.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const auto rescale = [&](int64_t begin, int64_t end) {
+    run_for_isa([&] {
+      for (int64_t m = begin; m < end; ++m) rescale_w8a8_row(ap + m * N, x_scale[m], wp, N, op + m * N);
+    });
+  };
+  if (M * N < kParallelRescale) rescale(0, M);
+  else at::parallel_for(0, M, 1, rescale);
   return finish_linear(out, bias, x);
 }
 
@@ -530,6 +644,7 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int8_quantize_rowwise", &int8_quantize_rowwise);
   m.impl("int8_matmul", &int8_matmul);
   m.impl("int8_outlier_matmul", &int8_outlier_matmul);
+  m.impl("int8_dynamic_linear", &int8_dynamic_linear);
 }
 
 }  // namespace lowbit

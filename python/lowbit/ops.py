@@ -138,6 +138,14 @@ def int8_outlier_matmul(x: Tensor, w: Tensor, w_scale: Tensor, threshold: float,
     return _ops.int8_outlier_matmul(x, w, w_scale, threshold, bias)
 
 
+def int8_dynamic_linear(x: Tensor, w: Tensor, w_scale: Tensor, input_scale: Optional[Tensor] = None,
+                        bias: Optional[Tensor] = None) -> Tensor:
+    """W8A8: x [..., in] quantized symmetric int8 per token (compressed-tensors' min-max scale,
+    in x's dtype) or with the static input_scale [1], times int8 w [out, in], rescaled by x_scale *
+    w_scale [out, 1] in fp32 (+ bias) -> [..., out] in x.dtype."""
+    return _ops.int8_dynamic_linear.default(x, w, w_scale, input_scale, bias)
+
+
 def gptq_hessian_(hessian: Tensor, inputs: Tensor, num_samples: int, mirror: bool = True) -> int:
     """Update the fp32 [cols, cols] running average of 2 x^T x in place with inputs [..., cols]
     (upper triangle only unless mirror); returns the number of samples so far."""
@@ -637,6 +645,28 @@ def _(x, w, w_scale, threshold, bias):
         raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
     _check(op, x.shape[-1] == k, f"x must have {k} features in its last dimension")
     _check(op, w_scale.numel() == n, f"the weight scale (SCB) must have {n} entries")
+    _check(op, k > 0, "in_features must be positive")
+    _check(op, k <= 65536, "in_features exceeds 65536")
+    _bias(op, bias, n)
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.register_fake("lowbit::int8_dynamic_linear")
+def _(x, w, w_scale, input_scale, bias):
+    op = "int8_dynamic_linear"
+    _same_device(op, x=x, w=w, w_scale=w_scale, input_scale=input_scale, bias=bias)
+    _dtype(op, x, "x", _FLOATS)
+    _dtype(op, w, "the weight w", (torch.int8,))
+    _dtype(op, w_scale, "w_scale", _FLOATING)
+    _dim(op, w, 2, "w")
+    n, k = w.shape
+    if x.dim() < 1:
+        raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
+    _check(op, x.shape[-1] == k, f"x must have {k} features in its last dimension")
+    _check(op, w_scale.numel() == n and w_scale.dim() <= 2, f"the weight scale must have shape [{n}, 1]")
+    if input_scale is not None:
+        _dtype(op, input_scale, "input_scale", _FLOATING)
+        _check(op, input_scale.numel() == 1, "input_scale must hold one value")
     _check(op, k > 0, "in_features must be positive")
     _check(op, k <= 65536, "in_features exceeds 65536")
     _bias(op, bias, n)

@@ -1,5 +1,5 @@
-// Per-group integer quantization parameters, shared by the kernels that fake-quantize inside
-// their loops (quantize.cpp, awq.cpp).
+// Per-group integer quantization parameters and codes, shared by the kernels that quantize
+// inside their loops (quantize.cpp, awq.cpp, int8.cpp's W8A8 linear).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -39,6 +39,30 @@ inline GroupParams params_for_range(float lo, float hi, const IntRange& r, bool 
 
 inline float quantize_one(float x, float scale, float zero, float qmin, float qmax) {
   return round_even(clampf(x / scale + zero, qmin, qmax));
+}
+
+// Copies a group to fp32 and finds its range; returns false if it holds NaN or Inf
+// (v * 0 is NaN exactly for those, and NaN survives the sum).
+template <typename T>
+LOWBIT_VECTOR_LOOP bool to_float_minmax(const T* x, int64_t n, float* out, float* lo, float* hi) {
+  float mn = std::numeric_limits<float>::infinity(), mx = -mn, poison = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    float v = static_cast<float>(x[i]);
+    out[i] = v;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+    poison += v * 0.0f;
+  }
+  *lo = mn;
+  *hi = mx;
+  return poison == 0.0f;
+}
+
+template <typename T>
+LOWBIT_VECTOR_LOOP void quantize_span(const T* x, int8_t* out, int64_t n, float scale, float zero,
+                                       float qmin, float qmax) {
+  for (int64_t i = 0; i < n; ++i)
+    out[i] = static_cast<int8_t>(quantize_one(static_cast<float>(x[i]), scale, zero, qmin, qmax));
 }
 
 }  // namespace lowbit
