@@ -437,6 +437,19 @@ constexpr int64_t kOneDnnTokens = 12;
 constexpr int64_t kParallelMacs = 1 << 16;
 constexpr int64_t kParallelRescale = 1 << 16;  // outputs rescaled to float
 
+// row(m) for the M rows of an [M, N] output, compiled for the active ISA, split across the
+// threads for large outputs.
+template <typename F>
+void over_output_rows(int64_t M, int64_t N, const F& row) {
+  const auto body = [&](int64_t begin, int64_t end) {
+    run_for_isa([&] {
+      for (int64_t m = begin; m < end; ++m) row(m);
+    });
+  };
+  if (M * N < kParallelRescale) body(0, M);
+  else at::parallel_for(0, M, 1, body);
+}
+
 // body(begin, end) over b's rows [0, N), split across the threads for large products.
 template <typename F>
 void over_rows(int64_t M, int64_t N, int64_t K, const F& body) {
@@ -541,13 +554,7 @@ at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const a
   const int32_t* cp = acc.data_ptr<int32_t>();
   const float *rp = q.absmax.data_ptr<float>(), *sp = scb.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const auto rescale = [&](int64_t begin, int64_t end) {
-    run_for_isa([&] {
-      for (int64_t m = begin; m < end; ++m) rescale_row(cp + m * N, rp[m], sp, N, op + m * N);
-    });
-  };
-  if (M * N < kParallelRescale) rescale(0, M);
-  else at::parallel_for(0, M, 1, rescale);
+  over_output_rows(M, N, [&](int64_t m) { rescale_row(cp + m * N, rp[m], sp, N, op + m * N); });
   if (!q.outlier_columns.empty()) {  // the outlier columns in floating point, against the int8-dequantized weight
     const at::Tensor idx = q.outlier_tensor();
     const at::Tensor sub_x = x.reshape({M, K}).index_select(1, idx).to(at::kFloat);
@@ -628,13 +635,7 @@ at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& w, const a
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* wp = ws.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const auto rescale = [&](int64_t begin, int64_t end) {
-    run_for_isa([&] {
-      for (int64_t m = begin; m < end; ++m) rescale_w8a8_row(ap + m * N, x_scale[m], wp, N, op + m * N);
-    });
-  };
-  if (M * N < kParallelRescale) rescale(0, M);
-  else at::parallel_for(0, M, 1, rescale);
+  over_output_rows(M, N, [&](int64_t m) { rescale_w8a8_row(ap + m * N, x_scale[m], wp, N, op + m * N); });
   return finish_linear(out, bias, x);
 }
 
