@@ -1290,8 +1290,8 @@ def test_fuzz_modules(data):
 RAW_OPS = ["quant_params", "quantize", "dequantize", "fake_quantize", "pack", "unpack", "packed_linear",
            "gptq_hessian_", "hessian_mirror_", "awq_channel_stats_", "awq_gram_factor", "awq_scale_loss", "awq_clip",
            "nf4_quantize", "nf4_dequantize", "nf4_linear", "blockwise8_quantize", "blockwise8_dequantize",
-           "int8_quantize_rowwise", "int8_matmul", "int8_outlier_matmul", "int8_dynamic_linear", "gptq_solve", "fp8_scales", "fp8_quantize",
-           "fp8_dequantize", "fp8_fake_quantize", "fp8_linear", "channel_range_"]
+           "int8_quantize_rowwise", "int8_matmul", "int8_outlier_matmul", "int8_dynamic_linear", "gptq_solve",
+           "fp8_scales", "fp8_quantize", "fp8_dequantize", "fp8_fake_quantize", "fp8_linear", "channel_range_"]
 
 _LAST_CALL = {"path": None}
 
