@@ -524,15 +524,14 @@ LOWBIT_VECTOR_LOOP void rescale_row(const int32_t* acc, float row, const float* 
   for (int64_t n = 0; n < N; ++n) out[n] = static_cast<float>(acc[n]) * (row * col[n]) * kInvSquare127;
 }
 
-// LLM.int8(): y = dequant(int8(x) @ w^T) + x[:, outliers] @ dequant(w[:, outliers])^T (+ bias),
-// where int8(x) leaves the outlier columns out; returned in x's dtype.
-at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, double threshold,
-                               const c10::optional<at::Tensor>& bias) {
+// The arguments of an int8 linear (x float [..., K], w int8 [N, K], a scale per output row, an
+// optional bias [N]) -> K. scale_shape: how the op's weight scale is shaped, for the message.
+int64_t checked_int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                            const c10::optional<at::Tensor>& bias, const char* scale_shape) {
   check_cpu(x, "x");
   check_cpu(w, "w");
   check_cpu(w_scale, "w_scale");
   check_cpu(bias, "bias");
-  check_threshold(threshold);
   check_float(x, "x");
   check_dtype(w, at::kChar, "the weight w (int8 codes)");
   check_floating(w_scale, "w_scale");
@@ -540,11 +539,20 @@ at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const a
   const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "lowbit: x must have ", K, " features in its last dimension, got ",
                     x.sizes());
-  TORCH_CHECK_VALUE(w_scale.numel() == N && w_scale.dim() <= 2, "lowbit: the weight scale (SCB) must have shape [",
-                    N, "], got ", w_scale.sizes());
+  TORCH_CHECK_VALUE(w_scale.numel() == N && w_scale.dim() <= 2, "lowbit: the weight scale ", scale_shape, " (N = ",
+                    N, "), got ", w_scale.sizes());
   TORCH_CHECK_VALUE(K > 0 && K <= kMaxInt8K, "lowbit: in_features ", K, " must be in 1..", kMaxInt8K,
                     " (the int32 accumulator could overflow)");
   check_bias(bias, N);
+  return K;
+}
+
+// LLM.int8(): y = dequant(int8(x) @ w^T) + x[:, outliers] @ dequant(w[:, outliers])^T (+ bias),
+// where int8(x) leaves the outlier columns out; returned in x's dtype.
+at::Tensor int8_outlier_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale, double threshold,
+                               const c10::optional<at::Tensor>& bias) {
+  check_threshold(threshold);
+  const int64_t N = w.size(0), K = checked_int8_linear(x, w, w_scale, bias, "(SCB) must have shape [N]");
   const Int8Rows q = quantize_rows(x, K, static_cast<float>(threshold));
   const int64_t M = q.codes.size(0);
   const at::Tensor wc = w.contiguous();
@@ -575,29 +583,14 @@ LOWBIT_VECTOR_LOOP void rescale_w8a8_row(const int32_t* acc, float x_scale, cons
 // the int8 GEMM, then acc * x_scale * w_scale [out] in fp32 (+ bias), returned in x's dtype.
 at::Tensor int8_dynamic_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
                                const c10::optional<at::Tensor>& input_scale, const c10::optional<at::Tensor>& bias) {
-  check_cpu(x, "x");
-  check_cpu(w, "w");
-  check_cpu(w_scale, "w_scale");
   check_cpu(input_scale, "input_scale");
-  check_cpu(bias, "bias");
-  check_float(x, "x");
-  check_dtype(w, at::kChar, "the weight w (int8 codes)");
-  check_floating(w_scale, "w_scale");
-  TORCH_CHECK_VALUE(w.dim() == 2, "lowbit: the weight must be 2-D [out, in], got shape ", w.sizes());
-  const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, "lowbit: x must have ", K, " features in its last dimension, got ",
-                    x.sizes());
-  TORCH_CHECK_VALUE(w_scale.numel() == N && w_scale.dim() <= 2, "lowbit: the weight scale must have shape [", N,
-                    ", 1], got ", w_scale.sizes());
-  TORCH_CHECK_VALUE(K > 0 && K <= kMaxInt8K, "lowbit: in_features ", K, " must be in 1..", kMaxInt8K,
-                    " (the int32 accumulator could overflow)");
+  const int64_t N = w.size(0), K = checked_int8_linear(x, w, w_scale, bias, "must have shape [N, 1]");
   const bool is_static = input_scale.has_value() && input_scale->defined();
   if (is_static) {
     check_floating(*input_scale, "input_scale");
     TORCH_CHECK_VALUE(input_scale->numel() == 1, "lowbit: input_scale must hold one value, got shape ",
                       input_scale->sizes());
   }
-  check_bias(bias, N);
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   const at::ScalarType sd = x2.scalar_type();

@@ -636,25 +636,22 @@ def _(x, w, w_scale, threshold, bias):
     op = "int8_outlier_matmul"
     _same_device(op, x=x, w=w, w_scale=w_scale, bias=bias)
     _threshold(op, threshold)
-    _dtype(op, x, "x", _FLOATS)
-    _dtype(op, w, "the weight w", (torch.int8,))
-    _dtype(op, w_scale, "w_scale", _FLOATING)
-    _dim(op, w, 2, "w")
-    n, k = w.shape
-    if x.dim() < 1:
-        raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
-    _check(op, x.shape[-1] == k, f"x must have {k} features in its last dimension")
-    _check(op, w_scale.numel() == n, f"the weight scale (SCB) must have {n} entries")
-    _check(op, k > 0, "in_features must be positive")
-    _check(op, k <= 65536, "in_features exceeds 65536")
-    _bias(op, bias, n)
-    return x.new_empty((*x.shape[:-1], n))
+    return _int8_linear(op, x, w, w_scale, bias)
 
 
 @torch.library.register_fake("lowbit::int8_dynamic_linear")
 def _(x, w, w_scale, input_scale, bias):
     op = "int8_dynamic_linear"
     _same_device(op, x=x, w=w, w_scale=w_scale, input_scale=input_scale, bias=bias)
+    if input_scale is not None:
+        _dtype(op, input_scale, "input_scale", _FLOATING)
+        _check(op, input_scale.numel() == 1, "input_scale must hold one value")
+    return _int8_linear(op, x, w, w_scale, bias)
+
+
+def _int8_linear(op, x, w, w_scale, bias):
+    """The int8 linears' shared checks (x float [..., K], w int8 [N, K], a scale per output row,
+    bias [N]) -> their [..., N] result."""
     _dtype(op, x, "x", _FLOATS)
     _dtype(op, w, "the weight w", (torch.int8,))
     _dtype(op, w_scale, "w_scale", _FLOATING)
@@ -663,10 +660,7 @@ def _(x, w, w_scale, input_scale, bias):
     if x.dim() < 1:
         raise ValueError(f"lowbit::{op}: x must have at least 1 dimension")
     _check(op, x.shape[-1] == k, f"x must have {k} features in its last dimension")
-    _check(op, w_scale.numel() == n and w_scale.dim() <= 2, f"the weight scale must have shape [{n}, 1]")
-    if input_scale is not None:
-        _dtype(op, input_scale, "input_scale", _FLOATING)
-        _check(op, input_scale.numel() == 1, "input_scale must hold one value")
+    _check(op, w_scale.numel() == n and w_scale.dim() <= 2, f"the weight scale must have {n} entries")
     _check(op, k > 0, "in_features must be positive")
     _check(op, k <= 65536, "in_features exceeds 65536")
     _bias(op, bias, n)
