@@ -61,7 +61,7 @@ LOWBIT_VECTOR_LOOP void quantize_row(const float* row, int64_t K, float am, cons
 
 // x rounded to float16 (to nearest even; Inf beyond its range) and back, exactly as ATen's casts.
 LOWBIT_VECTOR_LOOP void round_through_half(const float* x, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(c10::Half(x[i]));
+  for (int64_t i = 0; i < n; ++i) out[i] = round_through(x[i], at::kHalf);
 }
 
 void check_threshold(double threshold) {
