@@ -159,6 +159,14 @@ def capture_inputs(smollm2, texts, names, max_length: int = 256):
     return {name: (modules[name].weight.detach().clone(), torch.cat(inputs[name])) for name in names}
 
 
+def real_linear_inputs(smollm2):
+    """(weight, inputs) of an MLP and an attention Linear of the real model, on one sentence of
+    Pride and Prejudice: the real-data case of the kernel tests."""
+    return capture_inputs(smollm2, ["It is a truth universally acknowledged, that a single man in possession of a "
+                                    "good fortune, must be in want of a wife."],
+                          ["model.layers.3.mlp.down_proj", "model.layers.7.self_attn.q_proj"]).values()
+
+
 # ---------------------------------------------------------------- property-based fuzzing
 # tests/test_fuzz.py. "ci" (the default) is deterministic (derandomize) and sized for about
 # two minutes on two cores; `pytest --hypothesis-profile=thorough` runs ten times as many

@@ -27,7 +27,7 @@ from lowbit import ops
 from lowbit.reference import fp8 as R
 from lowbit.reference import smoothquant as RS
 
-from conftest import DTYPE_IDS, FLOAT_DTYPES, capture_inputs, noncontig, num_threads
+from conftest import DTYPE_IDS, FLOAT_DTYPES, capture_inputs, noncontig, num_threads, real_linear_inputs
 
 pytestmark = pytest.mark.usefixtures("isa_path")
 
@@ -312,11 +312,7 @@ def test_every_e4m3_code_decodes_exactly(gen, scale_value, flush_denormal):
 
 
 def test_linear_on_real_weights(smollm2):
-    names = ["model.layers.3.mlp.down_proj", "model.layers.7.self_attn.q_proj"]
-    captured = capture_inputs(smollm2, ["It is a truth universally acknowledged, that a single man in possession of "
-                                        "a good fortune, must be in want of a wife."], names)
-    for name in names:
-        w, x = captured[name]
+    for w, x in real_linear_inputs(smollm2):
         for block in [(1, w.shape[1]), (128, 128)]:
             scale = ops.fp8_scales(w, *block)
             q = ops.fp8_quantize(w, scale, *block)

@@ -26,7 +26,7 @@ from lowbit import ops
 from lowbit.nn import Int8DynamicLinear, Int8OutlierLinear
 from lowbit.reference import int8 as R
 
-from conftest import DTYPE_IDS, FLOAT_DTYPES, capture_inputs, noncontig
+from conftest import DTYPE_IDS, FLOAT_DTYPES, noncontig, real_linear_inputs
 from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, read_with_stock_bitsandbytes, rel_err,
                          stock_quantized_layers, transformers_quantized)
 
@@ -190,11 +190,7 @@ def test_dynamic_linear_op_is_the_reference(gen, static, dtype, tokens):
 
 
 def test_dynamic_linear_op_on_real_activations(smollm2):
-    names = ["model.layers.3.mlp.down_proj", "model.layers.7.self_attn.q_proj"]
-    captured = capture_inputs(smollm2, ["It is a truth universally acknowledged, that a single man in possession of "
-                                        "a good fortune, must be in want of a wife."], names)
-    for name in names:
-        w, x = captured[name]
+    for w, x in real_linear_inputs(smollm2):
         w_scale, _ = ops.quant_params(w, 8, True, w.shape[1])
         codes = ops.quantize(w, w_scale, None, 8, w.shape[1])
         for rows in (x[:1], x[:4], x):
