@@ -4,7 +4,8 @@ ISA path, each as a ratio against a peer timed in the same run.
     python benchmarks/bench_primitives.py [--quick] [--isa avx2,generic]
 
 Peers: lowbit.reference (pure PyTorch), fp32 dense F.linear (MKL), and torch's own CPU int4
-kernel aten._weight_int4pack_mm_for_cpu (bf16 activations, its fastest mode here).
+kernel aten._weight_int4pack_mm_for_cpu (bf16 activations, its fastest mode here). On a CPU with
+bf16 arithmetic, also bf16 activations over many tokens against bf16 dense F.linear.
 """
 
 import argparse
@@ -112,6 +113,9 @@ def main():
         print_table(headers, rows)
         print()
 
+    if lowbit.cpu_info()["bf16_gemm"] and "avx512" in isas:
+        bf16_prefill(shapes, (128,) if args.quick else (32, 128, 512))
+
     out_f, in_f = shapes[1] if len(shapes) > 1 else shapes[0]
     w = torch.randn(out_f, in_f)
     packed = lowbit.nn.PackedLinear.from_linear(torch.nn.Linear(in_f, out_f), "W4A16")
@@ -130,6 +134,32 @@ def main():
     torch.set_num_threads(threads)
     print("OpenMP scaling (at::parallel_for)")
     print_table(["kernel", "1 thread ms", "2 threads ms", "speedup"], rows)
+
+
+def bf16_prefill(shapes, batches):
+    """bf16 activations over many tokens on a CPU with bf16 arithmetic: PackedLinear multiplies
+    bf16 tiles (cpu_info()["bf16_gemm"]); peers: bf16 and fp32 dense F.linear, and the same
+    layer's fp32-activation path."""
+    rows = []
+    for out_f, in_f in shapes:
+        linear = torch.nn.Linear(in_f, out_f, bias=False)
+        packed = lowbit.nn.PackedLinear.from_linear(linear, "W4A16")
+        packed16 = lowbit.nn.PackedLinear.from_linear(copy.deepcopy(linear).to(torch.bfloat16), "W4A16")
+        w16 = linear.weight.detach().to(torch.bfloat16)
+        for batch in batches:
+            x = torch.randn(batch, in_f)
+            x16 = x.to(torch.bfloat16)
+            with torch.inference_mode(), lowbit.use_isa("avx512"):
+                t16 = best_time(lambda: packed16(x16), repeat=3)
+                t32 = best_time(lambda: packed(x), repeat=3)
+                dense16 = best_time(lambda: F.linear(x16, w16), repeat=3)
+                dense32 = best_time(lambda: F.linear(x, linear.weight), repeat=3)
+            rows.append([f"{out_f}x{in_f}", batch, f"{t16 * 1e3:.2f}", f"{t16 / dense16:.2f}", f"{t16 / dense32:.2f}",
+                         f"{t16 / t32:.2f}"])
+    print("PackedLinear W4A16 g128 with bf16 activations, avx512 path (bf16 GEMM on decoded tiles): time over bf16 "
+          "dense F.linear, fp32 dense F.linear, and the same layer on fp32 activations (weights in cache)")
+    print_table(["shape", "batch", "bf16 ms", "/ bf16 dense", "/ fp32 dense", "/ fp32 activations"], rows)
+    print()
 
 
 def scheme_with_group(name, group):

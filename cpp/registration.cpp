@@ -122,6 +122,7 @@ pybind11::dict cpu_info() {
   info["detected"] = lowbit::isa_name(lowbit::detected_isa());
   info["active"] = lowbit::isa_name(lowbit::active_isa());
   info["vnni_int8_kernel"] = lowbit::use_vnni();
+  info["bf16_gemm"] = lowbit::use_bf16_gemm();
   info["features"] = features;
   return info;
 }

@@ -205,6 +205,26 @@ def test_without_bias(scheme):
     assert "bias" not in m.state_dict()
 
 
+@pytest.mark.parametrize("scheme", ["W4A16_ASYM", "W8A16", QS(num_bits=3, symmetric=False, group_size=32)],
+                         ids=scheme_id)
+def test_bf16_inputs_over_many_tokens(scheme):
+    """Many bf16 tokens on a CPU with bf16 arithmetic multiply in bf16 (cpu_info()["bf16_gemm"]):
+    the product of x with the dequantized weight rounded to bf16, as a bf16 model computes it;
+    elsewhere the fp32 product. Either is within bf16's tolerance of the fp32 result."""
+    info = lowbit.cpu_info()
+    assert info["bf16_gemm"] == (info["active"] == "avx512" and info["features"]["avx512bf16"])
+    m = PackedLinear.from_linear(make_linear(256, 600, torch.bfloat16, "bf16-tiles"), scheme)
+    x = torch.randn(2, 40, 256, generator=make_generator("bf16-tiles-x")).to(torch.bfloat16)
+    y = m(x)
+    assert_output_close(y, x, m)
+    w = m.dequantized_weight(torch.float32)
+    if info["bf16_gemm"]:
+        w = w.to(torch.bfloat16).float()
+    expected = (x.float() @ w.t() + m.bias.float()).to(torch.bfloat16)
+    scale = expected.float().abs().max().item()
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2**-7, atol=2**-7 * scale)
+
+
 def test_scheme_forms_are_equivalent():
     """A preset name, a QuantizationScheme, bare weight QuantizationArgs and a
     compressed-tensors style dict all build the same module."""

@@ -438,7 +438,7 @@ at::Tensor fp8_dequantize(const at::Tensor& q, const at::Tensor& scale, int64_t 
 // y [M, N] = x [M, K] @ W^T. Up to fused_tokens(isa) tokens every thread streams its rows of codes
 // once per group of up to 8 tokens (a row block of codes stays in L2 across the groups), decoding
 // them in registers; x is read from a zero-padded fp32 copy [M, Kp], Kp a multiple of 32. More
-// tokens: tiles of rows decoded to fp32 for ATen's GEMM (tiled_matmul).
+// tokens: tiles of rows decoded to fp32 for ATen's GEMM (tiled_matmul; bf16 x in bf16 where bf16_gemm).
 struct Fused {
   const Fp8Weight* W;
   const float* x;
@@ -779,7 +779,8 @@ at::Tensor fp8_linear(const at::Tensor& x_in, const at::Tensor& weight, const at
   } else {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     out = at::empty({M, N}, xf.options());
-    tiled_matmul(xf, out, N, [&](int64_t begin, int64_t end, float* dst) { decode_rows(W, begin, end, dst); });
+    tiled_matmul(xf, out, N, [&](int64_t begin, int64_t end, float* dst) { decode_rows(W, begin, end, dst); },
+                 bf16_gemm(x_in));
   }
   return finish_linear(out, bias, x_in);
 }

@@ -8,7 +8,8 @@
 // vector-type kernel (fused_tile) over a decoder per ISA, the zero point applied per group
 // through sum(x). Other bit widths and group sizes: each row dequantized into L1 and reused.
 // Many tokens: tiles of rows are dequantized into a cache-sized fp32 buffer and multiplied with
-// ATen's GEMM. The path follows lowbit's active ISA (isa.h).
+// ATen's GEMM (in bf16 for bf16 x where the CPU has bf16 arithmetic: bf16_gemm). The path follows
+// lowbit's active ISA (isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,6 +39,7 @@ struct LinearArgs {
   const float* scale;    // [N, ngroups]
   const int8_t* zero;    // [N, ngroups] signed zero point as stored, or null (symmetric)
   float* out;            // [M, N]
+  bool in_bf16;          // the many-token path multiplies in bf16 (bf16_gemm)
 
   // The zero point in the unsigned code domain: zero_point + 2^(bits-1).
   float zero_at(int64_t r, int64_t g) const {
@@ -90,7 +92,7 @@ using DequantizeRows = void (*)(const LinearArgs&, int64_t, int64_t, float*);
 
 // out = x @ W^T through tiled_matmul, the rows dequantized by `dequant` in x's column order.
 void tiled_linear(const LinearArgs& a, const at::Tensor& x, const at::Tensor& out, DequantizeRows dequant) {
-  tiled_matmul(x, out, a.N, [&](int64_t begin, int64_t end, float* dst) { dequant(a, begin, end, dst); });
+  tiled_matmul(x, out, a.N, [&](int64_t begin, int64_t end, float* dst) { dequant(a, begin, end, dst); }, a.in_bf16);
 }
 
 // ---------------------------------------------------------------- fused kernel, AVX2 and portable
@@ -583,7 +585,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const at
   at::Tensor out = at::empty({M, N}, xf.options());
   LinearArgs a{M, N, K, ngroups, group_size, packed.size(1), bits,
                reinterpret_cast<const uint8_t*>(wp.data_ptr<int32_t>()), sf.data_ptr<float>(),
-               has_zero ? z8.data_ptr<int8_t>() : nullptr, out.data_ptr<float>()};
+               has_zero ? z8.data_ptr<int8_t>() : nullptr, out.data_ptr<float>(), bf16_gemm(x)};
   if (M == 0 || N == 0) return finish_linear(out, bias, x);
   const Isa isa = active_isa();
   bool done = false;

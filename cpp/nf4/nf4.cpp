@@ -803,7 +803,7 @@ at::Tensor nf4_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const
 #else
       for (int64_t r = begin; r < end; ++r) decode_row_portable(wp, c, scales, r, K, blocksize, dst + (r - begin) * Kp);
 #endif
-    });
+    }, bf16_gemm(x_in));
   }
   return finish_linear(out, bias, x_in);
 }

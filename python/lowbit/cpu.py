@@ -33,7 +33,8 @@ def _cpu_model() -> str:
 
 def cpu_info() -> dict:
     """What lowbit detected and uses: ``{"cpu", "detected", "active", "supported", "features",
-    "vnni_int8_kernel", "threads", "LOWBIT_ISA"}``."""
+    "vnni_int8_kernel", "bf16_gemm", "threads", "LOWBIT_ISA"}``. bf16_gemm: the many-token
+    path of the weight-only linears multiplies bf16 inputs in bf16 (AVX512-BF16 / AMX)."""
     info = _C.cpu_info()
     detected = ISAS.index(info["detected"])
     return {
@@ -43,6 +44,7 @@ def cpu_info() -> dict:
         "supported": list(ISAS[detected:]),
         "features": dict(info["features"]),
         "vnni_int8_kernel": info["vnni_int8_kernel"],
+        "bf16_gemm": info["bf16_gemm"],
         "threads": torch.get_num_threads(),
         "LOWBIT_ISA": os.environ.get("LOWBIT_ISA"),
     }

@@ -45,6 +45,8 @@ void set_isa(const std::string& name);
 const char* isa_name(Isa isa);
 // The AVX-512 VNNI int8 kernel: the avx512 path and the CPU has VNNI.
 inline bool use_vnni() { return active_isa() == Isa::avx512 && cpu_features().avx512vnni; }
+// bf16 GEMMs through ATen (oneDNN): the avx512 path and the CPU has AVX512-BF16 (or AMX).
+inline bool use_bf16_gemm() { return active_isa() == Isa::avx512 && cpu_features().avx512bf16; }
 
 #ifdef LOWBIT_X86
 template <typename F>
