@@ -153,3 +153,21 @@ def test_bad_arguments(kwargs, match):
     kwargs.setdefault("config_groups", None if "scheme" in kwargs else CONFIG_GROUPS)
     with pytest.raises(ValueError, match=match):
         lowbit.GPTQModifier(**kwargs)
+
+
+def test_output_error_of_a_tall_layer_is_measured_on_spaced_rows():
+    """_output_error is exact up to ERROR_ROWS rows and, above, an estimate from evenly spaced rows
+    within a few percent of the whole sum."""
+    from lowbit.modifiers.gptq import ERROR_ROWS, GPTQModifier
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 96, generator=g)
+    h = 2 / 512 * x.t() @ x
+
+    def exact(w, q):
+        return ((x @ (w - q).t()).square().sum() / 256).sqrt().item()
+
+    for rows in (ERROR_ROWS, 4 * ERROR_ROWS + 1):
+        w = torch.randn(rows, 96, generator=g)
+        q = w + 0.01 * torch.randn(rows, 96, generator=g)
+        got = GPTQModifier._output_error(h, w, q)
+        assert got == pytest.approx(exact(w, q), rel=1e-4 if rows <= ERROR_ROWS else 0.03)
