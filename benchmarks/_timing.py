@@ -66,16 +66,19 @@ def read_bandwidth() -> float:
     return big.numel() * 4 / best_time(lambda: big.sum(), repeat=5) / 1e9
 
 
-def isa_paths(requested: str | None = None) -> list:
+def isa_paths(requested: str | None = None, int8: bool = False) -> list:
     """The lowbit ISA paths to time: a comma list asked for, else LOWBIT_ISA's path alone when it is
-    set (scripts/as_cpu.sh sets it with the peers' caps), else every path this CPU supports."""
+    set (scripts/as_cpu.sh sets it with the peers' caps), else every path this CPU supports (the
+    avxvnni path only for int8 kernels: every other kernel runs its AVX2 code there)."""
     import os
 
     import lowbit
 
     if requested:
         return requested.split(",")
-    return [os.environ["LOWBIT_ISA"]] if os.environ.get("LOWBIT_ISA") else lowbit.supported_isas()
+    if os.environ.get("LOWBIT_ISA"):
+        return [os.environ["LOWBIT_ISA"]]
+    return [isa for isa in lowbit.supported_isas() if int8 or isa != "avxvnni"]
 
 
 def peer_caps() -> str:

@@ -95,7 +95,7 @@ def speed(a):
     cpu, threads = lowbit.cpu_info()["cpu"], torch.get_num_threads()
     read = read_bandwidth()
     int_mm = {}
-    for isa in isa_paths():
+    for isa in isa_paths(int8=True):
         rows, gbs = [], []
         with lowbit.use_isa(isa), torch.inference_mode():
             for (n, k), (w, llm, w8a8) in layers.items():

@@ -17,7 +17,7 @@ calls, so "warm" figures run from cache; "cold" ones evict the caches (a 1 GiB w
 every call, as a real model's layers do to each other. Achieved bandwidth = bytes of codes
 and scales read / time, beside a measured copy bandwidth (bytes read + written / time).
 
-Per ISA path (lowbit.supported_isas(), each forced with lowbit.use_isa): NF4Linear's time over
+Per ISA path (lowbit.supported_isas() but avxvnni, each forced with lowbit.use_isa): NF4Linear's time over
 fp32 F.linear at batch 1 to 512 on the three shapes and 576x576, GB/s at batch 1, and the
 machine's read bandwidth (a sum over 1 GiB) to compare it with.
 """

@@ -29,38 +29,40 @@ CpuFeatures detect() {
   return f;
 }
 
-Isa best_isa(const CpuFeatures& f) {
-  if (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx2 && f.fma && f.f16c) return Isa::avx512;
-  if (f.avx2 && f.fma && f.f16c) return Isa::avx2;
-  return Isa::generic;
+bool has_avx512(const CpuFeatures& f) {
+  return f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx2 && f.fma && f.f16c;
+}
+bool has_avx2(const CpuFeatures& f) { return f.avx2 && f.fma && f.f16c; }
+
+const char* const kPathNames[] = {"generic", "avx2", "avxvnni", "avx512"};
+
+bool parse_path(const std::string& name, IsaPath* out) {
+  for (int i = 0; i < 4; ++i)
+    if (name == kPathNames[i]) {
+      *out = static_cast<IsaPath>(i);
+      return true;
+    }
+  return false;
 }
 
-bool parse_isa(const std::string& name, Isa* out) {
-  if (name == "avx512") *out = Isa::avx512;
-  else if (name == "avx2") *out = Isa::avx2;
-  else if (name == "generic") *out = Isa::generic;
-  else return false;
-  return true;
+IsaPath checked_path(const std::string& name) {
+  IsaPath path;
+  TORCH_CHECK_VALUE(parse_path(name, &path), "lowbit: unknown ISA '", name,
+                    "'; use one of avx512, avxvnni, avx2, generic (LOWBIT_ISA or lowbit.set_isa)");
+  TORCH_CHECK_VALUE(path_supported(path), "lowbit: ISA '", name, "' is not supported by this CPU (best: ",
+                    path_name(detected_path()), "); choose a lower one",
+                    path == IsaPath::avxvnni ? " (avxvnni needs the CPU's AVX-VNNI)" : "");
+  return path;
 }
 
-Isa checked_isa(const std::string& name) {
-  Isa isa;
-  TORCH_CHECK_VALUE(parse_isa(name, &isa), "lowbit: unknown ISA '", name,
-                    "'; use one of avx512, avx2, generic (LOWBIT_ISA or lowbit.set_isa)");
-  TORCH_CHECK_VALUE(static_cast<int>(isa) <= static_cast<int>(detected_isa()), "lowbit: ISA '", name,
-                    "' is not supported by this CPU (best: ", isa_name(detected_isa()),
-                    "); choose a lower one");
-  return isa;
-}
-
-// The active ISA; LOWBIT_ISA is read once, when the first kernel asks.
+// The active path; LOWBIT_ISA is read once, when the first kernel asks.
 std::atomic<int>& active() {
-  static std::atomic<int> isa{[] {
+  static std::atomic<int> path{[] {
     const char* env = std::getenv("LOWBIT_ISA");
-    if (env == nullptr || *env == '\0') return static_cast<int>(detected_isa());
-    return static_cast<int>(checked_isa(env));
+    if (env == nullptr || *env == '\0') return static_cast<int>(detected_path());
+    return static_cast<int>(checked_path(env));
   }()};
-  return isa;
+  return path;
 }
 
 }  // namespace
@@ -70,18 +72,35 @@ const CpuFeatures& cpu_features() {
   return features;
 }
 
-Isa detected_isa() { return best_isa(cpu_features()); }
-
-Isa active_isa() { return static_cast<Isa>(active().load(std::memory_order_relaxed)); }
-
-void set_isa(const std::string& name) { active().store(static_cast<int>(checked_isa(name))); }
-
-const char* isa_name(Isa isa) {
-  switch (isa) {
-    case Isa::avx512: return "avx512";
-    case Isa::avx2: return "avx2";
-    default: return "generic";
+bool path_supported(IsaPath path) {
+  const CpuFeatures& f = cpu_features();
+  switch (path) {
+    case IsaPath::avx512: return has_avx512(f);
+    case IsaPath::avxvnni: return has_avx2(f) && f.avxvnni;
+    case IsaPath::avx2: return has_avx2(f);
+    default: return true;
   }
 }
+
+IsaPath detected_path() {
+  for (IsaPath p : {IsaPath::avx512, IsaPath::avxvnni, IsaPath::avx2})
+    if (path_supported(p)) return p;
+  return IsaPath::generic;
+}
+
+IsaPath active_path() { return static_cast<IsaPath>(active().load(std::memory_order_relaxed)); }
+
+Isa active_isa() {
+  switch (active_path()) {
+    case IsaPath::avx512: return Isa::avx512;
+    case IsaPath::avxvnni:
+    case IsaPath::avx2: return Isa::avx2;
+    default: return Isa::generic;
+  }
+}
+
+void set_isa(const std::string& name) { active().store(static_cast<int>(checked_path(name))); }
+
+const char* path_name(IsaPath path) { return kPathNames[static_cast<int>(path)]; }
 
 }  // namespace lowbit

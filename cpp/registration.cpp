@@ -119,9 +119,14 @@ pybind11::dict cpu_info() {
   features["avxvnni"] = f.avxvnni;
   features["amx_int8"] = f.amx_int8;
   pybind11::dict info;
-  info["detected"] = lowbit::isa_name(lowbit::detected_isa());
-  info["active"] = lowbit::isa_name(lowbit::active_isa());
-  info["vnni_int8_kernel"] = lowbit::use_vnni();
+  info["detected"] = lowbit::path_name(lowbit::detected_path());
+  info["active"] = lowbit::path_name(lowbit::active_path());
+  pybind11::list supported;  // best first
+  for (lowbit::IsaPath p : {lowbit::IsaPath::avx512, lowbit::IsaPath::avxvnni, lowbit::IsaPath::avx2,
+                            lowbit::IsaPath::generic})
+    if (lowbit::path_supported(p)) supported.append(lowbit::path_name(p));
+  info["supported"] = supported;
+  info["vnni_int8_kernel"] = lowbit::use_vnni() || lowbit::use_avxvnni();
   info["bf16_gemm"] = lowbit::use_bf16_gemm();
   info["features"] = features;
   return info;
@@ -142,5 +147,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           }
         },
         pybind11::arg("name"),
-        "Force the kernels onto 'avx512', 'avx2' or 'generic' (at most what the CPU supports)");
+        "Force the kernels onto 'avx512', 'avxvnni', 'avx2' or 'generic' (one the CPU supports)");
 }

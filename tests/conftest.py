@@ -35,12 +35,20 @@ def num_threads(n: int = PARALLEL_THREADS):
 
 
 # Every ISA path this CPU can run (AVX-512, AVX2, portable): kernel test modules run each test on
-# each of them with `pytestmark = pytest.mark.usefixtures("isa_path")`.
-ISA_PATHS = lowbit.supported_isas()
+# each of them with `pytestmark = pytest.mark.usefixtures("isa_path")`. The avxvnni path differs
+# from avx2 only in the int8 GEMM, so only the int8 tests add it (`int8_isa_path`).
+ALL_ISA_PATHS = lowbit.supported_isas()
+ISA_PATHS = [path for path in ALL_ISA_PATHS if path != "avxvnni"]
 
 
 @pytest.fixture(params=ISA_PATHS)
 def isa_path(request):
+    with lowbit.use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=ALL_ISA_PATHS)
+def int8_isa_path(request):
     with lowbit.use_isa(request.param):
         yield request.param
 

@@ -43,13 +43,14 @@ def _proc_flags() -> set:
 def test_cpu_info_matches_proc_cpuinfo():
     info = lowbit.cpu_info()
     flags = _proc_flags()
-    for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"):
+    for name in ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx_vnni"):
         assert info["features"][name.replace("_", "")] == (name in flags), name
-    best = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else \
-        "avx2" if {"avx2", "fma", "f16c"} <= flags else "generic"
-    assert info["detected"] == best
-    assert info["supported"] == list(lowbit.cpu.ISAS[lowbit.cpu.ISAS.index(best):])
-    assert info["supported"][-1] == "generic"
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    supported = [name for name, ok in (("avx512", avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags),
+                                       ("avxvnni", avx2 and "avx_vnni" in flags), ("avx2", avx2),
+                                       ("generic", True)) if ok]
+    assert info["supported"] == supported
+    assert info["detected"] == supported[0]
 
 
 @pytest.mark.parametrize("name", lowbit.cpu.ISAS)

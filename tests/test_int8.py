@@ -31,7 +31,7 @@ from tiny_models import (fixed_ids, logits, make_model, make_tokenizer, read_wit
                          stock_quantized_layers, transformers_quantized)
 
 # Every kernel test runs on each ISA path this CPU supports (AVX-512, AVX2, portable).
-pytestmark = pytest.mark.usefixtures("isa_path")
+pytestmark = pytest.mark.usefixtures("int8_isa_path")
 
 OUTLIER_TOL = 1e-5
 

@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "lowbit/common.h"
@@ -394,32 +395,73 @@ LOWBIT_TARGET_AVX512_VNNI void int8_tile_vnni(const int8_t* a, const int8_t* b, 
       acc[(m0 + t) * N + n0 + i] = _mm512_reduce_add_epi32(sums[i][t]) - 128 * a_sum[m0 + t];
 }
 
-// Rows [begin, end) for all M tokens: for each tile of R weight rows (kept in cache), every
-// group of up to 8 tokens; R x T <= 16 accumulators.
-template <int T>
-void int8_rows_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t N, int64_t K,
-                    int64_t n0, int64_t rows, int64_t m0) {
-  constexpr int R = T <= 2 ? 8 : T <= 4 ? 4 : 2;
-  int64_t n = n0;
-  for (; n + R <= n0 + rows; n += R) int8_tile_vnni<R, T>(a, b, a_sum, acc, N, K, n, m0);
-  for (; n < n0 + rows; ++n) int8_tile_vnni<1, T>(a, b, a_sum, acc, N, K, n, m0);
+// The same tile on AVX-VNNI: vpdpbusd on 256-bit vectors, 32 columns a step, R x T <= 8
+// accumulators (16 ymm registers); a tail of K % 32 columns in scalar code, flipped as well.
+template <int R, int T>
+LOWBIT_TARGET_AVXVNNI void int8_tile_avxvnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc,
+                                             int64_t N, int64_t K, int64_t n0, int64_t m0) {
+  __m256i sums[R][T];
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) sums[i][t] = _mm256_setzero_si256();
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256i w[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      w[i] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (n0 + i) * K + k)), flip);
+      __builtin_prefetch(b + (n0 + i + R) * K + k);  // the next tile's rows
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + (m0 + t) * K + k));
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) sums[i][t] = _mm256_dpbusd_avx_epi32(sums[i][t], w[i], x);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      int32_t s = hsum_avx2(sums[i][t]);
+      for (int64_t j = k; j < K; ++j) s += (b[(n0 + i) * K + j] + 128) * static_cast<int32_t>(a[(m0 + t) * K + j]);
+      acc[(m0 + t) * N + n0 + i] = s - 128 * a_sum[m0 + t];
+    }
 }
 
-void int8_gemm_vnni(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t M, int64_t N,
-                    int64_t K, int64_t begin, int64_t end) {
-  constexpr int64_t kRowTile = 8;
+// Rows [begin, end) for all M tokens with vpdpbusd (kWide: AVX-512 VNNI, else AVX-VNNI): for each
+// tile of R weight rows (kept in cache), every group of up to 8 (4) tokens.
+template <bool kWide, int T>
+void int8_rows_dpbusd(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t N, int64_t K,
+                      int64_t n0, int64_t rows, int64_t m0) {
+  constexpr int R = kWide ? (T <= 2 ? 8 : T <= 4 ? 4 : 2) : (T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1);
+  const auto tile = [&](auto r, int64_t n) {
+    if constexpr (kWide) int8_tile_vnni<decltype(r)::value, T>(a, b, a_sum, acc, N, K, n, m0);
+    else int8_tile_avxvnni<decltype(r)::value, T>(a, b, a_sum, acc, N, K, n, m0);
+  };
+  int64_t n = n0;
+  for (; n + R <= n0 + rows; n += R) tile(std::integral_constant<int, R>(), n);
+  for (; n < n0 + rows; ++n) tile(std::integral_constant<int, 1>(), n);
+}
+
+template <bool kWide>
+void int8_gemm_dpbusd(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t M, int64_t N,
+                      int64_t K, int64_t begin, int64_t end) {
+  constexpr int64_t kRowTile = 8, kTokens = kWide ? 8 : 4;
   for (int64_t n0 = begin; n0 < end; n0 += kRowTile) {
     const int64_t rows = std::min(kRowTile, end - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      switch (std::min<int64_t>(8, M - m0)) {
-        case 1: int8_rows_vnni<1>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 2: int8_rows_vnni<2>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 3: int8_rows_vnni<3>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 4: int8_rows_vnni<4>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 5: int8_rows_vnni<5>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 6: int8_rows_vnni<6>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 7: int8_rows_vnni<7>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        default: int8_rows_vnni<8>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+    for (int64_t m0 = 0; m0 < M; m0 += kTokens) {
+      switch (std::min(kTokens, M - m0)) {
+        case 1: int8_rows_dpbusd<kWide, 1>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 2: int8_rows_dpbusd<kWide, 2>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 3: int8_rows_dpbusd<kWide, 3>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 4: int8_rows_dpbusd<kWide, 4>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 5: int8_rows_dpbusd<kWide, 5>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 6: int8_rows_dpbusd<kWide, 6>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        case 7: int8_rows_dpbusd<kWide, 7>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
+        default: int8_rows_dpbusd<kWide, kTokens>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
       }
     }
   }
@@ -458,8 +500,8 @@ void over_rows(int64_t M, int64_t N, int64_t K, const F& body) {
 }
 
 // a [M, K] @ b [N, K]^T in int32, both row-major: the VNNI tiles (or at::_int_mm) on the
-// avx512 path of a VNNI CPU, the AVX2 kernel on avx2 and on avx512 without VNNI, the portable
-// one otherwise. Parallel over b's rows.
+// avx512 path of a VNNI CPU, the AVX-VNNI tiles on the avxvnni path, the AVX2 kernel on avx2 and
+// on avx512 without VNNI, the portable one otherwise. Parallel over b's rows.
 at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(0);
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, a.options().dtype(at::kInt));
@@ -469,14 +511,16 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
   Gemm g{a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, K};
 #ifdef LOWBIT_X86
-  if (use_vnni()) {
+  if (use_vnni() || use_avxvnni()) {
     std::vector<int32_t> a_sum(M);
     run_for_isa([&] {
       for (int64_t m = 0; m < M; ++m) a_sum[m] = sum_codes(g.a + m * K, K);
     });
     const int32_t* sp = a_sum.data();
+    const bool wide = use_vnni();
     over_rows(M, N, K, [&](int64_t begin, int64_t end) {
-      int8_gemm_vnni(g.a, g.b, sp, g.c, M, N, K, begin, end);
+      if (wide) int8_gemm_dpbusd<true>(g.a, g.b, sp, g.c, M, N, K, begin, end);
+      else int8_gemm_dpbusd<false>(g.a, g.b, sp, g.c, M, N, K, begin, end);
     });
     return acc;
   }

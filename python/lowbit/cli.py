@@ -149,7 +149,8 @@ def env(args: argparse.Namespace) -> None:
     print(f"cpu: {info['cpu']}")
     print(f"kernels: {info['active']} (detected {info['detected']}; supported: {', '.join(info['supported'])}; "
           f"LOWBIT_ISA={info['LOWBIT_ISA'] or 'unset'})")
-    print(f"int8 GEMM: {'AVX-512 VNNI' if info['vnni_int8_kernel'] else info['active']} kernel")
+    vnni = {"avx512": "AVX-512 VNNI", "avxvnni": "AVX-VNNI"}.get(info["active"]) if info["vnni_int8_kernel"] else None
+    print(f"int8 GEMM: {vnni or info['active']} kernel")
     print(f"bf16 inputs, many tokens: {'bf16' if info['bf16_gemm'] else 'fp32'} GEMM")
     print("features: " + " ".join(f"{k}={'yes' if v else 'no'}" for k, v in info["features"].items()))
     print(f"threads: {info['threads']}")

@@ -1,7 +1,9 @@
 // The one place that decides which instruction set lowbit's kernels use. The CPU's features are
 // read once; the active ISA is the best one the CPU supports, lowered by the LOWBIT_ISA
-// environment variable (avx512 | avx2 | generic) or by set_isa(), so a machine with AVX-512
-// also runs, tests and times the AVX2 and the portable code.
+// environment variable (avx512 | avxvnni | avx2 | generic) or by set_isa(), so a machine with
+// AVX-512 also runs, tests and times the AVX2 and the portable code. "avxvnni" is the AVX2 path
+// with AVX-VNNI's 256-bit vpdpbusd for the int8 GEMM (Intel client CPUs from Alder Lake on,
+// Sapphire Rapids, AMD Zen 5); every other kernel runs its AVX2 code there.
 //
 // Two kinds of kernel use it:
 //   * plain loops written once (LOWBIT_VECTOR_LOOP helpers) are compiled three times by
@@ -21,6 +23,7 @@
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2")))
 #define LOWBIT_TARGET_AVX512_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi,bmi2")))
+#define LOWBIT_TARGET_AVXVNNI __attribute__((target("avxvnni,avx2,fma,f16c,bmi,bmi2")))
 #endif
 
 // A loop body that run_for_isa() compiles once per ISA: it must be inlined into the wrapper.
@@ -29,6 +32,8 @@
 namespace lowbit {
 
 enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+// The paths LOWBIT_ISA names, lowest first: an Isa, and for avxvnni the AVX2 Isa plus AVX-VNNI.
+enum class IsaPath : int { generic = 0, avx2 = 1, avxvnni = 2, avx512 = 3 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
@@ -37,14 +42,18 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& cpu_features();
-Isa detected_isa();  // the best ISA this CPU (and OS) supports
-Isa active_isa();    // what the kernels use now
-// Lowers (or restores) the active ISA; throws c10::ValueError for a name that is unknown or
-// above what the CPU supports.
+IsaPath detected_path();  // the best path this CPU (and OS) supports
+IsaPath active_path();    // what the kernels use now
+bool path_supported(IsaPath path);
+Isa active_isa();  // active_path()'s instruction set
+// Lowers (or restores) the active path; throws c10::ValueError for a name that is unknown or
+// not supported by the CPU.
 void set_isa(const std::string& name);
-const char* isa_name(Isa isa);
+const char* path_name(IsaPath path);
 // The AVX-512 VNNI int8 kernel: the avx512 path and the CPU has VNNI.
 inline bool use_vnni() { return active_isa() == Isa::avx512 && cpu_features().avx512vnni; }
+// The AVX-VNNI int8 kernel (256-bit vpdpbusd): the avxvnni path.
+inline bool use_avxvnni() { return active_path() == IsaPath::avxvnni; }
 // bf16 GEMMs through ATen (oneDNN): the avx512 path and the CPU has AVX512-BF16 (or AMX).
 inline bool use_bf16_gemm() { return active_isa() == Isa::avx512 && cpu_features().avx512bf16; }
 
