@@ -104,6 +104,18 @@ def test_env_command_names_the_path():
     assert "kernels: generic" in out.stdout and f"detected {lowbit.cpu_info()['detected']}" in out.stdout
 
 
+@pytest.mark.parametrize("path", lowbit.supported_isas())
+def test_env_command_names_the_int8_kernel(path, capsys):
+    from lowbit import cli
+
+    vnni = {"avx512": "AVX-512 VNNI" if lowbit.cpu_info()["features"]["avx512vnni"] else "avx512",
+            "avxvnni": "AVX-VNNI"}
+    with lowbit.use_isa(path):
+        cli.main(["env"])
+    out = capsys.readouterr().out
+    assert f"kernels: {path} (" in out and f"int8 GEMM: {vnni.get(path, path)} kernel\n" in out, out
+
+
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_op_registered_with_cpu_kernel(name):
     assert hasattr(torch.ops.lowbit, name)

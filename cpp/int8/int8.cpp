@@ -436,7 +436,7 @@ LOWBIT_TARGET_AVXVNNI void int8_tile_avxvnni(const int8_t* a, const int8_t* b, c
 template <bool kWide, int T>
 void int8_rows_dpbusd(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t N, int64_t K,
                       int64_t n0, int64_t rows, int64_t m0) {
-  constexpr int R = kWide ? (T <= 2 ? 8 : T <= 4 ? 4 : 2) : (T == 1 ? 8 : T == 2 ? 4 : T <= 4 ? 2 : 1);
+  constexpr int R = kWide ? (T <= 2 ? 8 : T <= 4 ? 4 : 2) : (T == 1 ? 8 : T == 2 ? 4 : 2);
   const auto tile = [&](auto r, int64_t n) {
     if constexpr (kWide) int8_tile_vnni<decltype(r)::value, T>(a, b, a_sum, acc, N, K, n, m0);
     else int8_tile_avxvnni<decltype(r)::value, T>(a, b, a_sum, acc, N, K, n, m0);
@@ -446,24 +446,24 @@ void int8_rows_dpbusd(const int8_t* a, const int8_t* b, const int32_t* a_sum, in
   for (; n < n0 + rows; ++n) tile(std::integral_constant<int, 1>(), n);
 }
 
+// int8_rows_dpbusd for a group of `tokens` (1..T) tokens, T chosen at compile time.
+template <bool kWide, int T>
+void int8_rows_for(int64_t tokens, const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t N,
+                   int64_t K, int64_t n0, int64_t rows, int64_t m0) {
+  if constexpr (T > 1)
+    if (tokens < T) return int8_rows_for<kWide, T - 1>(tokens, a, b, a_sum, acc, N, K, n0, rows, m0);
+  int8_rows_dpbusd<kWide, T>(a, b, a_sum, acc, N, K, n0, rows, m0);
+}
+
 template <bool kWide>
 void int8_gemm_dpbusd(const int8_t* a, const int8_t* b, const int32_t* a_sum, int32_t* acc, int64_t M, int64_t N,
                       int64_t K, int64_t begin, int64_t end) {
-  constexpr int64_t kRowTile = 8, kTokens = kWide ? 8 : 4;
+  constexpr int64_t kRowTile = 8;
+  constexpr int kTokens = kWide ? 8 : 4;
   for (int64_t n0 = begin; n0 < end; n0 += kRowTile) {
     const int64_t rows = std::min(kRowTile, end - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += kTokens) {
-      switch (std::min(kTokens, M - m0)) {
-        case 1: int8_rows_dpbusd<kWide, 1>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 2: int8_rows_dpbusd<kWide, 2>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 3: int8_rows_dpbusd<kWide, 3>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 4: int8_rows_dpbusd<kWide, 4>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 5: int8_rows_dpbusd<kWide, 5>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 6: int8_rows_dpbusd<kWide, 6>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        case 7: int8_rows_dpbusd<kWide, 7>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-        default: int8_rows_dpbusd<kWide, kTokens>(a, b, a_sum, acc, N, K, n0, rows, m0); break;
-      }
-    }
+    for (int64_t m0 = 0; m0 < M; m0 += kTokens)
+      int8_rows_for<kWide, kTokens>(M - m0, a, b, a_sum, acc, N, K, n0, rows, m0);
   }
 }
 #endif
