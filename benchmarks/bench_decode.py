@@ -31,8 +31,8 @@ compiled.
 Rows: fp32 transformers; lowbit W4A16 g64 (int4 symmetric, group 64, as the CLI demo's recipe for
 SmolLM2's 576 columns), W4A16_ASYM g32, NF4 (QLoRA: double quant, blocksize 64), W8A8 (int8 x int8 ->
 int32), INT8_OUTLIER (LLM.int8(), threshold 6) -- all RTN / data-free, lm_head kept fp32 as the
-presets do -- each on every ISA path lowbit.supported_isas() gives but avxvnni (lowbit.use_isa); then the "fastest
-4-bit setup": W4A16 g64 and NF4 with lm_head quantized too (recipes without ignore=["lm_head"]), eager
+presets do -- each on every ISA path lowbit.supported_isas() gives but avxvnni (lowbit.use_isa); then the
+"fastest 4-bit setup": W4A16 g64 and NF4 with lm_head quantized too (recipes without ignore=["lm_head"]), eager
 and through generate(cache_implementation="static") with transformers' torch.compile of the decode
 forward (compile time reported separately); and llama.cpp's llama-bench. bits/w counts the quantized
 Linears' stored bytes (codes + scales + zero points) per weight; llama.cpp's Q4_0 is 4.5, Q4_1 5.0,
@@ -451,7 +451,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="SmolLM2 only, 16 new tokens, one repeat, llama-bench -r 2")
     p.add_argument("--models", default=None, help="comma list of smollm2, 1b (default both; --quick: smollm2)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and llama-bench (default: torch's)")
-    p.add_argument("--isa", default=None, help="comma list of ISA paths (default: LOWBIT_ISA's, else every path lowbit.supported_isas() "
+    p.add_argument("--isa", default=None,
+                   help="comma list of ISA paths (default: LOWBIT_ISA's, else every path lowbit.supported_isas() "
                         "gives but avxvnni, which differs from avx2 only in the int8 GEMM)")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp (and building its GGUF files)")
