@@ -3,6 +3,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 
@@ -49,8 +50,9 @@ IsaPath checked_path(const std::string& name) {
   IsaPath path;
   TORCH_CHECK_VALUE(parse_path(name, &path), "lowbit: unknown ISA '", name,
                     "'; use one of avx512, avxvnni, avx2, generic (LOWBIT_ISA or lowbit.set_isa)");
-  TORCH_CHECK_VALUE(path_supported(path), "lowbit: ISA '", name, "' is not supported by this CPU (best: ",
-                    path_name(detected_path()), "); choose a lower one",
+  const std::vector<IsaPath> supported = supported_paths();
+  TORCH_CHECK_VALUE(std::find(supported.begin(), supported.end(), path) != supported.end(), "lowbit: ISA '", name,
+                    "' is not supported by this CPU (best: ", path_name(supported.front()), "); choose a lower one",
                     path == IsaPath::avxvnni ? " (avxvnni needs the CPU's AVX-VNNI)" : "");
   return path;
 }
@@ -72,21 +74,17 @@ const CpuFeatures& cpu_features() {
   return features;
 }
 
-bool path_supported(IsaPath path) {
+std::vector<IsaPath> supported_paths() {
   const CpuFeatures& f = cpu_features();
-  switch (path) {
-    case IsaPath::avx512: return has_avx512(f);
-    case IsaPath::avxvnni: return has_avx2(f) && f.avxvnni;
-    case IsaPath::avx2: return has_avx2(f);
-    default: return true;
-  }
+  std::vector<IsaPath> paths;
+  if (has_avx512(f)) paths.push_back(IsaPath::avx512);
+  if (has_avx2(f) && f.avxvnni) paths.push_back(IsaPath::avxvnni);
+  if (has_avx2(f)) paths.push_back(IsaPath::avx2);
+  paths.push_back(IsaPath::generic);
+  return paths;
 }
 
-IsaPath detected_path() {
-  for (IsaPath p : {IsaPath::avx512, IsaPath::avxvnni, IsaPath::avx2})
-    if (path_supported(p)) return p;
-  return IsaPath::generic;
-}
+IsaPath detected_path() { return supported_paths().front(); }
 
 IsaPath active_path() { return static_cast<IsaPath>(active().load(std::memory_order_relaxed)); }
 

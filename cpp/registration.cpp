@@ -122,9 +122,7 @@ pybind11::dict cpu_info() {
   info["detected"] = lowbit::path_name(lowbit::detected_path());
   info["active"] = lowbit::path_name(lowbit::active_path());
   pybind11::list supported;  // best first
-  for (lowbit::IsaPath p : {lowbit::IsaPath::avx512, lowbit::IsaPath::avxvnni, lowbit::IsaPath::avx2,
-                            lowbit::IsaPath::generic})
-    if (lowbit::path_supported(p)) supported.append(lowbit::path_name(p));
+  for (lowbit::IsaPath p : lowbit::supported_paths()) supported.append(lowbit::path_name(p));
   info["supported"] = supported;
   info["vnni_int8_kernel"] = lowbit::use_vnni() || lowbit::use_avxvnni();
   info["bf16_gemm"] = lowbit::use_bf16_gemm();

@@ -511,13 +511,13 @@ at::Tensor int8_matmul_impl(const at::Tensor& a, const at::Tensor& b) {
   at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
   Gemm g{a.data_ptr<int8_t>(), b.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, N, K};
 #ifdef LOWBIT_X86
-  if (use_vnni() || use_avxvnni()) {
+  const bool wide = use_vnni();
+  if (wide || use_avxvnni()) {
     std::vector<int32_t> a_sum(M);
     run_for_isa([&] {
       for (int64_t m = 0; m < M; ++m) a_sum[m] = sum_codes(g.a + m * K, K);
     });
     const int32_t* sp = a_sum.data();
-    const bool wide = use_vnni();
     over_rows(M, N, K, [&](int64_t begin, int64_t end) {
       if (wide) int8_gemm_dpbusd<true>(g.a, g.b, sp, g.c, M, N, K, begin, end);
       else int8_gemm_dpbusd<false>(g.a, g.b, sp, g.c, M, N, K, begin, end);

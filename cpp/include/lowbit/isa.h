@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -42,9 +43,9 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& cpu_features();
-IsaPath detected_path();  // the best path this CPU (and OS) supports
-IsaPath active_path();    // what the kernels use now
-bool path_supported(IsaPath path);
+std::vector<IsaPath> supported_paths();  // the paths this CPU (and OS) supports, best first
+IsaPath detected_path();                 // the best of them
+IsaPath active_path();                   // what the kernels use now
 Isa active_isa();  // active_path()'s instruction set
 // Lowers (or restores) the active path; throws c10::ValueError for a name that is unknown or
 // not supported by the CPU.
