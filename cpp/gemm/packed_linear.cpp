@@ -419,10 +419,8 @@ struct GroupDecoder {
       zs = _mm512_mul_ps(_mm512_set1_ps(zero ? *zero + kOffset : kOffset), s);
     }
   }
-  // The 32 weights of columns [k, k + 32) of a row, in prepare_x's order (k >= 0: a shift,
-  // not a signed division, keeps scalar work off the vector ports).
-  LOWBIT_TARGET_AVX512 void decode32(const uint8_t* wrow, int64_t k, __m512& c0, __m512& c1) const {
-    const uint8_t* p = wrow + ((k * BITS) >> 3);
+  // The 32 weights whose codes start at byte p, in prepare_x's order.
+  LOWBIT_TARGET_AVX512 void decode32(const uint8_t* p, __m512& c0, __m512& c1) const {
     if (BITS == 4) {
       const __m512i v = load16_u8(p);
       c0 = _mm512_permutexvar_ps(v, lut);
@@ -443,7 +441,7 @@ LOWBIT_TARGET_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0
       const GroupDecoder<BITS> dec(a.scale + r * a.ngroups + g, a.zero ? a.zero + r * a.ngroups + g : nullptr);
       for (int64_t k = g * a.group_size; k < (g + 1) * a.group_size; k += 32) {
         __m512 c0, c1;
-        dec.decode32(wrow, k, c0, c1);
+        dec.decode32(wrow + ((k * BITS) >> 3), c0, c1);
         _mm512_storeu_ps(row + k, c0);
         _mm512_storeu_ps(row + k + 16, c1);
       }
@@ -453,48 +451,54 @@ LOWBIT_TARGET_AVX512 void dequantize_rows_avx512(const LinearArgs& a, int64_t r0
 
 // Rows [r0, r1) x tokens [m0, m0 + MB) x groups [g0, g1), adding into acc_buf (2 x 16
 // partial sums per row and token), so a caller can walk K in blocks whose x stays in L1.
-template <int BITS, int MB>
+// Pointers are stepped through the loops and the weights prefetched once per row: with the
+// per-group bounds and prefetch loop of an index-based loop, groups of 64 ran at a third of
+// the vector ports' rate (the scalar bookkeeping outnumbered the 12 vector instructions).
+template <int BITS, int MB, int STEPS>
 LOWBIT_TARGET_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0,
                                int64_t r1, int64_t g0, int64_t g1, float* acc_buf) {
-  // Independent FMA chains hide the FMA latency: two per token, eight with a single token.
-  constexpr int U = MB == 1 ? 4 : 1;
+  // Few tokens: two sets of accumulators taken in turn, so enough FMA chains are in flight.
+  constexpr int S = MB <= 2 ? 2 : 1;
+  constexpr int64_t kStepBytes = 32 * BITS / 8;  // the codes of 32 columns
+  const int64_t steps = STEPS ? STEPS : a.group_size / 32, K = a.K;
+  const int64_t tile_bytes = (g1 - g0) * steps * kStepBytes;
+  const float* x0 = xp + m0 * K + g0 * a.group_size;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* wrow = a.w + r * a.words * 4;
+    const uint8_t* wp = a.w + r * a.words * 4 + g0 * steps * kStepBytes;
+    for (int64_t line = 0; line < tile_bytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
+    const float* scale = a.scale + r * a.ngroups + g0;
+    const int8_t* zero = a.zero ? a.zero + r * a.ngroups + g0 : nullptr;
     float* ab = acc_buf + (r - r0) * kTokenBlock * 32;
-    __m512 acc[2 * U][MB];
+    __m512 acc[S][2][MB];
     for (int m = 0; m < MB; ++m) {
-      acc[0][m] = _mm512_loadu_ps(ab + m * 32);
-      acc[1][m] = _mm512_loadu_ps(ab + m * 32 + 16);
-      for (int c = 2; c < 2 * U; ++c) acc[c][m] = _mm512_setzero_ps();
+      acc[0][0][m] = g0 ? _mm512_loadu_ps(ab + m * 32) : _mm512_setzero_ps();
+      acc[0][1][m] = g0 ? _mm512_loadu_ps(ab + m * 32 + 16) : _mm512_setzero_ps();
+      for (int u = 1; u < S; ++u) acc[u][0][m] = acc[u][1][m] = _mm512_setzero_ps();
     }
-    auto step = [&](const GroupDecoder<BITS>& dec, int64_t k, int u) LOWBIT_TARGET_AVX512 {
+    auto step = [&](const GroupDecoder<BITS>& dec, const float* x, int u) LOWBIT_TARGET_AVX512 {
       __m512 c0, c1;
-      dec.decode32(wrow, k, c0, c1);
+      dec.decode32(wp, c0, c1);
       for (int m = 0; m < MB; ++m) {
-        const float* x = xp + (m0 + m) * a.K + k;
-        acc[2 * u][m] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x), acc[2 * u][m]);
-        acc[2 * u + 1][m] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x + 16), acc[2 * u + 1][m]);
+        acc[u][0][m] = _mm512_fmadd_ps(c0, _mm512_loadu_ps(x + m * K), acc[u][0][m]);
+        acc[u][1][m] = _mm512_fmadd_ps(c1, _mm512_loadu_ps(x + m * K + 16), acc[u][1][m]);
       }
+      wp += kStepBytes;
     };
+    const float* x = x0;
     for (int64_t g = g0; g < g1; ++g) {
-      const GroupDecoder<BITS> dec(a.scale + r * a.ngroups + g, a.zero ? a.zero + r * a.ngroups + g : nullptr);
-      int64_t k = g * a.group_size;
-      const int64_t end = k + a.group_size;
-      for (int64_t line = (k * BITS) >> 3; line < (end * BITS) >> 3; line += 64)
-        __builtin_prefetch(wrow + line + kPrefetchBytes);
-      for (; k + 32 * U <= end; k += 32 * U)
-        for (int u = 0; u < U; ++u) step(dec, k + 32 * u, u);
-      if (U > 2)  // groups of 64 (SmolLM2's): two steps on four chains, not one step on two
-        for (; k + 64 <= end; k += 64) {
-          step(dec, k, 0);
-          step(dec, k + 32, 1);
-        }
-      for (; k < end; k += 32) step(dec, k, 0);
+      const GroupDecoder<BITS> dec(scale++, zero ? zero++ : nullptr);
+      int64_t s = 0;
+      for (; s + S <= steps; s += S)
+        for (int u = 0; u < S; ++u, x += 32) step(dec, x, u);
+      for (; s < steps; ++s, x += 32) step(dec, x, 0);
     }
     for (int m = 0; m < MB; ++m) {
-      for (int c = 2; c < 2 * U; ++c) acc[c % 2][m] = _mm512_add_ps(acc[c % 2][m], acc[c][m]);
-      _mm512_storeu_ps(ab + m * 32, acc[0][m]);
-      _mm512_storeu_ps(ab + m * 32 + 16, acc[1][m]);
+      for (int u = 1; u < S; ++u) {
+        acc[0][0][m] = _mm512_add_ps(acc[0][0][m], acc[u][0][m]);
+        acc[0][1][m] = _mm512_add_ps(acc[0][1][m], acc[u][1][m]);
+      }
+      _mm512_storeu_ps(ab + m * 32, acc[0][0][m]);
+      _mm512_storeu_ps(ab + m * 32 + 16, acc[0][1][m]);
     }
   }
 }
@@ -507,13 +511,14 @@ LOWBIT_TARGET_AVX512 inline float sum32(const float* v) {
 
 template <int BITS, int MB>
 void decode_rows(const LinearArgs& a, const float* xp, int64_t m0, int64_t r0, int64_t r1, float* acc_buf) {
-  for (int64_t r = r0; r < r1; ++r)  // only this call's MB tokens (the whole block: 8x the zeros at one token)
-    std::fill_n(acc_buf + (r - r0) * kTokenBlock * 32, MB * 32, 0.0f);
   // K blocks whose MB rows of x take at most 32 KB, so x stays in L1 across the rows.
   const int64_t cols = (32 << 10) / (MB * 4);
   const int64_t groups_per_block = std::max<int64_t>(1, cols / a.group_size);
   for (int64_t g0 = 0; g0 < a.ngroups; g0 += groups_per_block)
-    decode_tile<BITS, MB>(a, xp, m0, r0, r1, g0, std::min(a.ngroups, g0 + groups_per_block), acc_buf);
+    {const int64_t g1 = std::min(a.ngroups, g0 + groups_per_block);
+    if (a.group_size == 64) decode_tile<BITS, MB, 2>(a, xp, m0, r0, r1, g0, g1, acc_buf);
+    else if (a.group_size == 128) decode_tile<BITS, MB, 4>(a, xp, m0, r0, r1, g0, g1, acc_buf);
+    else decode_tile<BITS, MB, 0>(a, xp, m0, r0, r1, g0, g1, acc_buf);}
   for (int64_t r = r0; r < r1; ++r)
     for (int m = 0; m < MB; ++m) a.out[(m0 + m) * a.N + r] = sum32(acc_buf + ((r - r0) * kTokenBlock + m) * 32);
 }
