@@ -234,28 +234,31 @@ struct RowSums {
 
 // Rows [r0, r1) x tokens [m0, m0 + MB) x groups [g0, g1), 32 columns per step. Each decoded
 // vector feeds MB tokens; with few tokens, more accumulators per token keep enough
-// multiply-add chains in flight.
-template <class D, int MB>
+// multiply-add chains in flight. CHUNKS: 32-column steps per group when known at compile time
+// (groups of 64 and 128), else 0.
+template <class D, int MB, int CHUNKS>
 LOWBIT_VECTOR_LOOP void fused_tile(const LinearArgs& a, const float* xp, const float* xsum, int64_t m0, int64_t r0,
                                    int64_t r1, int64_t g0, int64_t g1, RowSums<D>* state) {
   using V = typename D::V;
   constexpr int kSteps = 32 / D::W;                   // decodes per 32 columns
   constexpr int kChunkBytes = 32 * D::kBits / 8;      // packed bytes of 32 columns
   constexpr int A = MB == 1 ? 4 : MB == 2 ? 2 : 1;  // accumulators per token
-  const int64_t chunks = a.group_size / 32;
+  const int64_t chunks = CHUNKS ? CHUNKS : a.group_size / 32;
+  const int64_t tile_bytes = (g1 - g0) * chunks * kChunkBytes;
   const float offset = static_cast<float>(1 << (a.bits - 1));
   // Pointers stepped through the loops (not indices recomputed from k): the hot loop then needs
-  // no address arithmetic beyond its increments, which keeps its registers free.
+  // no address arithmetic beyond its increments, which keeps its registers free. The weights
+  // are prefetched once per row, not per group: small groups' bookkeeping costs vector-port time.
   const float* x0 = xp + m0 * a.K + g0 * a.group_size;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* wp = a.w + r * a.words * 4 + g0 * chunks * kChunkBytes;
+    for (int64_t line = 0; line < tile_bytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
     const float* scale = a.scale + r * a.ngroups + g0;
     const int8_t* zero = a.zero ? a.zero + r * a.ngroups + g0 : nullptr;
     const float* xg = x0;
     RowSums<D>& st = state[r - r0];
     for (int64_t g = g0; g < g1; ++g, ++scale) {
       V acc[MB][A] = {};
-      for (int64_t line = 0; line < chunks * kChunkBytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
       for (int64_t c = 0; c < chunks; ++c, wp += kChunkBytes, xg += 32) {
         if constexpr (D::kSplit) {  // 16 codes per decode, in split order
           for (int i = 0; i < kSteps; i += 2) {
@@ -294,7 +297,12 @@ LOWBIT_VECTOR_LOOP void fused_rows(const LinearArgs& a, const float* xp, const f
   const int64_t x_budget = MB == 1 ? 256 << 10 : 32 << 10;
   const int64_t groups_per_block = std::max<int64_t>(1, x_budget / (MB * 4) / a.group_size);
   for (int64_t g0 = 0; g0 < a.ngroups; g0 += groups_per_block)
-    fused_tile<D, MB>(a, xp, xsum, m0, r0, r1, g0, std::min(a.ngroups, g0 + groups_per_block), state);
+  {
+    const int64_t g1 = std::min(a.ngroups, g0 + groups_per_block);
+    if (a.group_size == 64) fused_tile<D, MB, 2>(a, xp, xsum, m0, r0, r1, g0, g1, state);
+    else if (a.group_size == 128) fused_tile<D, MB, 4>(a, xp, xsum, m0, r0, r1, g0, g1, state);
+    else fused_tile<D, MB, 0>(a, xp, xsum, m0, r0, r1, g0, g1, state);
+  }
   for (int64_t r = r0; r < r1; ++r)
     for (int m = 0; m < MB; ++m)
       a.out[(m0 + m) * a.N + r] = D::hsum(state[r - r0].sums[m]) - state[r - r0].correction[m];
