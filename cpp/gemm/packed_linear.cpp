@@ -244,21 +244,21 @@ LOWBIT_VECTOR_LOOP void fused_tile(const LinearArgs& a, const float* xp, const f
   constexpr int kChunkBytes = 32 * D::kBits / 8;      // packed bytes of 32 columns
   constexpr int A = MB == 1 ? 4 : MB == 2 ? 2 : 1;  // accumulators per token
   const int64_t chunks = CHUNKS ? CHUNKS : a.group_size / 32;
-  const int64_t tile_bytes = (g1 - g0) * chunks * kChunkBytes;
+  const int64_t group_bytes = chunks * kChunkBytes;
   const float offset = static_cast<float>(1 << (a.bits - 1));
   // Pointers stepped through the loops (not indices recomputed from k): the hot loop then needs
   // no address arithmetic beyond its increments, which keeps its registers free. The weights
   // are prefetched once per row, not per group: small groups' bookkeeping costs vector-port time.
   const float* x0 = xp + m0 * a.K + g0 * a.group_size;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* wp = a.w + r * a.words * 4 + g0 * chunks * kChunkBytes;
-    for (int64_t line = 0; line < tile_bytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
+    const uint8_t* wp = a.w + r * a.words * 4 + g0 * group_bytes;
     const float* scale = a.scale + r * a.ngroups + g0;
     const int8_t* zero = a.zero ? a.zero + r * a.ngroups + g0 : nullptr;
     const float* xg = x0;
     RowSums<D>& st = state[r - r0];
     for (int64_t g = g0; g < g1; ++g, ++scale) {
       V acc[MB][A] = {};
+      for (int64_t line = 0; line < group_bytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
       for (int64_t c = 0; c < chunks; ++c, wp += kChunkBytes, xg += 32) {
         if constexpr (D::kSplit) {  // 16 codes per decode, in split order
           for (int i = 0; i < kSteps; i += 2) {
@@ -469,11 +469,10 @@ LOWBIT_TARGET_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int6
   constexpr int S = MB <= 2 ? 2 : 1;
   constexpr int64_t kStepBytes = 32 * BITS / 8;  // the codes of 32 columns
   const int64_t steps = STEPS ? STEPS : a.group_size / 32, K = a.K;
-  const int64_t tile_bytes = (g1 - g0) * steps * kStepBytes;
+  const int64_t group_bytes = steps * kStepBytes;
   const float* x0 = xp + m0 * K + g0 * a.group_size;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* wp = a.w + r * a.words * 4 + g0 * steps * kStepBytes;
-    for (int64_t line = 0; line < tile_bytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
+    const uint8_t* wp = a.w + r * a.words * 4 + g0 * group_bytes;
     const float* scale = a.scale + r * a.ngroups + g0;
     const int8_t* zero = a.zero ? a.zero + r * a.ngroups + g0 : nullptr;
     float* ab = acc_buf + (r - r0) * kTokenBlock * 32;
@@ -495,6 +494,7 @@ LOWBIT_TARGET_AVX512 void decode_tile(const LinearArgs& a, const float* xp, int6
     const float* x = x0;
     for (int64_t g = g0; g < g1; ++g) {
       const GroupDecoder<BITS> dec(scale++, zero ? zero++ : nullptr);
+      for (int64_t line = 0; line < group_bytes; line += 64) __builtin_prefetch(wp + line + kPrefetchBytes);
       int64_t s = 0;
       for (; s + S <= steps; s += S)
         for (int u = 0; u < S; ++u, x += 32) step(dec, x, u);
